@@ -1,0 +1,479 @@
+//! One options table, parsed from `CUDALLOC_CONF` in torch syntax
+//! (`key:value,key:value`).
+//!
+//! Every option is a row of [`OPTIONS`]: its key, what it accepts, its default
+//! and a line of docs. Defaults are applied through the same parser as user
+//! values, so the table is the single source of truth. An unknown key or a bad
+//! value is an [`Error`] naming the key and what is accepted. `cudalloc config`
+//! prints the effective configuration with [`Config::render`].
+
+use crate::error::{Error, Result};
+use std::fmt::Write as _;
+
+/// The environment variable holding the configuration string.
+pub const CONF_ENV: &str = "CUDALLOC_CONF";
+
+/// Which driver backs the allocator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `cuda` when libcuda loads, else `sim` with one warning.
+    Auto,
+    /// The CUDA driver API; an error when libcuda is missing.
+    Cuda,
+    /// The simulated device.
+    Sim,
+}
+
+/// Event behaviour of the simulated device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimEvents {
+    /// Recorded events complete at once.
+    Auto,
+    /// Recorded events complete only when a test says so (or on synchronise).
+    Manual,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub backend: Backend,
+    pub sim_devices: usize,
+    pub sim_memory: u64,
+    pub sim_events: SimEvents,
+    pub sim_fail_alloc: u64,
+    /// Per-device byte limit; 0 means none.
+    pub max_memory: u64,
+    /// Per-device fraction of total memory cudalloc may reserve.
+    pub memory_fraction: f64,
+    /// Largest request served from the small pool.
+    pub small_max: u64,
+    /// Segment size of the small pool.
+    pub small_segment: u64,
+    /// Segment size of the large pool.
+    pub large_segment: u64,
+    /// Requests at least this big get a segment of their own ...
+    pub huge_threshold: u64,
+    /// ... rounded up to a multiple of this.
+    pub huge_round: u64,
+}
+
+/// One row of the options table.
+pub struct OptionSpec {
+    pub key: &'static str,
+    pub accepted: &'static str,
+    pub default: &'static str,
+    pub doc: &'static str,
+    set: fn(&mut Config, &str) -> std::result::Result<(), String>,
+    get: fn(&Config) -> String,
+}
+
+const SIZE_ACCEPTED: &str =
+    "a byte count with optional suffix K/M/G/T (= KiB/MiB/GiB/TiB), e.g. 16GiB";
+
+/// Every option cudalloc understands.
+pub static OPTIONS: &[OptionSpec] = &[
+    OptionSpec {
+        key: "backend",
+        accepted: "auto | cuda | sim",
+        default: "auto",
+        doc: "device driver: auto picks cuda when libcuda loads, else sim with one warning",
+        set: |c, v| {
+            c.backend = match v {
+                "auto" => Backend::Auto,
+                "cuda" => Backend::Cuda,
+                "sim" => Backend::Sim,
+                _ => return Err(String::new()),
+            };
+            Ok(())
+        },
+        get: |c| format!("{:?}", c.backend).to_lowercase(),
+    },
+    OptionSpec {
+        key: "sim_devices",
+        accepted: "an integer from 1 to 64",
+        default: "1",
+        doc: "number of simulated devices",
+        set: |c, v| {
+            c.sim_devices = parse_int(v)
+                .filter(|n| (1..=64).contains(n))
+                .ok_or_else(String::new)? as usize;
+            Ok(())
+        },
+        get: |c| c.sim_devices.to_string(),
+    },
+    OptionSpec {
+        key: "sim_memory",
+        accepted: SIZE_ACCEPTED,
+        default: "16GiB",
+        doc: "capacity of each simulated device",
+        set: |c, v| {
+            c.sim_memory = parse_size(v).filter(|n| *n > 0).ok_or_else(String::new)?;
+            Ok(())
+        },
+        get: |c| format_size(c.sim_memory),
+    },
+    OptionSpec {
+        key: "sim_events",
+        accepted: "auto | manual",
+        default: "auto",
+        doc: "simulated events complete at once (auto) or only when a test says so (manual)",
+        set: |c, v| {
+            c.sim_events = match v {
+                "auto" => SimEvents::Auto,
+                "manual" => SimEvents::Manual,
+                _ => return Err(String::new()),
+            };
+            Ok(())
+        },
+        get: |c| format!("{:?}", c.sim_events).to_lowercase(),
+    },
+    OptionSpec {
+        key: "sim_fail_alloc",
+        accepted: "a non-negative integer (0 = off)",
+        default: "0",
+        doc: "fault injection: the Nth simulated driver allocation fails with OOM",
+        set: |c, v| {
+            c.sim_fail_alloc = parse_int(v).ok_or_else(String::new)?;
+            Ok(())
+        },
+        get: |c| c.sim_fail_alloc.to_string(),
+    },
+    OptionSpec {
+        key: "max_memory",
+        accepted: "0 (no limit) or a byte count with optional suffix K/M/G/T, e.g. 8GiB",
+        default: "0",
+        doc: "per-device cap on reserved bytes; going over it is an OOM",
+        set: |c, v| {
+            c.max_memory = parse_size(v).ok_or_else(String::new)?;
+            Ok(())
+        },
+        get: |c| {
+            if c.max_memory == 0 {
+                "0 (none)".into()
+            } else {
+                format_size(c.max_memory)
+            }
+        },
+    },
+    OptionSpec {
+        key: "memory_fraction",
+        accepted: "a number in (0, 1]",
+        default: "1",
+        doc: "per-device cap on reserved bytes as a fraction of total device memory",
+        set: |c, v| {
+            let f: f64 = v.parse().map_err(|_| String::new())?;
+            if !(f > 0.0 && f <= 1.0) {
+                return Err(String::new());
+            }
+            c.memory_fraction = f;
+            Ok(())
+        },
+        get: |c| c.memory_fraction.to_string(),
+    },
+    OptionSpec {
+        key: "small_max",
+        accepted: "a size that is a multiple of 512, e.g. 1MiB",
+        default: "1MiB",
+        doc: "largest request served from the small pool",
+        set: |c, v| {
+            c.small_max = parse_granular(v)?;
+            Ok(())
+        },
+        get: |c| format_size(c.small_max),
+    },
+    OptionSpec {
+        key: "small_segment",
+        accepted: "a size that is a multiple of 512 and >= small_max, e.g. 2MiB",
+        default: "2MiB",
+        doc: "segment size of the small pool",
+        set: |c, v| {
+            c.small_segment = parse_granular(v)?;
+            Ok(())
+        },
+        get: |c| format_size(c.small_segment),
+    },
+    OptionSpec {
+        key: "large_segment",
+        accepted: "a size that is a multiple of 512 and > small_max, e.g. 20MiB",
+        default: "20MiB",
+        doc: "segment size of the large pool",
+        set: |c, v| {
+            c.large_segment = parse_granular(v)?;
+            Ok(())
+        },
+        get: |c| format_size(c.large_segment),
+    },
+    OptionSpec {
+        key: "huge_threshold",
+        accepted: "a size that is a multiple of 512, e.g. 10MiB",
+        default: "10MiB",
+        doc: "requests at least this big get a segment of their own",
+        set: |c, v| {
+            c.huge_threshold = parse_granular(v)?;
+            Ok(())
+        },
+        get: |c| format_size(c.huge_threshold),
+    },
+    OptionSpec {
+        key: "huge_round",
+        accepted: "a size that is a multiple of 512, e.g. 2MiB",
+        default: "2MiB",
+        doc: "own segments of huge requests are rounded up to a multiple of this",
+        set: |c, v| {
+            c.huge_round = parse_granular(v)?;
+            Ok(())
+        },
+        get: |c| format_size(c.huge_round),
+    },
+];
+
+impl Default for Config {
+    fn default() -> Self {
+        let mut c = Config {
+            backend: Backend::Auto,
+            sim_devices: 1,
+            sim_memory: 0,
+            sim_events: SimEvents::Auto,
+            sim_fail_alloc: 0,
+            max_memory: 0,
+            memory_fraction: 1.0,
+            small_max: 0,
+            small_segment: 0,
+            large_segment: 0,
+            huge_threshold: 0,
+            huge_round: 0,
+        };
+        for o in OPTIONS {
+            (o.set)(&mut c, o.default).expect("option table default must parse");
+        }
+        c
+    }
+}
+
+impl Config {
+    /// Parse a `key:value,key:value` string on top of the defaults.
+    pub fn parse(s: &str) -> Result<Config> {
+        let mut c = Config::default();
+        c.apply(s)?;
+        Ok(c)
+    }
+
+    /// Read `CUDALLOC_CONF` (unset or empty means defaults).
+    pub fn from_env() -> Result<Config> {
+        match std::env::var(CONF_ENV) {
+            Ok(s) => Config::parse(&s),
+            Err(std::env::VarError::NotPresent) => Ok(Config::default()),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                Err(Error::config(format!("{CONF_ENV} is not valid UTF-8")))
+            }
+        }
+    }
+
+    /// Apply `key:value` pairs on top of this configuration. On error the
+    /// configuration is left unchanged.
+    pub fn apply(&mut self, s: &str) -> Result<()> {
+        let mut next = self.clone();
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let Some((key, value)) = item.split_once(':') else {
+                return Err(Error::config(format!(
+                    "{CONF_ENV}: '{item}' is not key:value; accepted keys: {}",
+                    keys()
+                )));
+            };
+            let (key, value) = (key.trim(), value.trim());
+            let Some(opt) = OPTIONS.iter().find(|o| o.key == key) else {
+                return Err(Error::config(format!(
+                    "{CONF_ENV}: unknown key '{key}'; accepted keys: {}",
+                    keys()
+                )));
+            };
+            (opt.set)(&mut next, value).map_err(|why| {
+                let why = if why.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({why})")
+                };
+                Error::config(format!(
+                    "{CONF_ENV}: key '{key}' has bad value '{value}'{why}; accepted: {}",
+                    opt.accepted
+                ))
+            })?;
+        }
+        next.validate()?;
+        *self = next;
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad =
+            |key: &str, msg: &str| Err(Error::config(format!("{CONF_ENV}: key '{key}': {msg}")));
+        if self.small_segment < self.small_max {
+            return bad("small_segment", "must be >= small_max");
+        }
+        if self.large_segment <= self.small_max {
+            return bad("large_segment", "must be > small_max");
+        }
+        if self.huge_threshold <= self.small_max {
+            return bad("huge_threshold", "must be > small_max");
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as an aligned table, one option a line.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for o in OPTIONS {
+            let _ = writeln!(
+                out,
+                "{:<16} {:<20} # {}; accepted: {}",
+                o.key,
+                (o.get)(self),
+                o.doc,
+                o.accepted
+            );
+        }
+        out
+    }
+
+    /// The value of one option as text, or `None` for an unknown key.
+    pub fn get(&self, key: &str) -> Option<String> {
+        OPTIONS.iter().find(|o| o.key == key).map(|o| (o.get)(self))
+    }
+}
+
+fn keys() -> String {
+    OPTIONS.iter().map(|o| o.key).collect::<Vec<_>>().join(", ")
+}
+
+fn parse_int(v: &str) -> Option<u64> {
+    v.parse::<u64>().ok()
+}
+
+fn parse_granular(v: &str) -> std::result::Result<u64, String> {
+    match parse_size(v) {
+        Some(n) if n > 0 && n % 512 == 0 => Ok(n),
+        Some(_) => Err("not a positive multiple of 512".into()),
+        None => Err(String::new()),
+    }
+}
+
+/// Parse a size: a number (decimals allowed) with an optional binary suffix.
+/// `K`, `KB` and `KiB` all mean 1024, as in torch and mimalloc.
+pub fn parse_size(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let split = v
+        .find(|ch: char| !(ch.is_ascii_digit() || ch == '.'))
+        .unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    if num.is_empty() {
+        return None;
+    }
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        "p" | "pb" | "pib" => 1 << 50,
+        _ => return None,
+    };
+    if let Ok(n) = num.parse::<u64>() {
+        return n.checked_mul(mult);
+    }
+    let f: f64 = num.parse().ok()?;
+    let bytes = f * mult as f64;
+    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
+}
+
+/// Render a byte count with the largest exact binary unit (or two decimals).
+pub fn format_size(n: u64) -> String {
+    const UNITS: [(&str, u64); 5] = [
+        ("PiB", 1 << 50),
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
+    for (name, m) in UNITS {
+        if n >= m {
+            return if n % m == 0 {
+                format!("{}{name}", n / m)
+            } else {
+                format!("{:.2}{name}", n as f64 / m as f64)
+            };
+        }
+    }
+    format!("{n}B")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_design() {
+        let c = Config::default();
+        assert_eq!(c.backend, Backend::Auto);
+        assert_eq!(c.sim_memory, 16 << 30);
+        assert_eq!(
+            (c.small_max, c.small_segment, c.large_segment),
+            (1 << 20, 2 << 20, 20 << 20)
+        );
+        assert_eq!((c.huge_threshold, c.huge_round), (10 << 20, 2 << 20));
+    }
+
+    #[test]
+    fn parses_torch_syntax_and_sizes() {
+        let c = Config::parse(
+            "backend:sim, sim_devices:2,sim_memory:1GiB,max_memory:512M,memory_fraction:0.5",
+        )
+        .unwrap();
+        assert_eq!(c.backend, Backend::Sim);
+        assert_eq!(c.sim_devices, 2);
+        assert_eq!(c.sim_memory, 1 << 30);
+        assert_eq!(c.max_memory, 512 << 20);
+        assert_eq!(c.memory_fraction, 0.5);
+        assert_eq!(parse_size("1.5GiB"), Some(3 << 29));
+        assert_eq!(parse_size("16g"), Some(16 << 30));
+        assert_eq!(parse_size("12XB"), None);
+        assert_eq!(parse_size("99999999999T"), None);
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn errors_name_the_key_and_what_is_accepted() {
+        let e = Config::parse("backend:gpu").unwrap_err();
+        assert!(
+            e.message.contains("'backend'") && e.message.contains("auto | cuda | sim"),
+            "{e}"
+        );
+        let e = Config::parse("bogus:1").unwrap_err();
+        assert!(
+            e.message.contains("unknown key 'bogus'") && e.message.contains("sim_memory"),
+            "{e}"
+        );
+        let e = Config::parse("sim_memory").unwrap_err();
+        assert!(e.message.contains("not key:value"), "{e}");
+        let e = Config::parse("memory_fraction:1.5").unwrap_err();
+        assert!(
+            e.message.contains("'memory_fraction'") && e.message.contains("(0, 1]"),
+            "{e}"
+        );
+        let e = Config::parse("small_segment:512K").unwrap_err();
+        assert!(e.message.contains("small_segment"), "{e}");
+        let e = Config::parse("small_max:1000").unwrap_err();
+        assert!(e.message.contains("multiple of 512"), "{e}");
+    }
+
+    #[test]
+    fn failed_apply_changes_nothing_and_render_lists_every_key() {
+        let mut c = Config::parse("sim_devices:3").unwrap();
+        assert!(c.apply("sim_devices:4,sim_memory:nope").is_err());
+        assert_eq!(c.sim_devices, 3);
+        let r = c.render();
+        for o in OPTIONS {
+            assert!(r.contains(o.key));
+        }
+        assert_eq!(c.get("sim_devices").as_deref(), Some("3"));
+    }
+}

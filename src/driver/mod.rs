@@ -1,0 +1,105 @@
+//! The one narrow interface between cudalloc and a device.
+//!
+//! # Contract
+//! Everything above this module talks to a device only through [`Driver`]. An
+//! implementation promises:
+//!
+//! 1. **Devices** are numbered `0..device_count()`. Every method that takes a
+//!    `device` may assume the engine validated it; it still returns
+//!    [`DriverError::InvalidDevice`] rather than panicking when it is not.
+//! 2. **Memory.** [`Driver::mem_alloc`] returns a device address aligned to at
+//!    least 512 bytes, not overlapping any other live allocation of this
+//!    driver, or [`DriverError::OutOfMemory`] when the device has no room.
+//!    Any other failure is a different variant: the engine runs its OOM ladder
+//!    only for `OutOfMemory`. [`Driver::mem_free`] takes exactly an address
+//!    that `mem_alloc` returned and that was not freed since; it may
+//!    synchronise the device (cudaFree does).
+//! 3. **Streams** are opaque `u64` handles (a `CUstream` value; 0 is the
+//!    legacy default stream). The driver never owns or destroys them.
+//! 4. **Events** are created by the driver, recorded on a stream, queried
+//!    (`Ok(true)` once all work enqueued on the stream before the record has
+//!    completed), synchronised and destroyed. A query of a never-recorded
+//!    event is `Ok(true)`, as in CUDA. The engine pools and reuses events.
+//! 5. **Threads.** Every method may be called from any thread concurrently.
+//!    The implementation makes the device's context current itself: callers
+//!    (PyTorch's free in particular) set no device guard.
+//! 6. **Exit.** After [`DriverError::Deinitialized`] the engine calls nothing
+//!    more that could reach the device; an implementation must tolerate calls
+//!    made while the process exits by returning that error, never aborting.
+//! 7. **No panics.** A missing driver library is an error at construction,
+//!    never a panic later.
+
+pub mod sim;
+
+use std::fmt;
+
+/// A raw stream handle (`CUstream` as an integer). 0 is the legacy default stream.
+pub type Stream = u64;
+
+/// A driver-side event handle. Opaque to the engine.
+pub type Event = u64;
+
+/// Why a driver call failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriverError {
+    /// The device has no room for this allocation (`CUDA_ERROR_OUT_OF_MEMORY`).
+    OutOfMemory,
+    /// The driver has shut down, usually because the process is exiting
+    /// (`CUDA_ERROR_DEINITIALIZED`). Quietly ignored on free paths.
+    Deinitialized,
+    /// The device index is not one the driver knows.
+    InvalidDevice(usize),
+    /// The driver library could not be loaded.
+    NotFound(String),
+    /// Any other failure, with the driver's numeric code and its text.
+    Other { code: i64, message: String },
+}
+
+impl fmt::Display for DriverError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DriverError::OutOfMemory => write!(f, "device out of memory"),
+            DriverError::Deinitialized => write!(f, "driver deinitialised (process exiting?)"),
+            DriverError::InvalidDevice(d) => write!(f, "invalid device index {d}"),
+            DriverError::NotFound(m) => write!(f, "{m}"),
+            DriverError::Other { code, message } => write!(f, "driver error {code}: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for DriverError {}
+
+pub type DriverResult<T> = Result<T, DriverError>;
+
+/// The device interface. See the module docs for the contract.
+pub trait Driver: Send + Sync {
+    /// A short name for logs and the effective-config print ("sim", "cuda").
+    fn name(&self) -> &'static str;
+    /// Number of devices this driver exposes.
+    fn device_count(&self) -> usize;
+    /// Allocate `size` bytes (a multiple of 512) on `device`.
+    fn mem_alloc(&self, device: usize, size: u64) -> DriverResult<u64>;
+    /// Free an address returned by [`Driver::mem_alloc`]. `size` is the size it
+    /// was allocated with (the sim device checks it).
+    fn mem_free(&self, device: usize, ptr: u64, size: u64) -> DriverResult<()>;
+    /// `(free, total)` bytes of device memory, as `cuMemGetInfo` reports them.
+    fn mem_info(&self, device: usize) -> DriverResult<(u64, u64)>;
+    /// Create an event (timing disabled).
+    fn event_create(&self, device: usize) -> DriverResult<Event>;
+    /// Record `event` on `stream`.
+    fn event_record(&self, device: usize, event: Event, stream: Stream) -> DriverResult<()>;
+    /// `Ok(true)` when the work before the last record has completed.
+    fn event_query(&self, device: usize, event: Event) -> DriverResult<bool>;
+    /// Block until the event completes.
+    fn event_synchronize(&self, device: usize, event: Event) -> DriverResult<()>;
+    /// Destroy an event.
+    fn event_destroy(&self, device: usize, event: Event) -> DriverResult<()>;
+    /// Block until all work on `stream` completes.
+    fn stream_synchronize(&self, device: usize, stream: Stream) -> DriverResult<()>;
+    /// Whether `stream` is being captured into a CUDA graph. While it is, the
+    /// engine must not call [`Driver::mem_alloc`] (illegal in global capture
+    /// mode) and must not reuse blocks freed during the capture.
+    fn stream_is_capturing(&self, _device: usize, _stream: Stream) -> DriverResult<bool> {
+        Ok(false)
+    }
+}

@@ -1,0 +1,425 @@
+//! The simulated device (`backend:sim`).
+//!
+//! It implements [`Driver`] with no GPU and no host memory behind the
+//! addresses it hands out. It serves the tests, the benchmarks, trace replay,
+//! and capacity planning without a GPU.
+//!
+//! - **Addresses** are fake and 2 MiB aligned. Every device has its own 16 TiB
+//!   window, and consecutive allocations are separated by a 2 MiB guard gap, so
+//!   two segments are never adjacent: an engine that coalesced across segments
+//!   would be caught.
+//! - **Capacity** is enforced on the bytes allocated, like a real device.
+//! - **Events** complete at once by default. In manual mode
+//!   ([`SimDriver::set_manual_events`]) a recorded event completes only when the
+//!   test says so ([`SimDriver::complete_stream`], [`SimDriver::complete_all`])
+//!   or when someone synchronises it or its stream, which is what lets the tests
+//!   check stream safety.
+//! - **Faults** can be injected: the Nth driver allocation fails with OOM,
+//!   capacity can shrink mid-run, event calls can fail, the driver can report
+//!   itself deinitialised, and a stream can be marked as capturing.
+//! - **Counters** of every call are kept for tests ([`SimDriver::counters`]).
+
+use super::{Driver, DriverError, DriverResult, Event, Stream};
+use parking_lot::Mutex;
+use rustc_hash::FxHashMap;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+const WINDOW: u64 = 1 << 44; // 16 TiB of fake address space per device
+const BASE: u64 = 0x1000_0000_0000;
+const ALIGN: u64 = 2 << 20; // 2 MiB, like cuMemAlloc for large requests
+const GUARD: u64 = 2 << 20;
+
+/// Call counters, read back by tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SimCounters {
+    pub mem_allocs: u64,
+    pub mem_alloc_failures: u64,
+    pub mem_frees: u64,
+    pub bad_frees: u64,
+    pub mem_info_calls: u64,
+    pub event_creates: u64,
+    pub event_records: u64,
+    pub event_queries: u64,
+    pub event_syncs: u64,
+    pub event_destroys: u64,
+    pub stream_syncs: u64,
+}
+
+#[derive(Debug)]
+struct SimDevice {
+    capacity: u64,
+    used: u64,
+    /// Free address ranges: start -> length.
+    free_ranges: BTreeMap<u64, u64>,
+    /// Live allocations: start -> (size asked, range length taken).
+    live: FxHashMap<u64, (u64, u64)>,
+}
+
+impl SimDevice {
+    fn new(index: usize, capacity: u64) -> Self {
+        let mut free_ranges = BTreeMap::new();
+        free_ranges.insert(BASE + index as u64 * WINDOW, WINDOW);
+        SimDevice {
+            capacity,
+            used: 0,
+            free_ranges,
+            live: FxHashMap::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SimEvent {
+    device: usize,
+    stream: Stream,
+    complete: bool,
+}
+
+/// The simulated driver. Cheap to create; one per allocator instance.
+#[derive(Debug)]
+pub struct SimDriver {
+    devices: Vec<Mutex<SimDevice>>,
+    events: Mutex<FxHashMap<Event, SimEvent>>,
+    next_event: AtomicU64,
+    manual_events: AtomicBool,
+    /// Fail the allocation whose 1-based ordinal equals this (0 = never).
+    fail_alloc_at: AtomicU64,
+    alloc_ordinal: AtomicU64,
+    fail_events: AtomicBool,
+    deinitialized: AtomicBool,
+    capturing: Mutex<Vec<Stream>>,
+    counters: Mutex<SimCounters>,
+}
+
+impl SimDriver {
+    /// `devices` devices of `capacity` bytes each.
+    pub fn new(devices: usize, capacity: u64) -> Self {
+        SimDriver {
+            devices: (0..devices)
+                .map(|i| Mutex::new(SimDevice::new(i, capacity)))
+                .collect(),
+            events: Mutex::new(FxHashMap::default()),
+            next_event: AtomicU64::new(1),
+            manual_events: AtomicBool::new(false),
+            fail_alloc_at: AtomicU64::new(0),
+            alloc_ordinal: AtomicU64::new(0),
+            fail_events: AtomicBool::new(false),
+            deinitialized: AtomicBool::new(false),
+            capturing: Mutex::new(Vec::new()),
+            counters: Mutex::new(SimCounters::default()),
+        }
+    }
+
+    /// In manual mode, recorded events complete only when told.
+    pub fn set_manual_events(&self, manual: bool) {
+        self.manual_events.store(manual, Ordering::SeqCst);
+    }
+
+    /// Fail the `n`th driver allocation counted from the start (1-based);
+    /// 0 turns injection off.
+    pub fn fail_alloc_at(&self, n: u64) {
+        self.fail_alloc_at.store(n, Ordering::SeqCst);
+    }
+
+    /// Fail the `n`th driver allocation counted from now (1-based).
+    pub fn fail_nth_alloc_from_now(&self, n: u64) {
+        let now = self.alloc_ordinal.load(Ordering::SeqCst);
+        self.fail_alloc_at.store(now + n, Ordering::SeqCst);
+    }
+
+    /// Make every event call fail (`Other`), or work again.
+    pub fn set_fail_events(&self, fail: bool) {
+        self.fail_events.store(fail, Ordering::SeqCst);
+    }
+
+    /// Make every call report `Deinitialized`, as at process exit.
+    pub fn set_deinitialized(&self, deinit: bool) {
+        self.deinitialized.store(deinit, Ordering::SeqCst);
+    }
+
+    /// Mark `stream` as capturing into a graph, or not.
+    pub fn set_capturing(&self, stream: Stream, capturing: bool) {
+        let mut c = self.capturing.lock();
+        c.retain(|s| *s != stream);
+        if capturing {
+            c.push(stream);
+        }
+    }
+
+    /// Change a device's capacity, as when another process takes memory.
+    /// Allocations already made stay; new ones fail until usage drops below it.
+    pub fn set_capacity(&self, device: usize, capacity: u64) {
+        if let Some(d) = self.devices.get(device) {
+            d.lock().capacity = capacity;
+        }
+    }
+
+    /// Bytes the driver has handed out on `device` and not had back.
+    pub fn used(&self, device: usize) -> u64 {
+        self.devices.get(device).map_or(0, |d| d.lock().used)
+    }
+
+    /// Number of live driver allocations on `device`.
+    pub fn live_allocations(&self, device: usize) -> usize {
+        self.devices.get(device).map_or(0, |d| d.lock().live.len())
+    }
+
+    /// Complete every event recorded on `stream` of `device`.
+    pub fn complete_stream(&self, device: usize, stream: Stream) {
+        for e in self.events.lock().values_mut() {
+            if e.device == device && e.stream == stream {
+                e.complete = true;
+            }
+        }
+    }
+
+    /// Complete every recorded event.
+    pub fn complete_all(&self) {
+        for e in self.events.lock().values_mut() {
+            e.complete = true;
+        }
+    }
+
+    /// Number of recorded events not yet complete.
+    pub fn pending_events(&self) -> usize {
+        self.events.lock().values().filter(|e| !e.complete).count()
+    }
+
+    /// A copy of the call counters.
+    pub fn counters(&self) -> SimCounters {
+        *self.counters.lock()
+    }
+
+    fn check(&self, device: usize) -> DriverResult<()> {
+        if self.deinitialized.load(Ordering::Relaxed) {
+            return Err(DriverError::Deinitialized);
+        }
+        if device >= self.devices.len() {
+            return Err(DriverError::InvalidDevice(device));
+        }
+        Ok(())
+    }
+
+    fn check_events(&self, device: usize) -> DriverResult<()> {
+        self.check(device)?;
+        if self.fail_events.load(Ordering::Relaxed) {
+            return Err(DriverError::Other {
+                code: 999,
+                message: "injected event failure".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn round_up(x: u64, to: u64) -> u64 {
+    x.div_ceil(to) * to
+}
+
+impl Driver for SimDriver {
+    fn name(&self) -> &'static str {
+        "sim"
+    }
+
+    fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+
+    fn mem_alloc(&self, device: usize, size: u64) -> DriverResult<u64> {
+        self.check(device)?;
+        let ordinal = self.alloc_ordinal.fetch_add(1, Ordering::SeqCst) + 1;
+        let fail = self.fail_alloc_at.load(Ordering::SeqCst) == ordinal;
+        let mut d = self.devices[device].lock();
+        if fail || size == 0 || d.used.checked_add(size).is_none_or(|u| u > d.capacity) {
+            self.counters.lock().mem_alloc_failures += 1;
+            return Err(DriverError::OutOfMemory);
+        }
+        let take = round_up(size, ALIGN) + GUARD;
+        let Some((&start, &len)) = d.free_ranges.iter().find(|(_, &len)| len >= take) else {
+            self.counters.lock().mem_alloc_failures += 1;
+            return Err(DriverError::OutOfMemory);
+        };
+        d.free_ranges.remove(&start);
+        if len > take {
+            d.free_ranges.insert(start + take, len - take);
+        }
+        d.live.insert(start, (size, take));
+        d.used += size;
+        self.counters.lock().mem_allocs += 1;
+        Ok(start)
+    }
+
+    fn mem_free(&self, device: usize, ptr: u64, size: u64) -> DriverResult<()> {
+        self.check(device)?;
+        let mut d = self.devices[device].lock();
+        let Some((asked, take)) = d.live.remove(&ptr) else {
+            self.counters.lock().bad_frees += 1;
+            return Err(DriverError::Other {
+                code: 1,
+                message: format!("sim: free of unknown address {ptr:#x}"),
+            });
+        };
+        debug_assert_eq!(
+            asked, size,
+            "sim: segment freed with a size other than its own"
+        );
+        d.used -= asked;
+        // Give the range back, merging with free neighbours.
+        let (mut start, mut len) = (ptr, take);
+        if let Some((&ps, &pl)) = d.free_ranges.range(..start).next_back() {
+            if ps + pl == start {
+                d.free_ranges.remove(&ps);
+                start = ps;
+                len += pl;
+            }
+        }
+        if let Some(&nl) = d.free_ranges.get(&(start + len)) {
+            d.free_ranges.remove(&(start + len));
+            len += nl;
+        }
+        d.free_ranges.insert(start, len);
+        self.counters.lock().mem_frees += 1;
+        Ok(())
+    }
+
+    fn mem_info(&self, device: usize) -> DriverResult<(u64, u64)> {
+        self.check(device)?;
+        self.counters.lock().mem_info_calls += 1;
+        let d = self.devices[device].lock();
+        Ok((d.capacity.saturating_sub(d.used), d.capacity))
+    }
+
+    fn event_create(&self, device: usize) -> DriverResult<Event> {
+        self.check_events(device)?;
+        let id = self.next_event.fetch_add(1, Ordering::Relaxed);
+        self.events.lock().insert(
+            id,
+            SimEvent {
+                device,
+                stream: 0,
+                complete: true,
+            },
+        );
+        self.counters.lock().event_creates += 1;
+        Ok(id)
+    }
+
+    fn event_record(&self, device: usize, event: Event, stream: Stream) -> DriverResult<()> {
+        self.check_events(device)?;
+        let manual = self.manual_events.load(Ordering::Relaxed);
+        let mut ev = self.events.lock();
+        let e = ev.get_mut(&event).ok_or_else(|| bad_event(event))?;
+        *e = SimEvent {
+            device,
+            stream,
+            complete: !manual,
+        };
+        self.counters.lock().event_records += 1;
+        Ok(())
+    }
+
+    fn event_query(&self, device: usize, event: Event) -> DriverResult<bool> {
+        self.check_events(device)?;
+        self.counters.lock().event_queries += 1;
+        self.events
+            .lock()
+            .get(&event)
+            .map(|e| e.complete)
+            .ok_or_else(|| bad_event(event))
+    }
+
+    fn event_synchronize(&self, device: usize, event: Event) -> DriverResult<()> {
+        self.check_events(device)?;
+        self.counters.lock().event_syncs += 1;
+        let mut ev = self.events.lock();
+        let e = ev.get_mut(&event).ok_or_else(|| bad_event(event))?;
+        // Waiting for the event means its stream's work up to the record is done.
+        let stream = e.stream;
+        for e in ev.values_mut() {
+            if e.device == device && e.stream == stream {
+                e.complete = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn event_destroy(&self, device: usize, event: Event) -> DriverResult<()> {
+        self.check_events(device)?;
+        self.counters.lock().event_destroys += 1;
+        self.events
+            .lock()
+            .remove(&event)
+            .map(|_| ())
+            .ok_or_else(|| bad_event(event))
+    }
+
+    fn stream_synchronize(&self, device: usize, stream: Stream) -> DriverResult<()> {
+        self.check(device)?;
+        self.counters.lock().stream_syncs += 1;
+        self.complete_stream(device, stream);
+        Ok(())
+    }
+
+    fn stream_is_capturing(&self, device: usize, stream: Stream) -> DriverResult<bool> {
+        self.check(device)?;
+        Ok(self.capturing.lock().contains(&stream))
+    }
+}
+
+fn bad_event(event: Event) -> DriverError {
+    DriverError::Other {
+        code: 400,
+        message: format!("sim: unknown event {event}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_aligned_disjoint_and_capacity_is_enforced() {
+        let d = SimDriver::new(2, 64 << 20);
+        let a = d.mem_alloc(0, 20 << 20).unwrap();
+        let b = d.mem_alloc(0, 20 << 20).unwrap();
+        assert_eq!(a % 512, 0);
+        assert!(b >= a + (20 << 20) + GUARD, "segments must not be adjacent");
+        assert_eq!(d.mem_alloc(0, 30 << 20), Err(DriverError::OutOfMemory));
+        let c = d.mem_alloc(1, 60 << 20).unwrap();
+        assert!(c >= BASE + WINDOW, "device 1 has its own window");
+        d.mem_free(0, a, 20 << 20).unwrap();
+        assert!(d.mem_alloc(0, 30 << 20).is_ok());
+        assert!(
+            d.mem_free(0, a, 20 << 20).is_err(),
+            "double free is refused"
+        );
+        assert_eq!(d.counters().bad_frees, 1);
+    }
+
+    #[test]
+    fn manual_events_complete_only_when_told() {
+        let d = SimDriver::new(1, 1 << 30);
+        d.set_manual_events(true);
+        let e = d.event_create(0).unwrap();
+        assert!(
+            d.event_query(0, e).unwrap(),
+            "never-recorded event is complete"
+        );
+        d.event_record(0, e, 7).unwrap();
+        assert!(!d.event_query(0, e).unwrap());
+        d.complete_stream(0, 8);
+        assert!(!d.event_query(0, e).unwrap());
+        d.complete_stream(0, 7);
+        assert!(d.event_query(0, e).unwrap());
+    }
+
+    #[test]
+    fn nth_allocation_fails_once() {
+        let d = SimDriver::new(1, 1 << 30);
+        d.fail_alloc_at(2);
+        assert!(d.mem_alloc(0, 1 << 20).is_ok());
+        assert_eq!(d.mem_alloc(0, 1 << 20), Err(DriverError::OutOfMemory));
+        assert!(d.mem_alloc(0, 1 << 20).is_ok());
+    }
+}

@@ -1,0 +1,481 @@
+//! A stream arena: the segments, blocks, free index and live records of one
+//! stream on one device, under one lock.
+//!
+//! Reuse within the arena needs no events: the stream orders a free before
+//! every later use on the same stream. A segment whose blocks are all free is
+//! *idle*: it stays in this arena's free index for same-stream reuse, and is
+//! also a candidate for adoption by another stream's arena or for release to
+//! the driver. Both of those first record an event on this arena's stream and
+//! wait for it (lazily, only when someone asks), so a block is never handed to
+//! another stream before its free is proven complete.
+
+use super::tlsf::{Block, BlockState, Blocks, FreeIndex, NIL};
+use super::DeviceCore;
+use crate::driver::{Event, Stream};
+use crate::size_class::{Policy, Pool};
+use crate::stats::ArenaCounters;
+use crate::tracking::{now_ms, thread_id, LiveInfo, LiveRecord};
+use parking_lot::Mutex;
+use rustc_hash::FxHashMap;
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Segment {
+    pub base: u64,
+    pub size: u64,
+    pub pool: Pool,
+    /// First block (lowest address).
+    pub first: u32,
+    /// Blocks live or pending (not free).
+    pub used: u32,
+    /// Position in the idle list, or NIL when not idle.
+    pub idle_pos: u32,
+    /// Event recorded on the arena's stream after the segment became idle.
+    pub event: Option<Event>,
+}
+
+/// A segment detached from an arena, in transit to another arena or the driver.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Detached {
+    pub base: u64,
+    pub size: u64,
+    pub pool: Pool,
+}
+
+#[derive(Debug)]
+pub(crate) struct PendingFree {
+    pub block: u32,
+    pub events: Vec<Event>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct ArenaInner {
+    pub blocks: Blocks,
+    pub segs: Vec<Option<Segment>>,
+    seg_vacant: Vec<u32>,
+    pub index: [FreeIndex; 2],
+    pub live: FxHashMap<u64, LiveRecord>,
+    pub idle: Vec<u32>,
+    pub pending: Vec<PendingFree>,
+    pub counters: ArenaCounters,
+    seq: u64,
+}
+
+/// One stream's arena on one device.
+#[derive(Debug)]
+pub struct Arena {
+    pub stream: Stream,
+    pub(crate) inner: Mutex<ArenaInner>,
+}
+
+impl Arena {
+    pub(crate) fn new(stream: Stream) -> Self {
+        Arena {
+            stream,
+            inner: Mutex::new(ArenaInner::default()),
+        }
+    }
+}
+
+impl ArenaInner {
+    pub fn seg(&self, s: u32) -> &Segment {
+        self.segs[s as usize].as_ref().expect("segment slot in use")
+    }
+
+    fn seg_mut(&mut self, s: u32) -> &mut Segment {
+        self.segs[s as usize].as_mut().expect("segment slot in use")
+    }
+
+    /// Serve `rounded` bytes from the free index, if a block fits.
+    #[inline]
+    pub fn try_alloc(
+        &mut self,
+        rounded: u64,
+        requested: u64,
+        policy: &Policy,
+        dev: &DeviceCore,
+    ) -> Option<u64> {
+        let pool = policy.pool(rounded);
+        let i = self.index[pool as usize].find(&self.blocks, rounded)?;
+        Some(self.take_block(i, rounded, requested, pool, policy, dev))
+    }
+
+    /// Hand out free block `i` for a request of `rounded` bytes, splitting off
+    /// the rest when the policy says so.
+    fn take_block(
+        &mut self,
+        i: u32,
+        rounded: u64,
+        requested: u64,
+        pool: Pool,
+        policy: &Policy,
+        dev: &DeviceCore,
+    ) -> u64 {
+        self.index[pool as usize].remove(&mut self.blocks, i);
+        let b = *self.blocks.get(i);
+        if policy.should_split(pool, b.size, rounded) {
+            let rest = Block {
+                addr: b.addr + rounded,
+                size: b.size - rounded,
+                seg: b.seg,
+                prev: i,
+                next: b.next,
+                free_prev: NIL,
+                free_next: NIL,
+                state: BlockState::Free,
+            };
+            let r = self.blocks.insert(rest);
+            if b.next != NIL {
+                self.blocks.get_mut(b.next).prev = r;
+            }
+            let bm = self.blocks.get_mut(i);
+            bm.size = rounded;
+            bm.next = r;
+            self.index[pool as usize].insert(&mut self.blocks, r);
+        }
+        let bm = self.blocks.get_mut(i);
+        bm.state = BlockState::Live;
+        let (addr, size, seg) = (bm.addr, bm.size, bm.seg);
+        self.seg_used_inc(seg, dev);
+        self.seq += 1;
+        let rec = LiveRecord {
+            block: i,
+            requested,
+            seq: self.seq,
+            time_ms: now_ms(),
+            thread: thread_id(),
+            streams: Vec::new(),
+        };
+        self.live.insert(addr, rec);
+        self.counters.allocs += 1;
+        self.counters.live += 1;
+        self.counters.requested += requested;
+        dev.counters.allocated.add(size);
+        addr
+    }
+
+    fn seg_used_inc(&mut self, s: u32, dev: &DeviceCore) {
+        let seg = self.seg_mut(s);
+        seg.used += 1;
+        if seg.used == 1 && seg.idle_pos != NIL {
+            let pos = seg.idle_pos;
+            let ev = seg.event.take();
+            seg.idle_pos = NIL;
+            self.idle_remove(pos);
+            if let Some(e) = ev {
+                dev.put_event(e);
+            }
+        }
+    }
+
+    fn idle_remove(&mut self, pos: u32) {
+        self.idle.swap_remove(pos as usize);
+        if let Some(&moved) = self.idle.get(pos as usize) {
+            self.seg_mut(moved).idle_pos = pos;
+        }
+    }
+
+    fn make_idle(&mut self, s: u32) {
+        let pos = self.idle.len() as u32;
+        self.idle.push(s);
+        let seg = self.seg_mut(s);
+        debug_assert_eq!(seg.idle_pos, NIL);
+        seg.idle_pos = pos;
+    }
+
+    /// Add a segment as one free block; it is idle until something is taken from it.
+    pub fn attach(&mut self, d: Detached) -> u32 {
+        let s = match self.seg_vacant.pop() {
+            Some(s) => s,
+            None => {
+                self.segs.push(None);
+                (self.segs.len() - 1) as u32
+            }
+        };
+        let b = self.blocks.insert(Block {
+            addr: d.base,
+            size: d.size,
+            seg: s,
+            prev: NIL,
+            next: NIL,
+            free_prev: NIL,
+            free_next: NIL,
+            state: BlockState::Free,
+        });
+        self.segs[s as usize] = Some(Segment {
+            base: d.base,
+            size: d.size,
+            pool: d.pool,
+            first: b,
+            used: 0,
+            idle_pos: NIL,
+            event: None,
+        });
+        self.index[d.pool as usize].insert(&mut self.blocks, b);
+        self.make_idle(s);
+        s
+    }
+
+    /// Allocate from a segment just attached (it has one free block).
+    pub fn alloc_from_segment(
+        &mut self,
+        s: u32,
+        rounded: u64,
+        requested: u64,
+        policy: &Policy,
+        dev: &DeviceCore,
+    ) -> u64 {
+        let seg = *self.seg(s);
+        self.take_block(seg.first, rounded, requested, seg.pool, policy, dev)
+    }
+
+    /// Take idle segment `s` out of this arena. Its event, if any, goes back to the pool.
+    pub fn detach(&mut self, s: u32, dev: &DeviceCore) -> Detached {
+        let seg = *self.seg(s);
+        debug_assert!(seg.used == 0 && seg.idle_pos != NIL);
+        self.idle_remove(seg.idle_pos);
+        self.index[seg.pool as usize].remove(&mut self.blocks, seg.first);
+        self.blocks.remove(seg.first);
+        self.segs[s as usize] = None;
+        self.seg_vacant.push(s);
+        if let Some(e) = seg.event {
+            dev.put_event(e);
+        }
+        Detached {
+            base: seg.base,
+            size: seg.size,
+            pool: seg.pool,
+        }
+    }
+
+    /// Make sure idle segment `s` has an event recorded on `stream` since it
+    /// became idle, and say whether it has completed. Errors count as "not
+    /// proven complete".
+    pub fn idle_event_complete(&mut self, s: u32, stream: Stream, dev: &DeviceCore) -> bool {
+        let ev = match self.seg(s).event {
+            Some(e) => e,
+            None => {
+                let Ok(e) = dev.get_event() else { return false };
+                if dev.driver.event_record(dev.index, e, stream).is_err() {
+                    dev.put_event(e);
+                    return false;
+                }
+                self.seg_mut(s).event = Some(e);
+                e
+            }
+        };
+        matches!(dev.driver.event_query(dev.index, ev), Ok(true))
+    }
+
+    /// Free `ptr` if this arena holds it live. `None` when it does not.
+    pub fn free(&mut self, ptr: u64, dev: &DeviceCore) -> Option<()> {
+        let rec = self.live.remove(&ptr)?;
+        let size = self.blocks.get(rec.block).size;
+        self.counters.frees += 1;
+        self.counters.live -= 1;
+        self.counters.requested -= rec.requested;
+        dev.counters.allocated.sub(size);
+        if rec.streams.is_empty() {
+            self.release_block(rec.block);
+        } else {
+            // record_stream: the block waits for the other streams' work.
+            let mut events = Vec::with_capacity(rec.streams.len());
+            for &s in &rec.streams {
+                match dev.get_event() {
+                    Ok(e) if dev.driver.event_record(dev.index, e, s).is_ok() => events.push(e),
+                    Ok(e) => {
+                        dev.put_event(e);
+                        let _ = dev.driver.stream_synchronize(dev.index, s);
+                    }
+                    Err(_) => {
+                        let _ = dev.driver.stream_synchronize(dev.index, s);
+                    }
+                }
+            }
+            self.blocks.get_mut(rec.block).state = BlockState::Pending;
+            self.pending.push(PendingFree {
+                block: rec.block,
+                events,
+            });
+        }
+        Some(())
+    }
+
+    /// Release pending frees whose events have completed (all of them when `wait`).
+    pub fn process_pending(&mut self, dev: &DeviceCore, wait: bool) {
+        let mut i = 0;
+        while i < self.pending.len() {
+            let done = self.pending[i].events.iter().all(|&e| {
+                if wait {
+                    let _ = dev.driver.event_synchronize(dev.index, e);
+                    true
+                } else {
+                    // An error (e.g. deinitialised driver) will not get better: stop waiting.
+                    !matches!(dev.driver.event_query(dev.index, e), Ok(false))
+                }
+            });
+            if done {
+                let p = self.pending.swap_remove(i);
+                for e in p.events {
+                    dev.put_event(e);
+                }
+                self.release_block(p.block);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Return block `i` to the free index, coalescing with free neighbours.
+    fn release_block(&mut self, mut i: u32) {
+        let b = *self.blocks.get(i);
+        let pool = self.seg(b.seg).pool as usize;
+        let prev = b.prev;
+        if prev != NIL && self.blocks.get(prev).state == BlockState::Free {
+            self.index[pool].remove(&mut self.blocks, prev);
+            let next = b.next;
+            let p = self.blocks.get_mut(prev);
+            p.size += b.size;
+            p.next = next;
+            if next != NIL {
+                self.blocks.get_mut(next).prev = prev;
+            }
+            self.blocks.remove(i);
+            i = prev;
+        }
+        let next = self.blocks.get(i).next;
+        if next != NIL && self.blocks.get(next).state == BlockState::Free {
+            self.index[pool].remove(&mut self.blocks, next);
+            let n = *self.blocks.get(next);
+            let c = self.blocks.get_mut(i);
+            c.size += n.size;
+            c.next = n.next;
+            if n.next != NIL {
+                self.blocks.get_mut(n.next).prev = i;
+            }
+            self.blocks.remove(next);
+        }
+        self.index[pool].insert(&mut self.blocks, i);
+        let s = b.seg;
+        let seg = self.seg_mut(s);
+        seg.used -= 1;
+        if seg.used == 0 {
+            self.make_idle(s);
+        }
+    }
+
+    /// Bytes in free blocks of both pools.
+    pub fn free_bytes(&self) -> u64 {
+        self.index[0].free_bytes + self.index[1].free_bytes
+    }
+
+    /// Bytes in blocks waiting on `record_stream` events.
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending
+            .iter()
+            .map(|p| self.blocks.get(p.block).size)
+            .sum()
+    }
+
+    pub fn segment_bytes(&self) -> u64 {
+        self.segs.iter().flatten().map(|s| s.size).sum()
+    }
+
+    pub fn segment_count(&self) -> u64 {
+        self.segs.iter().flatten().count() as u64
+    }
+
+    pub fn live_infos(&self, device: usize, stream: Stream, out: &mut Vec<LiveInfo>) {
+        for (&ptr, r) in &self.live {
+            out.push(LiveInfo {
+                ptr,
+                size: self.blocks.get(r.block).size,
+                requested: r.requested,
+                device,
+                stream,
+                seq: r.seq,
+                time_ms: r.time_ms,
+                thread: r.thread,
+            });
+        }
+    }
+
+    /// Check this arena's structure. Returns the live block ranges.
+    pub fn check(&self) -> Result<Vec<(u64, u64)>, String> {
+        self.index[0].check(&self.blocks)?;
+        self.index[1].check(&self.blocks)?;
+        let mut live_ranges = Vec::new();
+        let mut blocks_seen = 0usize;
+        for (s, seg) in self.segs.iter().enumerate() {
+            let Some(seg) = seg else { continue };
+            let (mut i, mut at, mut prev, mut used) = (seg.first, seg.base, NIL, 0u32);
+            let mut prev_free = false;
+            while i != NIL {
+                let b = self.blocks.get(i);
+                blocks_seen += 1;
+                if b.addr != at
+                    || b.seg as usize != s
+                    || b.prev != prev
+                    || b.size == 0
+                    || b.size % 512 != 0
+                {
+                    return Err(format!(
+                        "segment {:#x}: block {i} at {:#x} breaks the chain",
+                        seg.base, b.addr
+                    ));
+                }
+                match b.state {
+                    BlockState::Free if prev_free => {
+                        return Err(format!(
+                            "segment {:#x}: adjacent free blocks not coalesced",
+                            seg.base
+                        ))
+                    }
+                    BlockState::Free => {}
+                    BlockState::Live => {
+                        used += 1;
+                        match self.live.get(&b.addr) {
+                            Some(r) if r.block == i => live_ranges.push((b.addr, b.size)),
+                            _ => {
+                                return Err(format!("live block {:#x} has no live record", b.addr))
+                            }
+                        }
+                    }
+                    BlockState::Pending => used += 1,
+                    BlockState::Vacant => return Err("vacant block in a segment chain".into()),
+                }
+                prev_free = b.state == BlockState::Free;
+                at += b.size;
+                prev = i;
+                i = b.next;
+            }
+            if at != seg.base + seg.size {
+                return Err(format!(
+                    "segment {:#x}: blocks cover {} of {} bytes",
+                    seg.base,
+                    at - seg.base,
+                    seg.size
+                ));
+            }
+            if used != seg.used || (used == 0) != (seg.idle_pos != NIL) {
+                return Err(format!(
+                    "segment {:#x}: used count {} vs {used}, idle {}",
+                    seg.base, seg.used, seg.idle_pos
+                ));
+            }
+            if seg.idle_pos != NIL && self.idle.get(seg.idle_pos as usize) != Some(&(s as u32)) {
+                return Err(format!("segment {:#x}: idle list position wrong", seg.base));
+            }
+        }
+        if blocks_seen != self.blocks.occupied().count() {
+            return Err("blocks exist outside every segment chain".into());
+        }
+        if live_ranges.len() != self.live.len() || self.counters.live != self.live.len() as u64 {
+            return Err("live records and live blocks disagree".into());
+        }
+        let requested: u64 = self.live.values().map(|r| r.requested).sum();
+        if requested != self.counters.requested {
+            return Err("requested-bytes counter drifted".into());
+        }
+        Ok(live_ranges)
+    }
+}

@@ -1,0 +1,911 @@
+//! The engine: per device, stream arenas over segments from the driver.
+//!
+//! ```text
+//! Allocator ── Device 0 ── Arena(stream 0) ── segments ── blocks (TLSF free index)
+//!           │           └─ Arena(stream 7) ── ...
+//!           └─ Device 1 ── ...
+//! ```
+//! - **Hot path** (cache hit): one uncontended arena lock, a TLSF lookup, a
+//!   hash insert. The arena for `(device, stream)` is found through a one-entry
+//!   thread-local cache.
+//! - **Slow path** (miss), serialised per device: adopt an idle segment of
+//!   another stream whose free is proven complete, else get a segment from the
+//!   driver, else the OOM ladder in [`Allocator::malloc`]'s docs.
+//! - **Free** trusts nothing the caller says but the pointer: the stream and
+//!   device arguments are hints for where to look first.
+
+mod arena;
+pub mod tlsf;
+
+use crate::config::Config;
+use crate::driver::{Driver, DriverError, Event, Stream};
+use crate::error::{Error, ErrorCode, Result};
+use crate::size_class::{round_size, Policy, Pool};
+use crate::stats::{cudalloc_stats, DeviceCounters};
+use crate::tracking::LiveInfo;
+use arena::{Arena, Detached};
+use once_cell::sync::OnceCell;
+use parking_lot::{Mutex, RwLock};
+use rustc_hash::FxHashMap;
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Called at step 3 of the OOM ladder with `(device, requested bytes)`.
+pub type OomCallback = Box<dyn Fn(usize, u64) + Send + Sync>;
+
+/// What one device's state shares with its arenas.
+pub(crate) struct DeviceCore {
+    pub index: usize,
+    pub driver: Arc<dyn Driver>,
+    pub counters: DeviceCounters,
+    events: Mutex<Vec<Event>>,
+}
+
+impl DeviceCore {
+    /// An event from the pool, or a new one.
+    pub fn get_event(&self) -> std::result::Result<Event, DriverError> {
+        if let Some(e) = self.events.lock().pop() {
+            return Ok(e);
+        }
+        self.driver.event_create(self.index)
+    }
+
+    pub fn put_event(&self, e: Event) {
+        self.events.lock().push(e);
+    }
+}
+
+/// How the OOM ladder and `empty_cache` release idle segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Release {
+    /// Only segments whose event has already completed (never blocks).
+    Completed,
+    /// Every idle segment, synchronising streams as needed.
+    All,
+}
+
+struct Device {
+    core: DeviceCore,
+    arenas: RwLock<FxHashMap<Stream, Arc<Arena>>>,
+    /// Serialises slow paths (driver calls, adoption, the OOM ladder).
+    slow: Mutex<()>,
+    max_memory: u64,
+    fraction_bits: AtomicU64,
+    total: OnceCell<u64>,
+}
+
+impl Device {
+    /// The arena of `stream`, created on first use.
+    fn arena(&self, alloc_id: u64, stream: Stream) -> &Arena {
+        if let Some(a) = self.find_arena(alloc_id, stream) {
+            return a;
+        }
+        let mut map = self.arenas.write();
+        let arc = map
+            .entry(stream)
+            .or_insert_with(|| Arc::new(Arena::new(stream)))
+            .clone();
+        drop(map);
+        // SAFETY: arenas are never removed from `self.arenas`, so the Arc in
+        // the map keeps this Arena alive as long as `self`.
+        let a = unsafe { &*Arc::as_ptr(&arc) };
+        remember_arena(alloc_id, self.core.index, stream, a);
+        a
+    }
+
+    /// The arena of `stream` if it exists.
+    #[inline]
+    fn find_arena(&self, alloc_id: u64, stream: Stream) -> Option<&Arena> {
+        if let Some(a) = cached_arena(alloc_id, self.core.index, stream) {
+            // SAFETY: the cache only holds arenas of the allocator `alloc_id`,
+            // which is alive (we are borrowed from it) and never drops arenas.
+            return Some(unsafe { &*a });
+        }
+        let map = self.arenas.read();
+        let arc = map.get(&stream)?;
+        // SAFETY: as in `arena`: the map never drops an arena while `self` lives.
+        let a = unsafe { &*Arc::as_ptr(arc) };
+        drop(map);
+        remember_arena(alloc_id, self.core.index, stream, a);
+        Some(a)
+    }
+
+    fn arena_list(&self) -> Vec<Arc<Arena>> {
+        self.arenas.read().values().cloned().collect()
+    }
+
+    fn total(&self) -> u64 {
+        *self.total.get_or_init(|| {
+            self.core
+                .driver
+                .mem_info(self.core.index)
+                .map(|(_, t)| t)
+                .unwrap_or(u64::MAX)
+        })
+    }
+
+    fn fraction(&self) -> f64 {
+        f64::from_bits(self.fraction_bits.load(Ordering::Relaxed))
+    }
+
+    /// The cap on reserved bytes in force (`u64::MAX` when none).
+    fn limit(&self) -> u64 {
+        let mut limit = if self.max_memory == 0 {
+            u64::MAX
+        } else {
+            self.max_memory
+        };
+        let f = self.fraction();
+        if f < 1.0 {
+            limit = limit.min((self.total() as f64 * f) as u64);
+        }
+        limit
+    }
+
+    /// Release idle segments of every arena of this device to the driver.
+    /// Returns the bytes released. Call with `slow` held.
+    fn release_idle(&self, mode: Release) -> u64 {
+        let mut released = 0;
+        for arena in self.arena_list() {
+            let detached: Vec<Detached> = {
+                let mut a = arena.inner.lock();
+                a.process_pending(&self.core, mode == Release::All);
+                if a.idle.is_empty() {
+                    continue;
+                }
+                if mode == Release::All {
+                    // cuMemFree synchronises anyway; this makes the wait explicit.
+                    let _ = self
+                        .core
+                        .driver
+                        .stream_synchronize(self.core.index, arena.stream);
+                }
+                let idle = a.idle.clone();
+                let mut out = Vec::with_capacity(idle.len());
+                for s in idle {
+                    if mode == Release::All || a.idle_event_complete(s, arena.stream, &self.core) {
+                        out.push(a.detach(s, &self.core));
+                    }
+                }
+                out
+            };
+            for d in detached {
+                released += d.size;
+                self.driver_free(d);
+            }
+        }
+        released
+    }
+
+    fn driver_free(&self, d: Detached) {
+        match self.core.driver.mem_free(self.core.index, d.base, d.size) {
+            Ok(()) | Err(DriverError::Deinitialized) => {}
+            Err(e) => tracing::warn!(
+                device = self.core.index,
+                "freeing a segment of {} bytes failed: {e}",
+                d.size
+            ),
+        }
+        self.core.counters.reserved.sub(d.size);
+        self.core.counters.driver_frees.inc();
+    }
+
+    /// Move an idle segment of another stream, whose free is proven complete,
+    /// into `me`. Call with `slow` held.
+    fn adopt(&self, me: &Arena, pool: Pool, rounded: u64) -> Option<u32> {
+        for other in self.arena_list() {
+            if std::ptr::eq(Arc::as_ptr(&other), me) {
+                continue;
+            }
+            let found = {
+                let mut o = other.inner.lock();
+                let mut cands: Vec<u32> = o
+                    .idle
+                    .iter()
+                    .copied()
+                    .filter(|&s| {
+                        let seg = o.seg(s);
+                        seg.pool == pool && seg.size >= rounded
+                    })
+                    .collect();
+                cands.sort_by_key(|&s| o.seg(s).size);
+                cands
+                    .into_iter()
+                    .find(|&s| o.idle_event_complete(s, other.stream, &self.core))
+                    .map(|s| o.detach(s, &self.core))
+            };
+            if let Some(d) = found {
+                self.core.counters.adopted.inc();
+                return Some(me.inner.lock().attach(d));
+            }
+        }
+        None
+    }
+}
+
+thread_local! {
+    static LAST_ARENA: Cell<(u64, usize, Stream, *const Arena)> = const { Cell::new((0, 0, 0, std::ptr::null())) };
+}
+
+#[inline]
+fn cached_arena(alloc_id: u64, device: usize, stream: Stream) -> Option<*const Arena> {
+    LAST_ARENA
+        .try_with(|c| {
+            let (id, d, s, p) = c.get();
+            (id == alloc_id && d == device && s == stream && !p.is_null()).then_some(p)
+        })
+        .ok()
+        .flatten()
+}
+
+#[inline]
+fn remember_arena(alloc_id: u64, device: usize, stream: Stream, a: &Arena) {
+    let _ = LAST_ARENA.try_with(|c| c.set((alloc_id, device, stream, a as *const Arena)));
+}
+
+static NEXT_ALLOCATOR_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A caching allocator over all devices of one driver.
+pub struct Allocator {
+    id: u64,
+    config: Config,
+    policy: Policy,
+    driver: Arc<dyn Driver>,
+    devices: Vec<Device>,
+    oom_callbacks: RwLock<Vec<OomCallback>>,
+    /// Invalid frees whose device could not be told.
+    stray_invalid_frees: AtomicU64,
+}
+
+impl Allocator {
+    /// An allocator over every device of `driver`, configured by `config`.
+    pub fn new(config: Config, driver: Arc<dyn Driver>) -> Self {
+        let devices = (0..driver.device_count())
+            .map(|index| Device {
+                core: DeviceCore {
+                    index,
+                    driver: driver.clone(),
+                    counters: DeviceCounters::default(),
+                    events: Mutex::new(Vec::new()),
+                },
+                arenas: RwLock::new(FxHashMap::default()),
+                slow: Mutex::new(()),
+                max_memory: config.max_memory,
+                fraction_bits: AtomicU64::new(config.memory_fraction.to_bits()),
+                total: OnceCell::new(),
+            })
+            .collect();
+        Allocator {
+            id: NEXT_ALLOCATOR_ID.fetch_add(1, Ordering::Relaxed),
+            policy: Policy::from_config(&config),
+            config,
+            driver,
+            devices,
+            oom_callbacks: RwLock::new(Vec::new()),
+            stray_invalid_frees: AtomicU64::new(0),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn driver(&self) -> &Arc<dyn Driver> {
+        &self.driver
+    }
+
+    pub fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+
+    fn device(&self, device: usize) -> Result<&Device> {
+        self.devices
+            .get(device)
+            .ok_or_else(|| Error::invalid_device(device as i64, self.devices.len()))
+    }
+
+    /// Allocate `size` bytes on `device` for use on `stream`. Size 0 gives
+    /// `Ok(0)` (NULL, not an error). The address is 512-byte aligned.
+    ///
+    /// On a miss, in order: adopt another stream's idle segment whose free is
+    /// proven complete; get a segment from the driver (within the limits);
+    /// then the OOM ladder: (1) release idle segments whose events completed,
+    /// retry; (2) synchronise and release every idle segment, retry; (3) run
+    /// the OOM callbacks, retry; (4) fail with `CUDALLOC_ERR_OUT_OF_MEMORY`,
+    /// count `num_ooms` and log a diagnosis.
+    #[inline]
+    pub fn malloc(&self, size: u64, device: usize, stream: Stream) -> Result<u64> {
+        if size == 0 {
+            return Ok(0);
+        }
+        let dev = self.device(device)?;
+        let Some(rounded) = round_size(size) else {
+            return Err(self.oom(dev, size, "the size overflows"));
+        };
+        let arena = dev.arena(self.id, stream);
+        {
+            let mut a = arena.inner.lock();
+            if !a.pending.is_empty() {
+                a.process_pending(&dev.core, false);
+            }
+            if let Some(p) = a.try_alloc(rounded, size, &self.policy, &dev.core) {
+                a.counters.cache_hits += 1;
+                return Ok(p);
+            }
+        }
+        self.malloc_slow(dev, arena, rounded, size)
+    }
+
+    #[cold]
+    fn malloc_slow(&self, dev: &Device, arena: &Arena, rounded: u64, size: u64) -> Result<u64> {
+        let pool = self.policy.pool(rounded);
+        let Some(seg_size) = self.policy.segment_size(rounded) else {
+            return Err(self.oom(dev, size, "the size overflows"));
+        };
+        if seg_size > dev.limit() || seg_size > dev.total() {
+            // No amount of flushing can help: fail without dropping the cache.
+            return Err(self.oom(
+                dev,
+                size,
+                "the request is larger than the device or its limit",
+            ));
+        }
+        let mut slow = dev.slow.lock();
+        match self.try_serve(dev, arena, pool, seg_size, rounded, size) {
+            Ok(p) => return Ok(p),
+            Err(e) if e.code != ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY => return Err(e),
+            Err(_) => {}
+        }
+        dev.core.counters.alloc_retries.inc();
+        for mode in [Release::Completed, Release::All] {
+            let freed = dev.release_idle(mode);
+            tracing::debug!(
+                device = dev.core.index,
+                ?mode,
+                freed,
+                "OOM ladder: released idle segments"
+            );
+            if let Ok(p) = self.try_serve(dev, arena, pool, seg_size, rounded, size) {
+                return Ok(p);
+            }
+        }
+        // Callbacks may free memory (and so take arena locks): run them unlocked.
+        drop(slow);
+        for cb in self.oom_callbacks.read().iter() {
+            cb(dev.core.index, size);
+        }
+        slow = dev.slow.lock();
+        dev.release_idle(Release::All);
+        let last = self.try_serve(dev, arena, pool, seg_size, rounded, size);
+        drop(slow);
+        last.map_err(|e| {
+            if e.code == ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY {
+                self.oom(dev, size, &e.message)
+            } else {
+                e
+            }
+        })
+    }
+
+    /// Own arena, then adoption, then the driver. Call with `slow` held.
+    fn try_serve(
+        &self,
+        dev: &Device,
+        arena: &Arena,
+        pool: Pool,
+        seg_size: u64,
+        rounded: u64,
+        size: u64,
+    ) -> Result<u64> {
+        {
+            let mut a = arena.inner.lock();
+            if let Some(p) = a.try_alloc(rounded, size, &self.policy, &dev.core) {
+                a.counters.cache_hits += 1;
+                return Ok(p);
+            }
+        }
+        if let Some(s) = dev.adopt(arena, pool, rounded) {
+            let mut a = arena.inner.lock();
+            a.counters.cache_hits += 1;
+            return Ok(a.alloc_from_segment(s, rounded, size, &self.policy, &dev.core));
+        }
+        let reserved = dev.core.counters.reserved.current();
+        if reserved.saturating_add(seg_size) > dev.limit() {
+            return Err(Error::new(
+                ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY,
+                format!(
+                    "a new {seg_size}-byte segment would pass the limit of {} bytes",
+                    dev.limit()
+                ),
+            ));
+        }
+        let base = self.driver.mem_alloc(dev.core.index, seg_size)?;
+        dev.core.counters.reserved.add(seg_size);
+        dev.core.counters.driver_allocs.inc();
+        let mut a = arena.inner.lock();
+        let s = a.attach(Detached {
+            base,
+            size: seg_size,
+            pool,
+        });
+        Ok(a.alloc_from_segment(s, rounded, size, &self.policy, &dev.core))
+    }
+
+    /// Count an OOM, log the diagnosis, and make the error carrying it.
+    #[cold]
+    fn oom(&self, dev: &Device, size: u64, why: &str) -> Error {
+        dev.core.counters.ooms.inc();
+        let diag = self.diagnose(dev.core.index, size, why);
+        tracing::error!("{diag}");
+        Error::new(ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY, diag)
+    }
+
+    /// A one-screen explanation of an allocation failure on `device`.
+    pub fn diagnose(&self, device: usize, size: u64, why: &str) -> String {
+        use crate::config::format_size as fs;
+        use std::fmt::Write as _;
+        let Ok(st) = self.stats(device) else {
+            return format!("cudalloc: out of memory on device {device}");
+        };
+        let dev = &self.devices[device];
+        let mut s = String::new();
+        let _ = writeln!(s, "cudalloc: out of memory on device {device}: could not allocate {} ({size} bytes): {why}", fs(size));
+        let _ = writeln!(
+            s,
+            "  live {} in {} allocations; reserved {} in {} segments; cached free {}; pending {}",
+            fs(st.allocated_bytes),
+            st.active_allocations,
+            fs(st.reserved_bytes),
+            st.segments,
+            fs(st.cached_free_bytes),
+            fs(st.pending_free_bytes)
+        );
+        let frag = if st.cached_free_bytes == 0 {
+            0.0
+        } else {
+            1.0 - st.largest_free_block as f64 / st.cached_free_bytes as f64
+        };
+        let _ = writeln!(
+            s,
+            "  largest free block {}; fragmentation of the free cache {:.0}%",
+            fs(st.largest_free_block),
+            frag * 100.0
+        );
+        let limit = dev.limit();
+        let dinfo = match self.driver.mem_info(device) {
+            Ok((free, total)) => format!("device free {} of {}", fs(free), fs(total)),
+            Err(e) => format!("device memory unknown ({e})"),
+        };
+        let lim = if limit == u64::MAX {
+            "none".to_string()
+        } else {
+            fs(limit)
+        };
+        let _ = writeln!(s, "  limit {lim}; {dinfo}; OOMs so far {}", st.num_ooms);
+        let mut live = self.live_allocations(Some(device));
+        live.sort_by(|a, b| b.size.cmp(&a.size));
+        if !live.is_empty() {
+            let _ = writeln!(s, "  largest live allocations:");
+            for l in live.iter().take(5) {
+                let _ = writeln!(
+                    s,
+                    "    {:#x} {} stream {:#x} thread {} seq {}",
+                    l.ptr,
+                    fs(l.size),
+                    l.stream,
+                    l.thread,
+                    l.seq
+                );
+            }
+        }
+        let _ = write!(s, "  hint: free tensors you no longer need, lower the batch size, or set max_memory/memory_fraction");
+        s
+    }
+
+    /// Free `ptr`. `device` and `stream` are hints for where to look first;
+    /// the live table decides. Freeing NULL is a no-op. An unknown or
+    /// double free changes nothing but `num_invalid_frees`.
+    #[inline]
+    pub fn free(&self, ptr: u64, device: Option<usize>, stream: Stream) -> Result<()> {
+        if ptr == 0 {
+            return Ok(());
+        }
+        if let Some(dev) = device.and_then(|d| self.devices.get(d)) {
+            if let Some(a) = dev.find_arena(self.id, stream) {
+                if a.inner.lock().free(ptr, &dev.core).is_some() {
+                    return Ok(());
+                }
+            }
+        }
+        self.free_search(ptr, device, stream)
+    }
+
+    #[cold]
+    fn free_search(&self, ptr: u64, device: Option<usize>, stream: Stream) -> Result<()> {
+        for dev in &self.devices {
+            for a in dev.arena_list() {
+                if a.inner.lock().free(ptr, &dev.core).is_some() {
+                    return Ok(());
+                }
+            }
+        }
+        let n = match device.and_then(|d| self.devices.get(d)) {
+            Some(dev) => {
+                dev.core.counters.invalid_frees.inc();
+                dev.core.counters.invalid_frees.get()
+            }
+            None => self.stray_invalid_frees.fetch_add(1, Ordering::Relaxed) + 1,
+        };
+        if n <= 10 || n.is_power_of_two() {
+            tracing::warn!("invalid free of {ptr:#x} (device {device:?}, stream {stream:#x}): not a live cudalloc allocation; {n} so far");
+        }
+        Err(Error::new(
+            ErrorCode::CUDALLOC_ERR_INVALID_FREE,
+            format!("free of {ptr:#x}: not a live cudalloc allocation (unknown or double free)"),
+        ))
+    }
+
+    /// Make the free of `ptr` also wait for work enqueued on `stream` up to the free.
+    pub fn record_stream(&self, ptr: u64, stream: Stream) -> Result<()> {
+        for dev in &self.devices {
+            for a in dev.arena_list() {
+                let mut inner = a.inner.lock();
+                if let Some(rec) = inner.live.get_mut(&ptr) {
+                    if stream != a.stream && !rec.streams.contains(&stream) {
+                        rec.streams.push(stream);
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        Err(Error::new(
+            ErrorCode::CUDALLOC_ERR_UNKNOWN_POINTER,
+            format!("record_stream of {ptr:#x}: not a live cudalloc allocation"),
+        ))
+    }
+
+    /// Release every idle cached segment on every device to the driver.
+    /// Returns the bytes released.
+    pub fn empty_cache(&self) -> u64 {
+        self.devices
+            .iter()
+            .map(|dev| {
+                let _slow = dev.slow.lock();
+                dev.release_idle(Release::All)
+            })
+            .sum()
+    }
+
+    /// Release the idle cached segments of one device.
+    pub fn empty_cache_device(&self, device: usize) -> Result<u64> {
+        let dev = self.device(device)?;
+        let _slow = dev.slow.lock();
+        Ok(dev.release_idle(Release::All))
+    }
+
+    /// A statistics snapshot of `device`.
+    pub fn stats(&self, device: usize) -> Result<cudalloc_stats> {
+        let dev = self.device(device)?;
+        let c = &dev.core.counters;
+        let mut s = cudalloc_stats {
+            allocated_bytes: c.allocated.current(),
+            allocated_bytes_peak: c.allocated.peak(),
+            reserved_bytes: c.reserved.current(),
+            reserved_bytes_peak: c.reserved.peak(),
+            num_driver_allocs: c.driver_allocs.get(),
+            num_driver_frees: c.driver_frees.get(),
+            num_ooms: c.ooms.get(),
+            num_alloc_retries: c.alloc_retries.get(),
+            num_invalid_frees: c.invalid_frees.get(),
+            num_segments_adopted: c.adopted.get(),
+            limit_bytes: match dev.limit() {
+                u64::MAX => 0,
+                l => l,
+            },
+            ..Default::default()
+        };
+        for a in dev.arena_list() {
+            let inner = a.inner.lock();
+            s.num_allocs += inner.counters.allocs;
+            s.num_frees += inner.counters.frees;
+            s.num_cache_hits += inner.counters.cache_hits;
+            s.requested_bytes += inner.counters.requested;
+            s.active_allocations += inner.counters.live;
+            s.segments += inner.segment_count();
+            s.cached_free_bytes += inner.free_bytes();
+            s.pending_free_bytes += inner.pending_bytes();
+            s.largest_free_block = s
+                .largest_free_block
+                .max(inner.index[0].largest(&inner.blocks))
+                .max(inner.index[1].largest(&inner.blocks));
+        }
+        Ok(s)
+    }
+
+    /// Reset the peaks of `device` to the current values.
+    pub fn reset_peak(&self, device: usize) -> Result<()> {
+        let dev = self.device(device)?;
+        dev.core.counters.allocated.reset_peak();
+        dev.core.counters.reserved.reset_peak();
+        Ok(())
+    }
+
+    /// Set the per-device fraction of total memory cudalloc may reserve
+    /// (torch's `set_per_process_memory_fraction`).
+    pub fn set_memory_fraction(&self, fraction: f64, device: usize) -> Result<()> {
+        let dev = self.device(device)?;
+        if !(fraction > 0.0 && fraction <= 1.0) {
+            return Err(Error::new(
+                ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT,
+                format!("memory fraction {fraction} is not in (0, 1]"),
+            ));
+        }
+        dev.fraction_bits
+            .store(fraction.to_bits(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Register a callback for step 3 of the OOM ladder.
+    pub fn register_oom_callback(&self, cb: OomCallback) {
+        self.oom_callbacks.write().push(cb);
+    }
+
+    /// Every live allocation, of one device or all.
+    pub fn live_allocations(&self, device: Option<usize>) -> Vec<LiveInfo> {
+        let mut out = Vec::new();
+        for dev in self
+            .devices
+            .iter()
+            .filter(|d| device.is_none_or(|x| x == d.core.index))
+        {
+            for a in dev.arena_list() {
+                a.inner
+                    .lock()
+                    .live_infos(dev.core.index, a.stream, &mut out);
+            }
+        }
+        out
+    }
+
+    /// The true (rounded) size of a live allocation.
+    pub fn size_of(&self, ptr: u64) -> Option<u64> {
+        self.live_allocations(None)
+            .into_iter()
+            .find(|l| l.ptr == ptr)
+            .map(|l| l.size)
+    }
+
+    /// Walk every structure and check the invariants of DESIGN.md. Exact when
+    /// no other thread is allocating or freeing meanwhile.
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        for dev in &self.devices {
+            let _slow = dev.slow.lock();
+            let mut ranges = Vec::new();
+            let (mut seg_bytes, mut free, mut pending, mut live_bytes) = (0u64, 0u64, 0u64, 0u64);
+            for a in dev.arena_list() {
+                let inner = a.inner.lock();
+                let r = inner.check().map_err(|e| {
+                    format!("device {} stream {:#x}: {e}", dev.core.index, a.stream)
+                })?;
+                live_bytes += r.iter().map(|x| x.1).sum::<u64>();
+                ranges.extend(r);
+                seg_bytes += inner.segment_bytes();
+                free += inner.free_bytes();
+                pending += inner.pending_bytes();
+            }
+            ranges.sort_unstable();
+            for w in ranges.windows(2) {
+                if w[0].0 + w[0].1 > w[1].0 {
+                    return Err(format!(
+                        "device {}: live blocks {:#x} and {:#x} overlap",
+                        dev.core.index, w[0].0, w[1].0
+                    ));
+                }
+            }
+            let c = &dev.core.counters;
+            if seg_bytes != c.reserved.current() {
+                return Err(format!(
+                    "device {}: segments hold {seg_bytes} bytes, reserved says {}",
+                    dev.core.index,
+                    c.reserved.current()
+                ));
+            }
+            if live_bytes != c.allocated.current() {
+                return Err(format!(
+                    "device {}: live blocks hold {live_bytes} bytes, allocated says {}",
+                    dev.core.index,
+                    c.allocated.current()
+                ));
+            }
+            if seg_bytes != live_bytes + free + pending {
+                return Err(format!(
+                    "device {}: reserved {seg_bytes} != live {live_bytes} + free {free} + pending {pending}",
+                    dev.core.index
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::sim::SimDriver;
+
+    fn sim(conf: &str) -> (Allocator, Arc<SimDriver>) {
+        let c = Config::parse(conf).unwrap();
+        let d = Arc::new(SimDriver::new(c.sim_devices, c.sim_memory));
+        (Allocator::new(c, d.clone()), d)
+    }
+
+    #[test]
+    fn reuse_split_and_coalesce() {
+        let (a, d) = sim("sim_memory:1GiB");
+        let p1 = a.malloc(1000, 0, 0).unwrap();
+        let p2 = a.malloc(1000, 0, 0).unwrap();
+        assert_eq!(p2, p1 + 1024, "split from the same small segment");
+        assert_eq!(d.counters().mem_allocs, 1);
+        a.free(p1, Some(0), 0).unwrap();
+        a.free(p2, Some(0), 0).unwrap();
+        a.check_invariants().unwrap();
+        let st = a.stats(0).unwrap();
+        assert_eq!(
+            (st.allocated_bytes, st.reserved_bytes, st.segments),
+            (0, 2 << 20, 1)
+        );
+        assert_eq!(
+            st.largest_free_block,
+            2 << 20,
+            "coalesced back to one block"
+        );
+        let p3 = a.malloc(2 << 20, 0, 0).unwrap();
+        assert_eq!(
+            d.counters().mem_allocs,
+            2,
+            "2 MiB is a large request: new 20 MiB segment"
+        );
+        a.free(p3, None, 99).unwrap();
+        a.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn invalid_frees_change_nothing() {
+        let (a, _) = sim("sim_memory:1GiB");
+        let p = a.malloc(4096, 0, 0).unwrap();
+        let before = a.stats(0).unwrap();
+        assert_eq!(
+            a.free(p + 512, Some(0), 0).unwrap_err().code,
+            ErrorCode::CUDALLOC_ERR_INVALID_FREE
+        );
+        let after = a.stats(0).unwrap();
+        assert_eq!(after.num_invalid_frees, 1);
+        assert_eq!(after.allocated_bytes, before.allocated_bytes);
+        a.free(p, Some(0), 0).unwrap();
+        assert!(a.free(p, Some(0), 0).is_err(), "double free");
+        assert_eq!(a.stats(0).unwrap().num_invalid_frees, 2);
+        a.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn other_stream_waits_for_the_event() {
+        let (a, d) = sim("sim_memory:64MiB,sim_events:manual");
+        d.set_manual_events(true);
+        let p = a.malloc(40 << 20, 0, 1).unwrap();
+        a.free(p, Some(0), 1).unwrap();
+        // Stream 2 cannot take the segment before stream 1's work is done, and
+        // there is no room for a second one: the ladder synchronises.
+        let before = d.counters().stream_syncs;
+        let q = a.malloc(40 << 20, 0, 2).unwrap();
+        assert!(
+            d.counters().stream_syncs > before,
+            "had to wait for stream 1"
+        );
+        a.free(q, Some(0), 2).unwrap();
+        // Now with room to spare: stream 3 is refused the idle segment while
+        // its event is pending and gets a new one.
+        let (a, d) = sim("sim_memory:1GiB");
+        d.set_manual_events(true);
+        let p = a.malloc(40 << 20, 0, 1).unwrap();
+        a.free(p, Some(0), 1).unwrap();
+        let q = a.malloc(40 << 20, 0, 3).unwrap();
+        assert_ne!(p, q);
+        assert_eq!(a.stats(0).unwrap().num_segments_adopted, 0);
+        d.complete_stream(0, 1);
+        a.free(q, Some(0), 3).unwrap();
+        let r = a.malloc(40 << 20, 0, 4).unwrap();
+        assert!(r == p || r == q);
+        assert_eq!(a.stats(0).unwrap().num_segments_adopted, 1);
+        a.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn record_stream_delays_reuse() {
+        let (a, d) = sim("sim_memory:1GiB");
+        d.set_manual_events(true);
+        let p = a.malloc(4096, 0, 1).unwrap();
+        a.record_stream(p, 2).unwrap();
+        a.free(p, Some(0), 1).unwrap();
+        let q = a.malloc(4096, 0, 1).unwrap();
+        assert_ne!(p, q, "block still in use by stream 2");
+        assert_eq!(a.stats(0).unwrap().pending_free_bytes, 4096);
+        a.check_invariants().unwrap();
+        d.complete_stream(0, 2);
+        let r = a.malloc(4096, 0, 1).unwrap();
+        assert_eq!(r, p, "reused once stream 2's work completed");
+        assert_eq!(
+            a.record_stream(0xdead, 2).unwrap_err().code,
+            ErrorCode::CUDALLOC_ERR_UNKNOWN_POINTER
+        );
+        a.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn limits_and_oom_ladder() {
+        let (a, _) = sim("sim_memory:1GiB,max_memory:100MiB");
+        let p = a.malloc(60 << 20, 0, 0).unwrap();
+        let e = a.malloc(60 << 20, 0, 0).unwrap_err();
+        assert_eq!(e.code, ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY);
+        assert!(e.message.contains("largest live allocations"), "{e}");
+        a.free(p, Some(0), 0).unwrap();
+        let q = a.malloc(80 << 20, 0, 0).unwrap();
+        let st = a.stats(0).unwrap();
+        assert_eq!(st.num_ooms, 1);
+        assert!(st.num_alloc_retries >= 1);
+        assert_eq!(
+            st.reserved_bytes,
+            80 << 20,
+            "the idle 60 MiB segment was flushed"
+        );
+        a.free(q, Some(0), 0).unwrap();
+        a.set_memory_fraction(0.05, 0).unwrap();
+        let r = a.malloc(80 << 20, 0, 0).unwrap();
+        assert_eq!(
+            r, q,
+            "a lowered limit caps growth; what is cached stays usable"
+        );
+        a.free(r, Some(0), 0).unwrap();
+        assert_eq!(a.empty_cache(), 80 << 20);
+        assert!(a.malloc(80 << 20, 0, 0).is_err());
+        assert_eq!(a.stats(0).unwrap().limit_bytes, (1u64 << 30) / 20);
+        assert!(a.set_memory_fraction(0.0, 0).is_err());
+        a.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn oom_callbacks_run_and_can_free() {
+        let (a, _) = sim("sim_memory:64MiB");
+        let a = Arc::new(a);
+        let hog = a.malloc(50 << 20, 0, 0).unwrap();
+        let a2 = Arc::downgrade(&a);
+        a.register_oom_callback(Box::new(move |_, _| {
+            if let Some(a) = a2.upgrade() {
+                let _ = a.free(hog, Some(0), 0);
+            }
+        }));
+        let p = a.malloc(50 << 20, 0, 0).unwrap();
+        assert_ne!(p, 0);
+        a.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn bad_device_and_sizes() {
+        let (a, _) = sim("sim_devices:2,sim_memory:1GiB");
+        assert_eq!(
+            a.malloc(1, 2, 0).unwrap_err().code,
+            ErrorCode::CUDALLOC_ERR_INVALID_DEVICE
+        );
+        assert_eq!(a.malloc(0, 0, 0).unwrap(), 0);
+        assert_eq!(
+            a.malloc(u64::MAX, 0, 0).unwrap_err().code,
+            ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY
+        );
+        assert_eq!(
+            a.malloc(1 << 50, 1, 0).unwrap_err().code,
+            ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY
+        );
+        assert!(a.malloc(1 << 20, 1, 0).is_ok());
+        a.check_invariants().unwrap();
+    }
+}

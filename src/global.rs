@@ -1,0 +1,122 @@
+//! The process-wide allocator behind the C ABI.
+//!
+//! It is created on first use from `CUDALLOC_CONF`, or explicitly by
+//! `cudalloc_init`. A bad configuration in the environment is remembered and
+//! reported by every call (and logged once), but an explicit init with a good
+//! string still succeeds. At process exit (an `atexit` hook) the allocator
+//! stops calling the driver: frees are ignored quietly.
+
+use crate::config::{Backend, Config, CONF_ENV};
+use crate::driver::sim::SimDriver;
+use crate::driver::Driver;
+use crate::engine::Allocator;
+use crate::error::{Error, ErrorCode, Result};
+use once_cell::sync::OnceCell;
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+static GLOBAL: OnceCell<Allocator> = OnceCell::new();
+static ENV_ERROR: OnceCell<Error> = OnceCell::new();
+static INIT_LOCK: Mutex<()> = Mutex::new(());
+static EXITING: AtomicBool = AtomicBool::new(false);
+
+/// Whether the process is exiting (after which the driver is not called).
+#[inline]
+pub fn exiting() -> bool {
+    EXITING.load(Ordering::Relaxed)
+}
+
+extern "C" fn on_exit() {
+    EXITING.store(true, Ordering::SeqCst);
+}
+
+/// Install the `tracing` subscriber (filtered by `CUDALLOC_LOG`, default
+/// `warn`, to stderr) unless the host already has one.
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("CUDALLOC_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Build the driver the configuration asks for.
+pub fn make_driver(config: &Config) -> Result<Arc<dyn Driver>> {
+    let sim = || -> Arc<dyn Driver> {
+        let d = SimDriver::new(config.sim_devices, config.sim_memory);
+        d.set_manual_events(config.sim_events == crate::config::SimEvents::Manual);
+        d.fail_alloc_at(config.sim_fail_alloc);
+        Arc::new(d)
+    };
+    match config.backend {
+        Backend::Sim => Ok(sim()),
+        Backend::Cuda => Err(Error::new(
+            ErrorCode::CUDALLOC_ERR_DRIVER_NOT_FOUND,
+            "backend:cuda is not available in this build yet (the CUDA backend is issue B)",
+        )),
+        Backend::Auto => {
+            tracing::warn!("no CUDA backend available; using the simulated device (backend:sim)");
+            Ok(sim())
+        }
+    }
+}
+
+fn create(config: Config) -> Result<Allocator> {
+    init_logging();
+    let driver = make_driver(&config)?;
+    // SAFETY: `on_exit` is an `extern "C" fn()` that only stores to an atomic.
+    unsafe { libc::atexit(on_exit) };
+    Ok(Allocator::new(config, driver))
+}
+
+/// The allocator, created from `CUDALLOC_CONF` on first use.
+#[inline]
+pub fn get() -> Result<&'static Allocator> {
+    if let Some(a) = GLOBAL.get() {
+        return Ok(a);
+    }
+    get_slow()
+}
+
+#[cold]
+fn get_slow() -> Result<&'static Allocator> {
+    if let Some(e) = ENV_ERROR.get() {
+        return Err(e.clone());
+    }
+    let _g = INIT_LOCK.lock();
+    if let Some(a) = GLOBAL.get() {
+        return Ok(a);
+    }
+    match Config::from_env().and_then(create) {
+        Ok(a) => Ok(GLOBAL.get_or_init(|| a)),
+        Err(e) => {
+            init_logging();
+            tracing::error!("cudalloc disabled: {e}");
+            Err(ENV_ERROR.get_or_init(|| e).clone())
+        }
+    }
+}
+
+/// Initialise with `conf` (or `CUDALLOC_CONF` when `None`). Calling it again
+/// with the configuration in force is fine; with another one it is an error.
+pub fn init(conf: Option<&str>) -> Result<&'static Allocator> {
+    let config = match conf {
+        Some(s) => Config::parse(s)?,
+        None => Config::from_env()?,
+    };
+    let _g = INIT_LOCK.lock();
+    if let Some(a) = GLOBAL.get() {
+        if *a.config() == config {
+            return Ok(a);
+        }
+        return Err(Error::new(
+            ErrorCode::CUDALLOC_ERR_ALREADY_INITIALIZED,
+            format!("cudalloc is already initialised with another configuration; set {CONF_ENV} before the first allocation"),
+        ));
+    }
+    let a = create(config)?;
+    Ok(GLOBAL.get_or_init(|| a))
+}

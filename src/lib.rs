@@ -1,0 +1,46 @@
+//! # cudalloc
+//!
+//! A drop-in CUDA device-memory caching allocator, shipped as one shared
+//! library (`libcudalloc.so`) with a C header (`include/cudalloc.h`).
+//! PyTorch loads it through `CUDAPluggableAllocator`; C/C++ programs link it;
+//! `CUDALLOC_CONF` configures it. See `README.md` for use and
+//! `../shared/DESIGN.md` for the design brief.
+//!
+//! ## The layers (data flows down once)
+//! ```text
+//! ffi        extern "C" exports, panic boundary, NULL rules, error codes,    ffi/, global.rs
+//!            thread-local last error, the process-wide allocator, exit guard
+//! config     one options table; CUDALLOC_CONF parsing; effective-config print config.rs
+//! engine     per device: stream arenas -> segments -> blocks (TLSF free index) engine/
+//!            stream-ordered reuse; adoption of idle segments; OOM ladder;
+//!            limits; empty_cache; check_invariants()
+//!   size_class  pure size -> granule, pool, segment, bin functions           size_class.rs
+//! tracking   live-allocation records (validate frees, true sizes)            tracking.rs
+//! stats      cudalloc_stats snapshot; device gauges and counters             stats.rs
+//! driver     trait Driver, the one narrow interface to a device              driver/
+//!              sim: simulated device (capacity, fake addresses, manual
+//!                   events, fault injection)
+//! error      Error and the C result codes (base 42000)                       error.rs
+//! bench      the `cudalloc bench` workloads                                  bench.rs
+//! ```
+//! Nothing above `driver` names CUDA; nothing below `ffi` knows about C.
+//!
+//! ## Where to start
+//! [`engine::Allocator`] is the whole allocator as a Rust value: tests and
+//! benchmarks build one over a [`driver::sim::SimDriver`]. The C ABI in
+//! [`ffi`] wraps one process-wide instance ([`global`]).
+
+pub mod bench;
+pub mod config;
+pub mod driver;
+pub mod engine;
+pub mod error;
+pub mod ffi;
+pub mod global;
+pub mod size_class;
+pub mod stats;
+pub mod tracking;
+
+pub use config::Config;
+pub use engine::Allocator;
+pub use error::{Error, ErrorCode, Result};
