@@ -58,7 +58,12 @@ pub fn make_driver(config: &Config) -> Result<Arc<dyn Driver>> {
             "backend:cuda is not available in this build yet (the CUDA backend is issue B)",
         )),
         Backend::Auto => {
-            tracing::warn!("no CUDA backend available; using the simulated device (backend:sim)");
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "no CUDA backend available; using the simulated device (backend:sim)"
+                )
+            });
             Ok(sim())
         }
     }

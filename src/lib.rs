@@ -32,6 +32,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod conformance;
 pub mod driver;
 pub mod engine;
 pub mod error;

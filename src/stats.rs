@@ -1,11 +1,13 @@
 //! Statistics: the [`cudalloc_stats`] snapshot the C ABI fills in, and the
 //! device-wide counters the engine keeps.
 //!
-//! Counters that change only on slow paths (driver calls, OOMs, invalid frees)
-//! and the byte gauges live in per-device atomics. Counters that change on every
-//! call (allocations, frees, cache hits) live inside each stream arena, under
-//! the lock the arena already holds, and are summed when stats are read: two
-//! threads on two streams never write the same cache line for them.
+//! Counters that change only on slow paths (driver calls, OOMs, invalid frees,
+//! reserved bytes) live in per-device atomics. Counters that change on every
+//! call (allocations, frees, cache hits, allocated bytes) live in each stream
+//! arena, under the lock the arena already holds, and are summed when stats
+//! are read: two threads on two streams never write the same cache line.
+//! The allocated-bytes peak stays exact through per-arena budgets
+//! ([`ArenaBytes`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -102,10 +104,25 @@ impl Counter {
     }
 }
 
+/// A stream arena's allocated bytes, published for the device-wide sum, and
+/// its share ("budget") of the device's allocated-bytes peak.
+///
+/// The budgets of a device's arenas add up to the device peak, so the sum of
+/// the arenas' bytes can pass the peak only when some arena passes its budget:
+/// only then does that arena take the device's peak lock and sum the arenas.
+/// In the steady state no call writes anything another thread reads, and the
+/// peak is exact whenever calls are sequential. Only the owning arena writes
+/// `current`, under its own lock.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct ArenaBytes {
+    pub current: AtomicU64,
+    pub budget: AtomicU64,
+}
+
 /// Device-wide counters.
 #[derive(Debug, Default)]
 pub struct DeviceCounters {
-    pub allocated: Gauge,
     pub reserved: Gauge,
     pub driver_allocs: Counter,
     pub driver_frees: Counter,

@@ -102,4 +102,15 @@ pub trait Driver: Send + Sync {
     fn stream_is_capturing(&self, _device: usize, _stream: Stream) -> DriverResult<bool> {
         Ok(false)
     }
+    /// Create a stream (for self-tests and benchmarks; the engine never does).
+    fn stream_create(&self, _device: usize) -> DriverResult<Stream> {
+        Err(DriverError::Other {
+            code: 801,
+            message: "stream creation not supported by this driver".into(),
+        })
+    }
+    /// Destroy a stream made by [`Driver::stream_create`].
+    fn stream_destroy(&self, _device: usize, _stream: Stream) -> DriverResult<()> {
+        Ok(())
+    }
 }

@@ -365,6 +365,11 @@ impl Driver for SimDriver {
         self.check(device)?;
         Ok(self.capturing.lock().contains(&stream))
     }
+
+    fn stream_create(&self, device: usize) -> DriverResult<Stream> {
+        self.check(device)?;
+        Ok(0x5000_0000 + self.next_event.fetch_add(1, Ordering::Relaxed))
+    }
 }
 
 fn bad_event(event: Event) -> DriverError {

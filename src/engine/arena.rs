@@ -13,7 +13,7 @@ use super::tlsf::{Block, BlockState, Blocks, FreeIndex, NIL};
 use super::DeviceCore;
 use crate::driver::{Event, Stream};
 use crate::size_class::{Policy, Pool};
-use crate::stats::ArenaCounters;
+use crate::stats::{ArenaBytes, ArenaCounters};
 use crate::tracking::{now_ms, thread_id, LiveInfo, LiveRecord};
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
@@ -65,6 +65,8 @@ pub(crate) struct ArenaInner {
 pub struct Arena {
     pub stream: Stream,
     pub(crate) inner: Mutex<ArenaInner>,
+    /// Allocated bytes and peak budget; written only under `inner`'s lock.
+    pub(crate) bytes: ArenaBytes,
 }
 
 impl Arena {
@@ -72,6 +74,7 @@ impl Arena {
         Arena {
             stream,
             inner: Mutex::new(ArenaInner::default()),
+            bytes: ArenaBytes::default(),
         }
     }
 }
@@ -93,7 +96,7 @@ impl ArenaInner {
         requested: u64,
         policy: &Policy,
         dev: &DeviceCore,
-    ) -> Option<u64> {
+    ) -> Option<(u64, u64)> {
         let pool = policy.pool(rounded);
         let i = self.index[pool as usize].find(&self.blocks, rounded)?;
         Some(self.take_block(i, rounded, requested, pool, policy, dev))
@@ -109,7 +112,7 @@ impl ArenaInner {
         pool: Pool,
         policy: &Policy,
         dev: &DeviceCore,
-    ) -> u64 {
+    ) -> (u64, u64) {
         self.index[pool as usize].remove(&mut self.blocks, i);
         let b = *self.blocks.get(i);
         if policy.should_split(pool, b.size, rounded) {
@@ -149,8 +152,7 @@ impl ArenaInner {
         self.counters.allocs += 1;
         self.counters.live += 1;
         self.counters.requested += requested;
-        dev.counters.allocated.add(size);
-        addr
+        (addr, size)
     }
 
     fn seg_used_inc(&mut self, s: u32, dev: &DeviceCore) {
@@ -223,7 +225,7 @@ impl ArenaInner {
         requested: u64,
         policy: &Policy,
         dev: &DeviceCore,
-    ) -> u64 {
+    ) -> (u64, u64) {
         let seg = *self.seg(s);
         self.take_block(seg.first, rounded, requested, seg.pool, policy, dev)
     }
@@ -266,14 +268,14 @@ impl ArenaInner {
         matches!(dev.driver.event_query(dev.index, ev), Ok(true))
     }
 
-    /// Free `ptr` if this arena holds it live. `None` when it does not.
-    pub fn free(&mut self, ptr: u64, dev: &DeviceCore) -> Option<()> {
+    /// Free `ptr` if this arena holds it live, returning the block's size.
+    /// `None` when it does not.
+    pub fn free(&mut self, ptr: u64, dev: &DeviceCore) -> Option<u64> {
         let rec = self.live.remove(&ptr)?;
         let size = self.blocks.get(rec.block).size;
         self.counters.frees += 1;
         self.counters.live -= 1;
         self.counters.requested -= rec.requested;
-        dev.counters.allocated.sub(size);
         if rec.streams.is_empty() {
             self.release_block(rec.block);
         } else {
@@ -297,7 +299,7 @@ impl ArenaInner {
                 events,
             });
         }
-        Some(())
+        Some(size)
     }
 
     /// Release pending frees whose events have completed (all of them when `wait`).

@@ -73,6 +73,8 @@ struct Device {
     max_memory: u64,
     fraction_bits: AtomicU64,
     total: OnceCell<u64>,
+    /// Peak of allocated bytes (see `stats::ArenaBytes`).
+    peak: Mutex<u64>,
 }
 
 impl Device {
@@ -109,6 +111,74 @@ impl Device {
         drop(map);
         remember_arena(alloc_id, self.core.index, stream, a);
         Some(a)
+    }
+
+    /// Account `size` allocated bytes to `arena`. Call under the arena's lock.
+    #[inline]
+    fn note_alloc(&self, arena: &Arena, size: u64) {
+        let now = arena.bytes.current.load(Ordering::Relaxed) + size;
+        arena.bytes.current.store(now, Ordering::Relaxed);
+        if now > arena.bytes.budget.load(Ordering::Relaxed) {
+            self.peak_check(arena);
+        }
+    }
+
+    /// Account `size` freed bytes to `arena`. Call under the arena's lock.
+    #[inline]
+    fn note_free(&self, arena: &Arena, size: u64) {
+        let now = arena.bytes.current.load(Ordering::Relaxed) - size;
+        arena.bytes.current.store(now, Ordering::Relaxed);
+    }
+
+    /// `arena` passed its budget: sum the arenas, raise the peak if passed,
+    /// and share the peak out again, the slack going to `arena`.
+    #[cold]
+    fn peak_check(&self, me: &Arena) {
+        let mut peak = self.peak.lock();
+        let arenas = self.arenas.read();
+        let total: u64 = arenas
+            .values()
+            .map(|a| a.bytes.current.load(Ordering::Relaxed))
+            .sum();
+        *peak = (*peak).max(total);
+        let mine = me.bytes.current.load(Ordering::Relaxed);
+        for a in arenas.values() {
+            if !std::ptr::eq(Arc::as_ptr(a), me) {
+                a.bytes
+                    .budget
+                    .store(a.bytes.current.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
+        me.bytes
+            .budget
+            .store(*peak - (total - mine), Ordering::Relaxed);
+    }
+
+    /// Allocated bytes now: the sum over the arenas.
+    fn allocated(&self) -> u64 {
+        self.arenas
+            .read()
+            .values()
+            .map(|a| a.bytes.current.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    fn allocated_peak(&self) -> u64 {
+        (*self.peak.lock()).max(self.allocated())
+    }
+
+    fn reset_allocated_peak(&self) {
+        let mut peak = self.peak.lock();
+        let arenas = self.arenas.read();
+        for a in arenas.values() {
+            a.bytes
+                .budget
+                .store(a.bytes.current.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        *peak = arenas
+            .values()
+            .map(|a| a.bytes.current.load(Ordering::Relaxed))
+            .sum();
     }
 
     fn arena_list(&self) -> Vec<Arc<Arena>> {
@@ -274,6 +344,7 @@ impl Allocator {
                 max_memory: config.max_memory,
                 fraction_bits: AtomicU64::new(config.memory_fraction.to_bits()),
                 total: OnceCell::new(),
+                peak: Mutex::new(0),
             })
             .collect();
         Allocator {
@@ -329,8 +400,9 @@ impl Allocator {
             if !a.pending.is_empty() {
                 a.process_pending(&dev.core, false);
             }
-            if let Some(p) = a.try_alloc(rounded, size, &self.policy, &dev.core) {
+            if let Some((p, block)) = a.try_alloc(rounded, size, &self.policy, &dev.core) {
                 a.counters.cache_hits += 1;
+                dev.note_alloc(arena, block);
                 return Ok(p);
             }
         }
@@ -400,15 +472,18 @@ impl Allocator {
     ) -> Result<u64> {
         {
             let mut a = arena.inner.lock();
-            if let Some(p) = a.try_alloc(rounded, size, &self.policy, &dev.core) {
+            if let Some((p, block)) = a.try_alloc(rounded, size, &self.policy, &dev.core) {
                 a.counters.cache_hits += 1;
+                dev.note_alloc(arena, block);
                 return Ok(p);
             }
         }
         if let Some(s) = dev.adopt(arena, pool, rounded) {
             let mut a = arena.inner.lock();
             a.counters.cache_hits += 1;
-            return Ok(a.alloc_from_segment(s, rounded, size, &self.policy, &dev.core));
+            let (p, block) = a.alloc_from_segment(s, rounded, size, &self.policy, &dev.core);
+            dev.note_alloc(arena, block);
+            return Ok(p);
         }
         let reserved = dev.core.counters.reserved.current();
         if reserved.saturating_add(seg_size) > dev.limit() {
@@ -429,7 +504,9 @@ impl Allocator {
             size: seg_size,
             pool,
         });
-        Ok(a.alloc_from_segment(s, rounded, size, &self.policy, &dev.core))
+        let (p, block) = a.alloc_from_segment(s, rounded, size, &self.policy, &dev.core);
+        dev.note_alloc(arena, block);
+        Ok(p)
     }
 
     /// Count an OOM, log the diagnosis, and make the error carrying it.
@@ -484,7 +561,7 @@ impl Allocator {
         };
         let _ = writeln!(s, "  limit {lim}; {dinfo}; OOMs so far {}", st.num_ooms);
         let mut live = self.live_allocations(Some(device));
-        live.sort_by(|a, b| b.size.cmp(&a.size));
+        live.sort_by_key(|l| std::cmp::Reverse(l.size));
         if !live.is_empty() {
             let _ = writeln!(s, "  largest live allocations:");
             for l in live.iter().take(5) {
@@ -513,7 +590,9 @@ impl Allocator {
         }
         if let Some(dev) = device.and_then(|d| self.devices.get(d)) {
             if let Some(a) = dev.find_arena(self.id, stream) {
-                if a.inner.lock().free(ptr, &dev.core).is_some() {
+                let mut inner = a.inner.lock();
+                if let Some(block) = inner.free(ptr, &dev.core) {
+                    dev.note_free(a, block);
                     return Ok(());
                 }
             }
@@ -525,7 +604,9 @@ impl Allocator {
     fn free_search(&self, ptr: u64, device: Option<usize>, stream: Stream) -> Result<()> {
         for dev in &self.devices {
             for a in dev.arena_list() {
-                if a.inner.lock().free(ptr, &dev.core).is_some() {
+                let mut inner = a.inner.lock();
+                if let Some(block) = inner.free(ptr, &dev.core) {
+                    dev.note_free(&a, block);
                     return Ok(());
                 }
             }
@@ -589,8 +670,8 @@ impl Allocator {
         let dev = self.device(device)?;
         let c = &dev.core.counters;
         let mut s = cudalloc_stats {
-            allocated_bytes: c.allocated.current(),
-            allocated_bytes_peak: c.allocated.peak(),
+            allocated_bytes: dev.allocated(),
+            allocated_bytes_peak: dev.allocated_peak(),
             reserved_bytes: c.reserved.current(),
             reserved_bytes_peak: c.reserved.peak(),
             num_driver_allocs: c.driver_allocs.get(),
@@ -626,7 +707,7 @@ impl Allocator {
     /// Reset the peaks of `device` to the current values.
     pub fn reset_peak(&self, device: usize) -> Result<()> {
         let dev = self.device(device)?;
-        dev.core.counters.allocated.reset_peak();
+        dev.reset_allocated_peak();
         dev.core.counters.reserved.reset_peak();
         Ok(())
     }
@@ -711,11 +792,11 @@ impl Allocator {
                     c.reserved.current()
                 ));
             }
-            if live_bytes != c.allocated.current() {
+            if live_bytes != dev.allocated() {
                 return Err(format!(
                     "device {}: live blocks hold {live_bytes} bytes, allocated says {}",
                     dev.core.index,
-                    c.allocated.current()
+                    dev.allocated()
                 ));
             }
             if seg_bytes != live_bytes + free + pending {

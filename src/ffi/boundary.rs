@@ -96,7 +96,7 @@ pub fn last_message_ptr() -> *const libc::c_char {
             .map(|l| l.code.description().as_ptr() as *const libc::c_char)
             .unwrap_or(std::ptr::null()),
     })
-    .unwrap_or(b"\0".as_ptr() as *const libc::c_char)
+    .unwrap_or(c"".as_ptr())
 }
 
 /// Run an export's body, catching any panic.

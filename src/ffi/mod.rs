@@ -129,8 +129,11 @@ pub extern "C" fn cudalloc_empty_cache() {
 /// Fill `*out` with the statistics of `device`. Returns `CUDALLOC_OK` (0) or
 /// an error code (`CUDALLOC_ERR_INVALID_ARGUMENT` when `out` is NULL,
 /// `CUDALLOC_ERR_INVALID_DEVICE` for a bad index).
+///
+/// # Safety
+/// 1. `out` is NULL or points to writable memory for one `cudalloc_stats`.
 #[no_mangle]
-pub extern "C" fn cudalloc_get_stats(device: c_int, out: *mut cudalloc_stats) -> c_int {
+pub unsafe extern "C" fn cudalloc_get_stats(device: c_int, out: *mut cudalloc_stats) -> c_int {
     guard("cudalloc_get_stats", || {
         if out.is_null() {
             set_last(
@@ -198,8 +201,11 @@ pub extern "C" fn cudalloc_set_memory_fraction(fraction: f64, device: c_int) {
 /// `CUDALLOC_OK`, `CUDALLOC_ERR_CONFIG` (the message names the key and what
 /// it accepts), or `CUDALLOC_ERR_ALREADY_INITIALIZED` when another
 /// configuration is already in force. On error nothing changes.
+///
+/// # Safety
+/// 1. `conf` is NULL or points to a NUL-terminated string.
 #[no_mangle]
-pub extern "C" fn cudalloc_init(conf: *const c_char) -> c_int {
+pub unsafe extern "C" fn cudalloc_init(conf: *const c_char) -> c_int {
     guard("cudalloc_init", || {
         let conf = if conf.is_null() {
             None
