@@ -219,6 +219,9 @@ void cudalloc_empty_cache(void);
  * Fill `*out` with the statistics of `device`. Returns `CUDALLOC_OK` (0) or
  * an error code (`CUDALLOC_ERR_INVALID_ARGUMENT` when `out` is NULL,
  * `CUDALLOC_ERR_INVALID_DEVICE` for a bad index).
+ *
+ * # Safety
+ * 1. `out` is NULL or points to writable memory for one `cudalloc_stats`.
  */
 int cudalloc_get_stats(int device, cudalloc_stats *out);
 
@@ -241,6 +244,9 @@ void cudalloc_set_memory_fraction(double fraction, int device);
  * `CUDALLOC_OK`, `CUDALLOC_ERR_CONFIG` (the message names the key and what
  * it accepts), or `CUDALLOC_ERR_ALREADY_INITIALIZED` when another
  * configuration is already in force. On error nothing changes.
+ *
+ * # Safety
+ * 1. `conf` is NULL or points to a NUL-terminated string.
  */
 int cudalloc_init(const char *conf);
 

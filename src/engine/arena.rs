@@ -8,6 +8,15 @@
 //! the driver. Both of those first record an event on this arena's stream and
 //! wait for it (lazily, only when someone asks), so a block is never handed to
 //! another stream before its free is proven complete.
+//!
+//! **The stash.** A freed small-pool block is first kept whole in a short
+//! per-size LIFO (the stash, at most [`STASH_BLOCKS`] blocks) instead of being
+//! coalesced, and a request of exactly its size takes it back without touching
+//! the free index: the repeated same-size alloc/free of a training step costs
+//! no split and no coalesce. Stashed blocks still count as used in their
+//! segment, so the stash is flushed (coalesced into the free index) before
+//! every miss, adoption, release and `empty_cache`: it never hides memory from
+//! another stream or the driver.
 
 use super::tlsf::{Block, BlockState, Blocks, FreeIndex, NIL};
 use super::DeviceCore;
@@ -47,8 +56,20 @@ pub(crate) struct PendingFree {
     pub events: Vec<Event>,
 }
 
+/// Most blocks the stash holds.
+pub const STASH_BLOCKS: usize = 32;
+
+/// Recently freed small-pool blocks, per exact size, newest first.
+#[derive(Debug, Default)]
+pub(crate) struct Stash {
+    /// (size, block) pairs; small enough that a linear scan beats hashing.
+    entries: Vec<(u64, u32)>,
+    pub bytes: u64,
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct ArenaInner {
+    pub stash: Stash,
     pub blocks: Blocks,
     pub segs: Vec<Option<Segment>>,
     seg_vacant: Vec<u32>,
@@ -98,6 +119,13 @@ impl ArenaInner {
         dev: &DeviceCore,
     ) -> Option<(u64, u64)> {
         let pool = policy.pool(rounded);
+        if pool == Pool::Small {
+            if let Some(pos) = self.stash.entries.iter().rposition(|e| e.0 == rounded) {
+                let (_, i) = self.stash.entries.swap_remove(pos);
+                self.stash.bytes -= rounded;
+                return Some(self.hand_out(i, requested));
+            }
+        }
         let i = self.index[pool as usize].find(&self.blocks, rounded)?;
         Some(self.take_block(i, rounded, requested, pool, policy, dev))
     }
@@ -135,10 +163,17 @@ impl ArenaInner {
             bm.next = r;
             self.index[pool as usize].insert(&mut self.blocks, r);
         }
+        let seg = self.blocks.get(i).seg;
+        self.seg_used_inc(seg, dev);
+        self.hand_out(i, requested)
+    }
+
+    /// Make block `i` (already counted as used in its segment) live.
+    #[inline]
+    fn hand_out(&mut self, i: u32, requested: u64) -> (u64, u64) {
         let bm = self.blocks.get_mut(i);
         bm.state = BlockState::Live;
-        let (addr, size, seg) = (bm.addr, bm.size, bm.seg);
-        self.seg_used_inc(seg, dev);
+        let (addr, size) = (bm.addr, bm.size);
         self.seq += 1;
         let rec = LiveRecord {
             block: i,
@@ -214,6 +249,7 @@ impl ArenaInner {
         });
         self.index[d.pool as usize].insert(&mut self.blocks, b);
         self.make_idle(s);
+        self.debug_check();
         s
     }
 
@@ -277,7 +313,20 @@ impl ArenaInner {
         self.counters.live -= 1;
         self.counters.requested -= rec.requested;
         if rec.streams.is_empty() {
-            self.release_block(rec.block);
+            let pool = self.seg(self.blocks.get(rec.block).seg).pool;
+            if pool == Pool::Small {
+                if self.stash.entries.len() == STASH_BLOCKS {
+                    // Full: the oldest goes to the free index.
+                    let (_, old) = self.stash.entries.remove(0);
+                    self.stash.bytes -= self.blocks.get(old).size;
+                    self.release_block(old);
+                }
+                self.blocks.get_mut(rec.block).state = BlockState::Stashed;
+                self.stash.entries.push((size, rec.block));
+                self.stash.bytes += size;
+            } else {
+                self.release_block(rec.block);
+            }
         } else {
             // record_stream: the block waits for the other streams' work.
             let mut events = Vec::with_capacity(rec.streams.len());
@@ -300,6 +349,20 @@ impl ArenaInner {
             });
         }
         Some(size)
+    }
+
+    /// Coalesce every stashed block into the free index. Returns whether
+    /// there was anything to flush.
+    pub fn flush_stash(&mut self) -> bool {
+        if self.stash.entries.is_empty() {
+            return false;
+        }
+        for (_, i) in std::mem::take(&mut self.stash.entries) {
+            self.release_block(i);
+        }
+        self.stash.bytes = 0;
+        self.debug_check();
+        true
     }
 
     /// Release pending frees whose events have completed (all of them when `wait`).
@@ -367,7 +430,7 @@ impl ArenaInner {
 
     /// Bytes in free blocks of both pools.
     pub fn free_bytes(&self) -> u64 {
-        self.index[0].free_bytes + self.index[1].free_bytes
+        self.index[0].free_bytes + self.index[1].free_bytes + self.stash.bytes
     }
 
     /// Bytes in blocks waiting on `record_stream` events.
@@ -398,6 +461,17 @@ impl ArenaInner {
                 time_ms: r.time_ms,
                 thread: r.thread,
             });
+        }
+    }
+
+    /// In debug builds, walk this arena and panic on a broken invariant. Run
+    /// after every slow-path change (attach, detach, stash flush); the panic
+    /// boundary turns a failure into `CUDALLOC_ERR_PANIC` at the C ABI.
+    #[inline]
+    pub fn debug_check(&self) {
+        #[cfg(debug_assertions)]
+        if let Err(e) = self.check() {
+            panic!("cudalloc invariant broken: {e}");
         }
     }
 
@@ -443,6 +517,12 @@ impl ArenaInner {
                         }
                     }
                     BlockState::Pending => used += 1,
+                    BlockState::Stashed => {
+                        used += 1;
+                        if !self.stash.entries.iter().any(|e| e.1 == i && e.0 == b.size) {
+                            return Err(format!("stashed block {:#x} is not in the stash", b.addr));
+                        }
+                    }
                     BlockState::Vacant => return Err("vacant block in a segment chain".into()),
                 }
                 prev_free = b.state == BlockState::Free;
@@ -467,6 +547,9 @@ impl ArenaInner {
             if seg.idle_pos != NIL && self.idle.get(seg.idle_pos as usize) != Some(&(s as u32)) {
                 return Err(format!("segment {:#x}: idle list position wrong", seg.base));
             }
+        }
+        if self.stash.bytes != self.stash.entries.iter().map(|e| e.0).sum::<u64>() {
+            return Err("stash byte count drifted".into());
         }
         if blocks_seen != self.blocks.occupied().count() {
             return Err("blocks exist outside every segment chain".into());

@@ -220,6 +220,7 @@ impl Device {
         for arena in self.arena_list() {
             let detached: Vec<Detached> = {
                 let mut a = arena.inner.lock();
+                a.flush_stash();
                 a.process_pending(&self.core, mode == Release::All);
                 if a.idle.is_empty() {
                     continue;
@@ -270,6 +271,7 @@ impl Device {
             }
             let found = {
                 let mut o = other.inner.lock();
+                o.flush_stash();
                 let mut cands: Vec<u32> = o
                     .idle
                     .iter()
@@ -472,6 +474,7 @@ impl Allocator {
     ) -> Result<u64> {
         {
             let mut a = arena.inner.lock();
+            a.flush_stash();
             if let Some((p, block)) = a.try_alloc(rounded, size, &self.policy, &dev.core) {
                 a.counters.cache_hits += 1;
                 dev.note_alloc(arena, block);
@@ -823,7 +826,7 @@ mod tests {
 
     #[test]
     fn reuse_split_and_coalesce() {
-        let (a, d) = sim("sim_memory:1GiB");
+        let (a, d) = sim("sim_memory:1GiB,small_segment:1MiB");
         let p1 = a.malloc(1000, 0, 0).unwrap();
         let p2 = a.malloc(1000, 0, 0).unwrap();
         assert_eq!(p2, p1 + 1024, "split from the same small segment");
@@ -834,13 +837,23 @@ mod tests {
         let st = a.stats(0).unwrap();
         assert_eq!(
             (st.allocated_bytes, st.reserved_bytes, st.segments),
-            (0, 2 << 20, 1)
+            (0, 1 << 20, 1)
         );
         assert_eq!(
-            st.largest_free_block,
-            2 << 20,
-            "coalesced back to one block"
+            st.cached_free_bytes,
+            1 << 20,
+            "stashed blocks count as cached"
         );
+        // Same size again: straight from the stash, newest first.
+        assert_eq!(a.malloc(1000, 0, 0).unwrap(), p2);
+        a.free(p2, Some(0), 0).unwrap();
+        // A size the stash cannot serve: the miss flushes and coalesces it, and
+        // the whole (1 MiB) segment serves the request without a driver call.
+        let big = a.malloc(1 << 20, 0, 0).unwrap();
+        assert_eq!(big, p1, "coalesced back into one block");
+        assert_eq!(d.counters().mem_allocs, 1);
+        a.free(big, Some(0), 0).unwrap();
+        a.check_invariants().unwrap();
         let p3 = a.malloc(2 << 20, 0, 0).unwrap();
         assert_eq!(
             d.counters().mem_allocs,

@@ -23,6 +23,9 @@ pub enum BlockState {
     Live,
     /// Freed by the user but waiting on events of streams it was recorded on.
     Pending,
+    /// Freed by the user and kept whole in the arena's stash for exact-size
+    /// reuse on the same stream (coalescing deferred).
+    Stashed,
     /// Slot in the slab is unused.
     Vacant,
 }
