@@ -5,10 +5,24 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// `target/<profile>`, where cargo put `libcudalloc.so` for this test run.
+/// `target/<profile>`, with a fresh `libcudalloc.so` in it. `cargo test`
+/// builds the rlib, not the cdylib, so build it here (a no-op when fresh; a
+/// stale library from an earlier build is never used).
 fn lib_dir() -> PathBuf {
+    static BUILD: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap().to_path_buf(); // deps/ -> profile dir
+    BUILD.call_once(|| {
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo
+            .args(["build", "--lib", "--quiet"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cargo.arg("--release");
+        }
+        let st = cargo.status().expect("cargo runs");
+        assert!(st.success(), "building the cdylib failed");
+    });
     assert!(
         dir.join("libcudalloc.so").exists(),
         "libcudalloc.so not built in {}",
