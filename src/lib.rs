@@ -12,6 +12,7 @@
 //!            thread-local last error, the process-wide allocator, exit guard
 //! config     one options table; CUDALLOC_CONF parsing; effective-config print config.rs
 //! engine     per device: stream arenas -> segments -> blocks (TLSF free index) engine/
+//!            a per-arena stash of freed small blocks (deferred coalescing);
 //!            stream-ordered reuse; adoption of idle segments; OOM ladder;
 //!            limits; empty_cache; check_invariants()
 //!   size_class  pure size -> granule, pool, segment, bin functions           size_class.rs
@@ -21,6 +22,7 @@
 //!              sim: simulated device (capacity, fake addresses, manual
 //!                   events, fault injection)
 //! error      Error and the C result codes (base 42000)                       error.rs
+//! conformance the shared behaviour suite (tests and `cudalloc selftest`)     conformance.rs
 //! bench      the `cudalloc bench` workloads                                  bench.rs
 //! ```
 //! Nothing above `driver` names CUDA; nothing below `ffi` knows about C.

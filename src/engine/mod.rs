@@ -754,10 +754,13 @@ impl Allocator {
 
     /// The true (rounded) size of a live allocation.
     pub fn size_of(&self, ptr: u64) -> Option<u64> {
-        self.live_allocations(None)
-            .into_iter()
-            .find(|l| l.ptr == ptr)
-            .map(|l| l.size)
+        self.devices
+            .iter()
+            .flat_map(|d| d.arena_list())
+            .find_map(|a| {
+                let inner = a.inner.lock();
+                inner.live.get(&ptr).map(|r| inner.blocks.get(r.block).size)
+            })
     }
 
     /// Walk every structure and check the invariants of DESIGN.md. Exact when
