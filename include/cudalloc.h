@@ -179,7 +179,57 @@ typedef struct {
    * The per-device limit on reserved bytes in force (0 = none).
    */
   uint64_t limit_bytes;
+  /**
+   * Memory pressure now: 0 LOW (< 60% of device memory in use), 1 MODERATE
+   * (< 80%), 2 HIGH (< 90%), 3 CRITICAL; sampled every `pressure_interval`.
+   */
+  uint64_t pressure_level;
+  /**
+   * Changes of the pressure level into LOW.
+   */
+  uint64_t num_pressure_low;
+  /**
+   * Changes of the pressure level into MODERATE.
+   */
+  uint64_t num_pressure_moderate;
+  /**
+   * Changes of the pressure level into HIGH.
+   */
+  uint64_t num_pressure_high;
+  /**
+   * Changes of the pressure level into CRITICAL.
+   */
+  uint64_t num_pressure_critical;
+  /**
+   * Trims above `trim_threshold` that released idle cached segments.
+   */
+  uint64_t num_trims;
+  /**
+   * Bytes released by those trims.
+   */
+  uint64_t trimmed_bytes;
+  /**
+   * Times the `leak_age` alarm logged allocations older than the age.
+   */
+  uint64_t num_leak_age_alarms;
+  /**
+   * Times the `leak_growth` alarm logged a steady rise of live bytes.
+   */
+  uint64_t num_leak_growth_alarms;
 } cudalloc_stats;
+
+/**
+ * Called at step 3 of the OOM ladder with `(device, requested bytes, user_data)`,
+ * from the allocating thread, with no cudalloc lock held: it may free memory.
+ */
+typedef void (*cudalloc_oom_fn)(int device, size_t requested, void *user_data);
+
+/**
+ * Called when a device's pressure level changes with `(device, level,
+ * user_data)`; level is 0 LOW, 1 MODERATE, 2 HIGH, 3 CRITICAL. Runs on an
+ * allocating thread after its allocation, with no cudalloc lock held.
+ */
+typedef void (*cudalloc_pressure_fn)(int device, int level, void *user_data);
 
 #ifdef __cplusplus
 extern "C" {
@@ -283,6 +333,58 @@ const char *cudalloc_last_error_message(void);
  * A static description of any result code, never NULL.
  */
 const char *cudalloc_error_string(int code);
+
+/**
+ * Write the leak report into `buf`: every live allocation at least
+ * `min_age_s` seconds old, on every device, as text (`json` == 0) or JSON,
+ * grouped by call site when `backtrace:N` is on.
+ *
+ * Returns the bytes the report needs, terminating NUL included (like
+ * `snprintf`, plus one). Query the size with `buf` NULL and `len` 0. When
+ * `len` is smaller than needed, nothing is written, the last error is
+ * `CUDALLOC_ERR_BUFFER_TOO_SMALL`, and the needed size is returned: allocate
+ * and call again (allocations may change in between; allow some slack).
+ * `buf` NULL with `len` > 0, or a negative or NaN `min_age_s`, is
+ * `CUDALLOC_ERR_INVALID_ARGUMENT` and returns 0. Never calls the driver.
+ *
+ * # Safety
+ * 1. `buf` is NULL or points to `len` writable bytes.
+ */
+size_t cudalloc_leak_report(double min_age_s, int json, char *buf, size_t len);
+
+/**
+ * Write the statistics of every device, and the effective configuration, as
+ * JSON into `buf`: `{"devices":[{"device":0,<every cudalloc_stats field>}],
+ * "config":{...}}`. The same text `stats_file:PATH` writes at exit.
+ * Buffer convention and errors as for `cudalloc_leak_report`.
+ *
+ * # Safety
+ * 1. `buf` is NULL or points to `len` writable bytes.
+ */
+size_t cudalloc_stats_json(char *buf, size_t len);
+
+/**
+ * Register `callback(device, requested, user_data)` for step 3 of the OOM ladder:
+ * after the cache is flushed and before the last retry. Callbacks run in
+ * registration order and cannot be removed. Returns `CUDALLOC_OK`, or
+ * `CUDALLOC_ERR_INVALID_ARGUMENT` when `callback` is NULL.
+ *
+ * # Safety
+ * 1. `callback` is NULL or a function callable from any thread with `user_data`
+ *    for as long as the process uses cudalloc.
+ */
+int cudalloc_register_oom_callback(cudalloc_oom_fn callback, void *user_data);
+
+/**
+ * Register `callback(device, level, user_data)`, run when a device's pressure level
+ * changes (sampled every `pressure_interval` on allocation calls). Returns
+ * `CUDALLOC_OK`, or `CUDALLOC_ERR_INVALID_ARGUMENT` when `callback` is NULL.
+ *
+ * # Safety
+ * 1. `callback` is NULL or a function callable from any thread with `user_data`
+ *    for as long as the process uses cudalloc.
+ */
+int cudalloc_register_pressure_callback(cudalloc_pressure_fn callback, void *user_data);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -55,6 +55,27 @@ pub struct Config {
     pub huge_threshold: u64,
     /// ... rounded up to a multiple of this.
     pub huge_round: u64,
+    // Observability (src/observe/): leak tracking, pressure, trace log, exports.
+    /// Call-site frames captured per sampled allocation; 0 = off.
+    pub backtrace: u32,
+    /// Capture a call site for one allocation in this many.
+    pub backtrace_sample: u32,
+    /// Print the leak report when the process exits.
+    pub leak_report_exit: bool,
+    /// Log allocations live longer than this (ms); 0 = off.
+    pub leak_age_ms: u64,
+    /// Growth of the live-bytes floor over a window that raises the alarm; 0 = off.
+    pub leak_growth: f64,
+    /// The growth alarm's window (ms).
+    pub leak_window_ms: u64,
+    /// Least time between two samples of device memory (ms); 0 = off.
+    pub pressure_interval_ms: u64,
+    /// Device-memory use above which idle cached segments are released; 1 = never.
+    pub trim_threshold: f64,
+    /// Where the RMM-format CSV trace goes; empty = off.
+    pub log_file: String,
+    /// Where the JSON stats go at exit; empty = off.
+    pub stats_file: String,
 }
 
 /// One row of the options table.
@@ -66,6 +87,9 @@ pub struct OptionSpec {
     set: fn(&mut Config, &str) -> std::result::Result<(), String>,
     get: fn(&Config) -> String,
 }
+
+const DURATION_ACCEPTED: &str =
+    "off, or a duration with unit ms, s, min or h (decimals allowed), e.g. 300s";
 
 const SIZE_ACCEPTED: &str =
     "a byte count with optional suffix K/M/G/T (= KiB/MiB/GiB/TiB), e.g. 16GiB";
@@ -225,6 +249,140 @@ pub static OPTIONS: &[OptionSpec] = &[
         },
         get: |c| format_size(c.huge_round),
     },
+    OptionSpec {
+        key: "backtrace",
+        accepted: "off | a frame count from 1 to 64",
+        default: "off",
+        doc: "capture call sites of sampled allocations (frames each) for leak reports",
+        set: |c, v| {
+            c.backtrace = match v {
+                "off" | "0" => 0,
+                _ => parse_int(v)
+                    .filter(|n| (1..=64).contains(n))
+                    .ok_or_else(String::new)? as u32,
+            };
+            Ok(())
+        },
+        get: |c| off_or(c.backtrace as u64 == 0, c.backtrace.to_string()),
+    },
+    OptionSpec {
+        key: "backtrace_sample",
+        accepted: "an integer K >= 1 (one allocation in K gets a call site)",
+        default: "1",
+        doc: "backtrace sampling: capture one allocation's call site in K",
+        set: |c, v| {
+            c.backtrace_sample = parse_int(v)
+                .filter(|n| (1..=u32::MAX as u64).contains(n))
+                .ok_or_else(String::new)? as u32;
+            Ok(())
+        },
+        get: |c| c.backtrace_sample.to_string(),
+    },
+    OptionSpec {
+        key: "leak_report",
+        accepted: "off | exit",
+        default: "off",
+        doc: "exit: print the live allocations (grouped by call site) to stderr at process exit",
+        set: |c, v| {
+            c.leak_report_exit = match v {
+                "off" => false,
+                "exit" => true,
+                _ => return Err(String::new()),
+            };
+            Ok(())
+        },
+        get: |c| if c.leak_report_exit { "exit" } else { "off" }.into(),
+    },
+    OptionSpec {
+        key: "leak_age",
+        accepted: DURATION_ACCEPTED,
+        default: "300s",
+        doc: "log (rate-limited) allocations live longer than this",
+        set: |c, v| {
+            c.leak_age_ms = parse_duration_ms(v).ok_or_else(String::new)?;
+            Ok(())
+        },
+        get: |c| format_duration_ms(c.leak_age_ms),
+    },
+    OptionSpec {
+        key: "leak_growth",
+        accepted: "off or a fraction > 0, e.g. 0.2 for 20%",
+        default: "0.2",
+        doc: "alarm when the live-bytes floor rises steadily by more than this over leak_window",
+        set: |c, v| {
+            c.leak_growth = match v {
+                "off" | "0" => 0.0,
+                _ => v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|f| f.is_finite() && *f > 0.0)
+                    .ok_or_else(String::new)?,
+            };
+            Ok(())
+        },
+        get: |c| off_or(c.leak_growth == 0.0, c.leak_growth.to_string()),
+    },
+    OptionSpec {
+        key: "leak_window",
+        accepted: "a duration > 0 with unit ms, s, min or h, e.g. 5min",
+        default: "5min",
+        doc: "window of the growth alarm (logged at most once per window)",
+        set: |c, v| {
+            c.leak_window_ms = parse_duration_ms(v)
+                .filter(|n| *n > 0)
+                .ok_or_else(String::new)?;
+            Ok(())
+        },
+        get: |c| format_duration_ms(c.leak_window_ms),
+    },
+    OptionSpec {
+        key: "pressure_interval",
+        accepted: DURATION_ACCEPTED,
+        default: "100ms",
+        doc: "least time between samples of device memory (pressure level, trim), taken on allocation calls",
+        set: |c, v| {
+            c.pressure_interval_ms = parse_duration_ms(v).ok_or_else(String::new)?;
+            Ok(())
+        },
+        get: |c| format_duration_ms(c.pressure_interval_ms),
+    },
+    OptionSpec {
+        key: "trim_threshold",
+        accepted: "a number in (0, 1] (1 = never trim)",
+        default: "0.85",
+        doc: "above this fraction of device memory in use, release idle cached segments, oldest first",
+        set: |c, v| {
+            let f: f64 = v.parse().map_err(|_| String::new())?;
+            if !(f > 0.0 && f <= 1.0) {
+                return Err(String::new());
+            }
+            c.trim_threshold = f;
+            Ok(())
+        },
+        get: |c| c.trim_threshold.to_string(),
+    },
+    OptionSpec {
+        key: "log_file",
+        accepted: "off or a file path (no commas)",
+        default: "off",
+        doc: "write every allocate/free/failure as RMM logging-adaptor CSV",
+        set: |c, v| {
+            c.log_file = path_or_off(v);
+            Ok(())
+        },
+        get: |c| off_or(c.log_file.is_empty(), c.log_file.clone()),
+    },
+    OptionSpec {
+        key: "stats_file",
+        accepted: "off or a file path (no commas)",
+        default: "off",
+        doc: "write the JSON stats (as cudalloc_stats_json) at process exit",
+        set: |c, v| {
+            c.stats_file = path_or_off(v);
+            Ok(())
+        },
+        get: |c| off_or(c.stats_file.is_empty(), c.stats_file.clone()),
+    },
 ];
 
 impl Default for Config {
@@ -242,6 +400,16 @@ impl Default for Config {
             large_segment: 0,
             huge_threshold: 0,
             huge_round: 0,
+            backtrace: 0,
+            backtrace_sample: 1,
+            leak_report_exit: false,
+            leak_age_ms: 0,
+            leak_growth: 0.0,
+            leak_window_ms: 0,
+            pressure_interval_ms: 0,
+            trim_threshold: 1.0,
+            log_file: String::new(),
+            stats_file: String::new(),
         };
         for o in OPTIONS {
             (o.set)(&mut c, o.default).expect("option table default must parse");
@@ -347,6 +515,56 @@ fn keys() -> String {
 
 fn parse_int(v: &str) -> Option<u64> {
     v.parse::<u64>().ok()
+}
+
+fn off_or(off: bool, v: String) -> String {
+    if off {
+        "off".into()
+    } else {
+        v
+    }
+}
+
+fn path_or_off(v: &str) -> String {
+    if v == "off" {
+        String::new()
+    } else {
+        v.to_string()
+    }
+}
+
+/// Parse a duration in milliseconds: a number (decimals allowed) with unit
+/// `ms`, `s`, `min` or `h`; a bare number is seconds; `off` is 0.
+pub fn parse_duration_ms(v: &str) -> Option<u64> {
+    let v = v.trim();
+    if v == "off" {
+        return Some(0);
+    }
+    let split = v
+        .find(|ch: char| !(ch.is_ascii_digit() || ch == '.'))
+        .unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "ms" => 1.0,
+        "" | "s" | "sec" => 1e3,
+        "min" | "m" => 60e3,
+        "h" => 3600e3,
+        _ => return None,
+    };
+    let f: f64 = num.parse().ok()?;
+    let ms = f * mult;
+    (0.0..1e15).contains(&ms).then_some(ms.round() as u64)
+}
+
+/// Render milliseconds with the largest unit that divides them exactly.
+pub fn format_duration_ms(ms: u64) -> String {
+    match ms {
+        0 => "off".into(),
+        _ if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        _ if ms % 60_000 == 0 => format!("{}min", ms / 60_000),
+        _ if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        _ => format!("{ms}ms"),
+    }
 }
 
 fn parse_granular(v: &str) -> std::result::Result<u64, String> {
@@ -463,6 +681,35 @@ mod tests {
         assert!(e.message.contains("small_segment"), "{e}");
         let e = Config::parse("small_max:1000").unwrap_err();
         assert!(e.message.contains("multiple of 512"), "{e}");
+    }
+
+    #[test]
+    fn durations_and_observability_keys() {
+        assert_eq!(parse_duration_ms("300s"), Some(300_000));
+        assert_eq!(parse_duration_ms("5min"), Some(300_000));
+        assert_eq!(parse_duration_ms("100ms"), Some(100));
+        assert_eq!(parse_duration_ms("1.5h"), Some(5_400_000));
+        assert_eq!(parse_duration_ms("2"), Some(2000));
+        assert_eq!(parse_duration_ms("off"), Some(0));
+        assert_eq!(parse_duration_ms("3 days"), None);
+        assert_eq!(parse_duration_ms("-1s"), None);
+        let d = Config::default();
+        assert_eq!((d.leak_age_ms, d.leak_window_ms), (300_000, 300_000));
+        assert_eq!((d.pressure_interval_ms, d.trim_threshold), (100, 0.85));
+        assert_eq!((d.backtrace, d.leak_growth), (0, 0.2));
+        let c = Config::parse(
+            "backtrace:8,backtrace_sample:100,leak_report:exit,leak_age:2s,leak_window:1min,log_file:/tmp/x.csv",
+        )
+        .unwrap();
+        assert_eq!((c.backtrace, c.backtrace_sample), (8, 100));
+        assert!(c.leak_report_exit);
+        assert_eq!(c.get("leak_window").as_deref(), Some("1min"));
+        assert_eq!(c.log_file, "/tmp/x.csv");
+        let e = Config::parse("leak_window:0s").unwrap_err();
+        assert!(e.message.contains("'leak_window'"), "{e}");
+        assert!(Config::parse("backtrace:65").is_err());
+        assert!(Config::parse("trim_threshold:0").is_err());
+        assert!(Config::parse("leak_report:now").is_err());
     }
 
     #[test]

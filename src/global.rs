@@ -4,9 +4,11 @@
 //! `cudalloc_init`. A bad configuration in the environment is remembered and
 //! reported by every call (and logged once), but an explicit init with a good
 //! string still succeeds. At process exit (an `atexit` hook) the allocator
-//! stops calling the driver: frees are ignored quietly.
+//! stops calling the driver (its driver is wrapped in an `ExitGuard`): frees
+//! are ignored quietly, and the exit-time reports of `observe::at_exit` run.
 
 use crate::config::{Backend, Config, CONF_ENV};
+use crate::driver::exit_guard::ExitGuard;
 use crate::driver::sim::SimDriver;
 use crate::driver::Driver;
 use crate::engine::Allocator;
@@ -29,6 +31,13 @@ pub fn exiting() -> bool {
 
 extern "C" fn on_exit() {
     EXITING.store(true, Ordering::SeqCst);
+    // Exit-time reports (trace log flush, stats_file, leak_report:exit). The
+    // driver is already fenced off by `ExitGuard`; nothing may unwind into C.
+    let _ = std::panic::catch_unwind(|| {
+        if let Some(a) = GLOBAL.get() {
+            crate::observe::at_exit(a);
+        }
+    });
 }
 
 /// Install the `tracing` subscriber (filtered by `CUDALLOC_LOG`, default
@@ -71,8 +80,11 @@ pub fn make_driver(config: &Config) -> Result<Arc<dyn Driver>> {
 
 fn create(config: Config) -> Result<Allocator> {
     init_logging();
-    let driver = make_driver(&config)?;
-    // SAFETY: `on_exit` is an `extern "C" fn()` that only stores to an atomic.
+    let driver: Arc<dyn Driver> = Arc::new(ExitGuard {
+        inner: make_driver(&config)?,
+        stop: &EXITING,
+    });
+    // SAFETY: `on_exit` is an `extern "C" fn()` that catches every panic.
     unsafe { libc::atexit(on_exit) };
     Ok(Allocator::new(config, driver))
 }

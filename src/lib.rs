@@ -40,6 +40,7 @@ pub mod engine;
 pub mod error;
 pub mod ffi;
 pub mod global;
+pub mod observe;
 pub mod size_class;
 pub mod stats;
 pub mod tracking;

@@ -58,6 +58,25 @@ pub struct cudalloc_stats {
     pub pending_free_bytes: u64,
     /// The per-device limit on reserved bytes in force (0 = none).
     pub limit_bytes: u64,
+    /// Memory pressure now: 0 LOW (< 60% of device memory in use), 1 MODERATE
+    /// (< 80%), 2 HIGH (< 90%), 3 CRITICAL; sampled every `pressure_interval`.
+    pub pressure_level: u64,
+    /// Changes of the pressure level into LOW.
+    pub num_pressure_low: u64,
+    /// Changes of the pressure level into MODERATE.
+    pub num_pressure_moderate: u64,
+    /// Changes of the pressure level into HIGH.
+    pub num_pressure_high: u64,
+    /// Changes of the pressure level into CRITICAL.
+    pub num_pressure_critical: u64,
+    /// Trims above `trim_threshold` that released idle cached segments.
+    pub num_trims: u64,
+    /// Bytes released by those trims.
+    pub trimmed_bytes: u64,
+    /// Times the `leak_age` alarm logged allocations older than the age.
+    pub num_leak_age_alarms: u64,
+    /// Times the `leak_growth` alarm logged a steady rise of live bytes.
+    pub num_leak_growth_alarms: u64,
 }
 
 /// A gauge with a peak, updated lock-free.

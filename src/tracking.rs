@@ -24,6 +24,8 @@ pub struct LiveRecord {
     pub time_ms: u64,
     /// Small integer naming the allocating thread.
     pub thread: u32,
+    /// Interned call site (`observe::callsite`), 0 when none was captured.
+    pub site: u32,
     /// Other streams the block was recorded on (`record_stream`).
     pub streams: Vec<Stream>,
 }
@@ -39,6 +41,8 @@ pub struct LiveInfo {
     pub seq: u64,
     pub time_ms: u64,
     pub thread: u32,
+    /// Interned call site, 0 when none was captured.
+    pub site: u32,
 }
 
 /// Coarse monotonic milliseconds: a vDSO read of `CLOCK_MONOTONIC_COARSE`,

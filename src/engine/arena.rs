@@ -40,6 +40,8 @@ pub(crate) struct Segment {
     pub idle_pos: u32,
     /// Event recorded on the arena's stream after the segment became idle.
     pub event: Option<Event>,
+    /// When the segment last became idle (coarse ms), for oldest-first trim.
+    pub idle_since_ms: u64,
 }
 
 /// A segment detached from an arena, in transit to another arena or the driver.
@@ -181,6 +183,7 @@ impl ArenaInner {
             seq: self.seq,
             time_ms: now_ms(),
             thread: thread_id(),
+            site: 0,
             streams: Vec::new(),
         };
         self.live.insert(addr, rec);
@@ -217,6 +220,7 @@ impl ArenaInner {
         let seg = self.seg_mut(s);
         debug_assert_eq!(seg.idle_pos, NIL);
         seg.idle_pos = pos;
+        seg.idle_since_ms = now_ms();
     }
 
     /// Add a segment as one free block; it is idle until something is taken from it.
@@ -246,6 +250,7 @@ impl ArenaInner {
             used: 0,
             idle_pos: NIL,
             event: None,
+            idle_since_ms: 0,
         });
         self.index[d.pool as usize].insert(&mut self.blocks, b);
         self.make_idle(s);
@@ -460,6 +465,7 @@ impl ArenaInner {
                 seq: r.seq,
                 time_ms: r.time_ms,
                 thread: r.thread,
+                site: r.site,
             });
         }
     }

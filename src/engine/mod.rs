@@ -16,10 +16,12 @@
 
 mod arena;
 pub mod tlsf;
+mod trim;
 
 use crate::config::Config;
 use crate::driver::{Driver, DriverError, Event, Stream};
 use crate::error::{Error, ErrorCode, Result};
+use crate::observe::Observer;
 use crate::size_class::{round_size, Policy, Pool};
 use crate::stats::{cudalloc_stats, DeviceCounters};
 use crate::tracking::LiveInfo;
@@ -328,6 +330,8 @@ pub struct Allocator {
     oom_callbacks: RwLock<Vec<OomCallback>>,
     /// Invalid frees whose device could not be told.
     stray_invalid_frees: AtomicU64,
+    /// Observability adaptors (src/observe/): call sites, trace log, pressure, alarms.
+    observe: Observer,
 }
 
 impl Allocator {
@@ -349,6 +353,7 @@ impl Allocator {
                 peak: Mutex::new(0),
             })
             .collect();
+        let observe = Observer::new(&config, driver.device_count());
         Allocator {
             id: NEXT_ALLOCATOR_ID.fetch_add(1, Ordering::Relaxed),
             policy: Policy::from_config(&config),
@@ -357,6 +362,7 @@ impl Allocator {
             devices,
             oom_callbacks: RwLock::new(Vec::new()),
             stray_invalid_frees: AtomicU64::new(0),
+            observe,
         }
     }
 
@@ -389,6 +395,15 @@ impl Allocator {
     /// count `num_ooms` and log a diagnosis.
     #[inline]
     pub fn malloc(&self, size: u64, device: usize, stream: Stream) -> Result<u64> {
+        let r = self.malloc_engine(size, device, stream);
+        if self.observe.on {
+            self.observe.after_malloc(self, &r, size, device, stream);
+        }
+        r
+    }
+
+    #[inline]
+    fn malloc_engine(&self, size: u64, device: usize, stream: Stream) -> Result<u64> {
         if size == 0 {
             return Ok(0);
         }
@@ -588,6 +603,14 @@ impl Allocator {
     /// double free changes nothing but `num_invalid_frees`.
     #[inline]
     pub fn free(&self, ptr: u64, device: Option<usize>, stream: Stream) -> Result<()> {
+        if self.observe.logging && ptr != 0 {
+            return self.free_logged(ptr, device, stream);
+        }
+        self.free_engine(ptr, device, stream)
+    }
+
+    #[inline]
+    fn free_engine(&self, ptr: u64, device: Option<usize>, stream: Stream) -> Result<()> {
         if ptr == 0 {
             return Ok(());
         }
@@ -689,6 +712,7 @@ impl Allocator {
             },
             ..Default::default()
         };
+        self.observe.fill_stats(device, &mut s);
         for a in dev.arena_list() {
             let inner = a.inner.lock();
             s.num_allocs += inner.counters.allocs;

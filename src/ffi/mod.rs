@@ -305,3 +305,196 @@ pub extern "C" fn cudalloc_error_string(code: c_int) -> *const c_char {
         s.as_ptr() as *const c_char
     })
 }
+
+// ---------------------------------------------------------------------------
+// Observability exports (src/observe/): leak report, JSON stats, callbacks.
+// ---------------------------------------------------------------------------
+
+/// Copy `text` into the caller's buffer by the size-query convention of
+/// `cudalloc_leak_report` and `cudalloc_stats_json` (see their docs).
+fn write_text(name: &str, text: &str, buf: *mut c_char, len: usize) -> usize {
+    let needed = text.len() + 1;
+    if buf.is_null() {
+        if len == 0 {
+            set_ok();
+            return needed;
+        }
+        set_last(
+            ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT,
+            &format!("{name}: buf is NULL but len is {len}"),
+        );
+        return 0;
+    }
+    if len < needed {
+        set_last(
+            ErrorCode::CUDALLOC_ERR_BUFFER_TOO_SMALL,
+            &format!("{name}: needs {needed} bytes, buffer has {len}"),
+        );
+        return needed;
+    }
+    // SAFETY: `buf` is non-NULL and the caller promises `len >= needed`
+    // writable bytes; the source is a distinct Rust string.
+    unsafe {
+        std::ptr::copy_nonoverlapping(text.as_ptr(), buf as *mut u8, text.len());
+        *buf.add(text.len()) = 0;
+    }
+    set_ok();
+    needed
+}
+
+/// Write the leak report into `buf`: every live allocation at least
+/// `min_age_s` seconds old, on every device, as text (`json` == 0) or JSON,
+/// grouped by call site when `backtrace:N` is on.
+///
+/// Returns the bytes the report needs, terminating NUL included (like
+/// `snprintf`, plus one). Query the size with `buf` NULL and `len` 0. When
+/// `len` is smaller than needed, nothing is written, the last error is
+/// `CUDALLOC_ERR_BUFFER_TOO_SMALL`, and the needed size is returned: allocate
+/// and call again (allocations may change in between; allow some slack).
+/// `buf` NULL with `len` > 0, or a negative or NaN `min_age_s`, is
+/// `CUDALLOC_ERR_INVALID_ARGUMENT` and returns 0. Never calls the driver.
+///
+/// # Safety
+/// 1. `buf` is NULL or points to `len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn cudalloc_leak_report(
+    min_age_s: f64,
+    json: c_int,
+    buf: *mut c_char,
+    len: usize,
+) -> usize {
+    guard("cudalloc_leak_report", || {
+        if !(min_age_s >= 0.0 && min_age_s.is_finite()) {
+            set_last(
+                ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT,
+                &format!("cudalloc_leak_report: min_age_s {min_age_s} is not a finite number >= 0"),
+            );
+            return 0;
+        }
+        match global::get() {
+            Ok(a) => {
+                let text = crate::observe::leak::report(a, (min_age_s * 1e3) as u64, json != 0);
+                write_text("cudalloc_leak_report", &text, buf, len)
+            }
+            Err(e) => {
+                set_error(&e);
+                0
+            }
+        }
+    })
+}
+
+/// Write the statistics of every device, and the effective configuration, as
+/// JSON into `buf`: `{"devices":[{"device":0,<every cudalloc_stats field>}],
+/// "config":{...}}`. The same text `stats_file:PATH` writes at exit.
+/// Buffer convention and errors as for `cudalloc_leak_report`.
+///
+/// # Safety
+/// 1. `buf` is NULL or points to `len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn cudalloc_stats_json(buf: *mut c_char, len: usize) -> usize {
+    guard("cudalloc_stats_json", || match global::get() {
+        Ok(a) => {
+            let text = crate::observe::export::stats_json(a);
+            write_text("cudalloc_stats_json", &text, buf, len)
+        }
+        Err(e) => {
+            set_error(&e);
+            0
+        }
+    })
+}
+
+/// Called at step 3 of the OOM ladder with `(device, requested bytes, user_data)`,
+/// from the allocating thread, with no cudalloc lock held: it may free memory.
+#[allow(non_camel_case_types)]
+pub type cudalloc_oom_fn =
+    Option<unsafe extern "C" fn(device: c_int, requested: usize, user_data: *mut c_void)>;
+
+/// Called when a device's pressure level changes with `(device, level,
+/// user_data)`; level is 0 LOW, 1 MODERATE, 2 HIGH, 3 CRITICAL. Runs on an
+/// allocating thread after its allocation, with no cudalloc lock held.
+#[allow(non_camel_case_types)]
+pub type cudalloc_pressure_fn =
+    Option<unsafe extern "C" fn(device: c_int, level: c_int, user_data: *mut c_void)>;
+
+/// A caller's opaque pointer, handed back to its callback.
+#[derive(Clone, Copy)]
+struct UserData(*mut c_void);
+// SAFETY: cudalloc never dereferences it; the caller registering a callback
+// promises that it and its data may be used from any thread.
+unsafe impl Send for UserData {}
+// SAFETY: as above.
+unsafe impl Sync for UserData {}
+
+/// Register `callback(device, requested, user_data)` for step 3 of the OOM ladder:
+/// after the cache is flushed and before the last retry. Callbacks run in
+/// registration order and cannot be removed. Returns `CUDALLOC_OK`, or
+/// `CUDALLOC_ERR_INVALID_ARGUMENT` when `callback` is NULL.
+///
+/// # Safety
+/// 1. `callback` is NULL or a function callable from any thread with `user_data`
+///    for as long as the process uses cudalloc.
+#[no_mangle]
+pub unsafe extern "C" fn cudalloc_register_oom_callback(
+    callback: cudalloc_oom_fn,
+    user_data: *mut c_void,
+) -> c_int {
+    guard("cudalloc_register_oom_callback", || {
+        let Some(f) = callback else {
+            return set_error(&Error::new(
+                ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT,
+                "cudalloc_register_oom_callback: callback is NULL",
+            ));
+        };
+        let ud = UserData(user_data);
+        match global::get() {
+            Ok(a) => {
+                a.register_oom_callback(Box::new(move |device, requested| {
+                    let ud = ud;
+                    // SAFETY: the caller promised `f` may be called with `ud` from any thread.
+                    unsafe { f(device as c_int, requested as usize, ud.0) }
+                }));
+                set_ok();
+                0
+            }
+            Err(e) => set_error(&e),
+        }
+    })
+}
+
+/// Register `callback(device, level, user_data)`, run when a device's pressure level
+/// changes (sampled every `pressure_interval` on allocation calls). Returns
+/// `CUDALLOC_OK`, or `CUDALLOC_ERR_INVALID_ARGUMENT` when `callback` is NULL.
+///
+/// # Safety
+/// 1. `callback` is NULL or a function callable from any thread with `user_data`
+///    for as long as the process uses cudalloc.
+#[no_mangle]
+pub unsafe extern "C" fn cudalloc_register_pressure_callback(
+    callback: cudalloc_pressure_fn,
+    user_data: *mut c_void,
+) -> c_int {
+    guard("cudalloc_register_pressure_callback", || {
+        let Some(f) = callback else {
+            return set_error(&Error::new(
+                ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT,
+                "cudalloc_register_pressure_callback: callback is NULL",
+            ));
+        };
+        let ud = UserData(user_data);
+        match global::get() {
+            Ok(a) => {
+                a.observer()
+                    .register_pressure_callback(Box::new(move |device, level| {
+                        let ud = ud;
+                        // SAFETY: the caller promised `f` may be called with `ud` from any thread.
+                        unsafe { f(device as c_int, level as c_int, ud.0) }
+                    }));
+                set_ok();
+                0
+            }
+            Err(e) => set_error(&e),
+        }
+    })
+}

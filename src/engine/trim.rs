@@ -1,0 +1,110 @@
+//! The engine's side of the observability adaptors (`src/observe/`): trim,
+//! call-site stamps and the lookups the trace log needs. Kept apart from the
+//! hot paths in `mod.rs`.
+
+use super::{Allocator, Detached};
+use crate::driver::Stream;
+use crate::error::Result;
+use crate::observe::Observer;
+
+impl Allocator {
+    /// The observability adaptors of this allocator.
+    pub fn observer(&self) -> &Observer {
+        &self.observe
+    }
+
+    /// Release idle cached segments of `device`, the longest idle first,
+    /// until at least `want` bytes are released or none is left. Never
+    /// blocks: a segment goes only once its free is proven complete.
+    /// Returns the bytes released.
+    pub fn trim(&self, device: usize, want: u64) -> u64 {
+        let Ok(dev) = self.device(device) else {
+            return 0;
+        };
+        let _slow = dev.slow.lock();
+        let arenas = dev.arena_list();
+        let mut cands: Vec<(u64, usize, u64)> = Vec::new();
+        for (ai, a) in arenas.iter().enumerate() {
+            let mut inner = a.inner.lock();
+            inner.flush_stash();
+            inner.process_pending(&dev.core, false);
+            for &s in &inner.idle {
+                let seg = inner.seg(s);
+                cands.push((seg.idle_since_ms, ai, seg.base));
+            }
+        }
+        cands.sort_unstable();
+        let mut released = 0;
+        for (_, ai, base) in cands {
+            if released >= want {
+                break;
+            }
+            let a = &arenas[ai];
+            let d: Option<Detached> = {
+                let mut inner = a.inner.lock();
+                let found = inner
+                    .idle
+                    .iter()
+                    .copied()
+                    .find(|&s| inner.seg(s).base == base);
+                match found {
+                    Some(s) if inner.idle_event_complete(s, a.stream, &dev.core) => {
+                        Some(inner.detach(s, &dev.core))
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(d) = d {
+                released += d.size;
+                dev.driver_free(d);
+            }
+        }
+        released
+    }
+
+    /// Stamp the live allocation `ptr` with call site `site`.
+    pub(crate) fn set_site(&self, ptr: u64, device: usize, stream: Stream, site: u32) {
+        let _ = self.with_record(ptr, Some(device), stream, |r| r.site = site);
+    }
+
+    /// Run `f` on the live record of `ptr`, looking in the hinted arena first.
+    fn with_record<R>(
+        &self,
+        ptr: u64,
+        device: Option<usize>,
+        stream: Stream,
+        mut f: impl FnMut(&mut crate::tracking::LiveRecord) -> R,
+    ) -> Option<R> {
+        if let Some(dev) = device.and_then(|d| self.devices.get(d)) {
+            if let Some(a) = dev.find_arena(self.id, stream) {
+                if let Some(r) = a.inner.lock().live.get_mut(&ptr) {
+                    return Some(f(r));
+                }
+            }
+        }
+        for dev in &self.devices {
+            for a in dev.arena_list() {
+                if let Some(r) = a.inner.lock().live.get_mut(&ptr) {
+                    return Some(f(r));
+                }
+            }
+        }
+        None
+    }
+
+    /// Free with the trace log on: the log wants the size the caller asked for.
+    #[inline(never)]
+    pub(super) fn free_logged(
+        &self,
+        ptr: u64,
+        device: Option<usize>,
+        stream: Stream,
+    ) -> Result<()> {
+        let requested = self.with_record(ptr, device, stream, |r| r.requested);
+        let r = self.free_engine(ptr, device, stream);
+        if let (Ok(()), Some(n)) = (&r, requested) {
+            self.observe.after_free(ptr, n, stream);
+        }
+        r
+    }
+}

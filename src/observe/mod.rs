@@ -1,0 +1,321 @@
+//! Observability: small adaptors around the engine, in the manner of rmm's
+//! tracking, statistics and logging adaptors. Each has one purpose:
+//!
+//! ```text
+//! callsite   sampled call-site backtraces of allocations         backtrace, backtrace_sample
+//! leak       leak report; old-allocation and growth alarms        leak_report, leak_age, leak_growth, leak_window
+//! pressure   pressure levels from the driver's mem_info; trim     pressure_interval, trim_threshold
+//! tracelog   RMM-format CSV of every allocate / free / failure    log_file
+//! export     JSON stats, on demand and at exit                    stats_file
+//! ```
+//! The engine calls [`Observer::after_malloc`] and logs frees only when
+//! [`Observer::on`] / [`Observer::logging`] say so: with everything off the
+//! hot path pays one predictable branch on a plain field. Periodic work
+//! (pressure sampling, trim, the leak alarms) piggybacks on allocation calls:
+//! a thread-local countdown reads the clock once every [`TICK_CALLS`] calls and
+//! one thread claims a due tick with a compare-and-swap, so two threads on two
+//! streams share no written cache line in the steady state.
+
+pub mod callsite;
+pub mod export;
+pub mod leak;
+pub mod pressure;
+pub mod tracelog;
+
+use crate::config::Config;
+use crate::driver::Stream;
+use crate::engine::Allocator;
+use crate::error::Result;
+use crate::stats::cudalloc_stats;
+use crate::tracking::now_ms;
+use callsite::Sampler;
+use leak::{AgeAlarm, GrowthAlarm};
+use parking_lot::{Mutex, RwLock};
+use pressure::{Level, PressureCallback, PressureState};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tracelog::{Action, TraceLog};
+
+/// Allocation calls per thread between two looks at the clock.
+pub const TICK_CALLS: u32 = 64;
+
+thread_local! {
+    static TICK_COUNTDOWN: Cell<u32> = const { Cell::new(0) };
+}
+
+/// One device's observed state.
+#[derive(Debug)]
+struct Watch {
+    pressure: PressureState,
+    age_alarms: AtomicU64,
+    growth_alarms: AtomicU64,
+    /// Alarm state, touched only by the thread running a tick.
+    alarms: Mutex<(Option<AgeAlarm>, Option<GrowthAlarm>)>,
+}
+
+/// The observability adaptors of one allocator.
+pub struct Observer {
+    /// Some per-allocation hook is on (sampling, the log, periodic work).
+    pub on: bool,
+    /// The trace log is on: frees are logged too.
+    pub logging: bool,
+    sampler: Option<Sampler>,
+    log: Option<TraceLog>,
+    /// Milliseconds between ticks of periodic work; 0 = none.
+    tick_ms: u64,
+    next_tick: AtomicU64,
+    pressure_on: bool,
+    trim_threshold: f64,
+    watches: Vec<Watch>,
+    pressure_callbacks: RwLock<Vec<PressureCallback>>,
+}
+
+impl Observer {
+    pub fn new(config: &Config, devices: usize) -> Observer {
+        let sampler = (config.backtrace > 0).then_some(Sampler {
+            frames: config.backtrace as usize,
+            every: config.backtrace_sample.max(1),
+        });
+        let log = if config.log_file.is_empty() {
+            None
+        } else {
+            match TraceLog::create(&config.log_file) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::error!(
+                        "log_file: cannot create '{}': {e}; no trace log",
+                        config.log_file
+                    );
+                    None
+                }
+            }
+        };
+        let pressure_on = config.pressure_interval_ms > 0;
+        let leak_on = config.leak_age_ms > 0 || config.leak_growth > 0.0;
+        let tick_ms = if pressure_on {
+            config.pressure_interval_ms
+        } else if leak_on {
+            100
+        } else {
+            0
+        };
+        let watches = (0..devices)
+            .map(|_| Watch {
+                pressure: PressureState::default(),
+                age_alarms: AtomicU64::new(0),
+                growth_alarms: AtomicU64::new(0),
+                alarms: Mutex::new((
+                    (config.leak_age_ms > 0).then(|| AgeAlarm::new(config.leak_age_ms)),
+                    (config.leak_growth > 0.0)
+                        .then(|| GrowthAlarm::new(config.leak_growth, config.leak_window_ms)),
+                )),
+            })
+            .collect();
+        Observer {
+            on: sampler.is_some() || log.is_some() || tick_ms > 0,
+            logging: log.is_some(),
+            sampler,
+            log,
+            tick_ms,
+            next_tick: AtomicU64::new(0),
+            pressure_on,
+            trim_threshold: config.trim_threshold,
+            watches,
+            pressure_callbacks: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// After `alloc.malloc(size, device, stream)` returned `r` (only when [`Observer::on`]).
+    #[inline(never)]
+    pub fn after_malloc(
+        &self,
+        alloc: &Allocator,
+        r: &Result<u64>,
+        size: u64,
+        device: usize,
+        stream: Stream,
+    ) {
+        match r {
+            Ok(0) => {}
+            Ok(p) => {
+                if let Some(log) = &self.log {
+                    log.record(Action::Allocate, *p, size, stream);
+                }
+                if let Some(s) = &self.sampler {
+                    if s.hit() {
+                        let site = s.capture();
+                        alloc.set_site(*p, device, stream, site);
+                    }
+                }
+            }
+            Err(_) => {
+                if let Some(log) = &self.log {
+                    log.record(Action::AllocateFailure, 0, size, stream);
+                }
+            }
+        }
+        if self.tick_ms > 0 && self.tick_due() {
+            self.tick(alloc);
+        }
+    }
+
+    /// After a successful free of `ptr`, which had asked for `requested` bytes.
+    pub fn after_free(&self, ptr: u64, requested: u64, stream: Stream) {
+        if let Some(log) = &self.log {
+            log.record(Action::Free, ptr, requested, stream);
+        }
+    }
+
+    /// Thread-local countdown, then the clock, then one CAS to claim the tick.
+    #[inline]
+    fn tick_due(&self) -> bool {
+        let look = TICK_COUNTDOWN
+            .try_with(|c| {
+                let n = c.get();
+                if n == 0 {
+                    c.set(TICK_CALLS - 1);
+                    true
+                } else {
+                    c.set(n - 1);
+                    false
+                }
+            })
+            .unwrap_or(false);
+        if !look {
+            return false;
+        }
+        let now = now_ms();
+        let next = self.next_tick.load(Ordering::Relaxed);
+        now >= next
+            && self
+                .next_tick
+                .compare_exchange(
+                    next,
+                    now + self.tick_ms,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    /// Periodic work now, for every device: pressure and trim, then the alarms.
+    pub fn tick(&self, alloc: &Allocator) {
+        let now = now_ms();
+        for (d, w) in self.watches.iter().enumerate() {
+            if self.pressure_on {
+                self.sample_pressure(alloc, d, w);
+            }
+            let Some(mut alarms) = w.alarms.try_lock() else {
+                continue;
+            };
+            if let Some(a) = alarms.0.as_mut() {
+                if a.check(alloc, d, now) {
+                    w.age_alarms.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if let Some(g) = alarms.1.as_mut() {
+                let live = alloc.stats(d).map(|s| s.allocated_bytes).unwrap_or(0);
+                if g.sample(d, live, now) {
+                    w.growth_alarms.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    fn sample_pressure(&self, alloc: &Allocator, d: usize, w: &Watch) {
+        let Ok((free, total)) = alloc.driver().mem_info(d) else {
+            return;
+        };
+        let used = total.saturating_sub(free);
+        self.set_level(d, w, Level::of(used, total));
+        let want = pressure::trim_target(used, total, self.trim_threshold);
+        if want == 0 {
+            return;
+        }
+        let released = alloc.trim(d, want);
+        if released > 0 {
+            w.pressure.trims.fetch_add(1, Ordering::Relaxed);
+            w.pressure
+                .trimmed_bytes
+                .fetch_add(released, Ordering::Relaxed);
+            tracing::info!(
+                device = d,
+                released,
+                "trim: released idle cached segments above trim_threshold"
+            );
+            if let Ok((free, total)) = alloc.driver().mem_info(d) {
+                self.set_level(d, w, Level::of(total.saturating_sub(free), total));
+            }
+        }
+    }
+
+    fn set_level(&self, d: usize, w: &Watch, l: Level) {
+        if let Some(l) = w.pressure.observe(l) {
+            tracing::debug!(
+                device = d,
+                level = l.name(),
+                "memory pressure level changed"
+            );
+            for cb in self.pressure_callbacks.read().iter() {
+                cb(d, l);
+            }
+        }
+    }
+
+    /// Register a callback run when a device's pressure level changes.
+    pub fn register_pressure_callback(&self, cb: PressureCallback) {
+        self.pressure_callbacks.write().push(cb);
+    }
+
+    /// The current pressure level of `device` (LOW before the first sample).
+    pub fn level(&self, device: usize) -> Level {
+        self.watches
+            .get(device)
+            .map_or(Level::Low, |w| w.pressure.level())
+    }
+
+    /// Fill the observability fields of a stats snapshot.
+    pub fn fill_stats(&self, device: usize, s: &mut cudalloc_stats) {
+        let Some(w) = self.watches.get(device) else {
+            return;
+        };
+        let p = &w.pressure;
+        s.pressure_level = p.level() as u64;
+        s.num_pressure_low = p.events(Level::Low);
+        s.num_pressure_moderate = p.events(Level::Moderate);
+        s.num_pressure_high = p.events(Level::High);
+        s.num_pressure_critical = p.events(Level::Critical);
+        s.num_trims = p.trims.load(Ordering::Relaxed);
+        s.trimmed_bytes = p.trimmed_bytes.load(Ordering::Relaxed);
+        s.num_leak_age_alarms = w.age_alarms.load(Ordering::Relaxed);
+        s.num_leak_growth_alarms = w.growth_alarms.load(Ordering::Relaxed);
+    }
+
+    /// Append every buffered trace line to the log file.
+    pub fn flush_log(&self) {
+        if let Some(l) = &self.log {
+            l.flush();
+        }
+    }
+}
+
+/// Exit-time work for the process-wide allocator: flush the trace log, write
+/// `stats_file`, print the leak report (`leak_report:exit`). Never calls the
+/// driver (the global driver refuses calls once the process is exiting).
+pub fn at_exit(alloc: &Allocator) {
+    use std::io::Write as _;
+    alloc.observer().flush_log();
+    let c = alloc.config();
+    if !c.stats_file.is_empty() {
+        if let Err(e) = std::fs::write(&c.stats_file, export::stats_json(alloc)) {
+            let _ = writeln!(
+                std::io::stderr(),
+                "cudalloc: stats_file '{}': {e}",
+                c.stats_file
+            );
+        }
+    }
+    if c.leak_report_exit {
+        let _ = std::io::stderr().write_all(leak::report(alloc, 0, false).as_bytes());
+    }
+}
