@@ -43,6 +43,7 @@ pub mod global;
 pub mod observe;
 pub mod size_class;
 pub mod stats;
+pub mod trace;
 pub mod tracking;
 
 pub use config::Config;

@@ -1,4 +1,5 @@
-//! The `cudalloc` command line: `bench` (the main job), `config`, `selftest`.
+//! The `cudalloc` command line: `bench` (the main job), `config`, `selftest`,
+//! and the trace tools `replay`, `trace-gen`, `report` (src/trace/cli.rs).
 
 use clap::{value_parser, Arg, ArgMatches, Command};
 use cudalloc::bench::{self, BenchOptions};
@@ -31,6 +32,8 @@ fn cli() -> Command {
             Command::new("selftest")
                 .about("Run the shared behaviour suite against the configured backend (e.g. backend:cuda on a GPU)"),
         )
+        // replay, trace-gen, report (src/trace/cli.rs)
+        .subcommands(cudalloc::trace::cli::commands())
 }
 
 fn config() -> Result<Config, String> {
@@ -118,6 +121,11 @@ fn main() -> ExitCode {
         Some(("bench", m)) => bench_cmd(m),
         Some(("config", _)) => config_cmd(),
         Some(("selftest", _)) => selftest_cmd(),
+        Some((name, m)) => cudalloc::trace::cli::run(name, m).and_then(|known| {
+            known
+                .then_some(())
+                .ok_or_else(|| format!("unknown subcommand {name}"))
+        }),
         _ => unreachable!("clap requires a subcommand"),
     };
     match r {

@@ -89,21 +89,19 @@ fn intern(ips: Box<[usize]>, frames: usize) -> u32 {
     id
 }
 
-/// Frames of cudalloc itself (and of the panic boundary and the unwinder),
-/// trimmed from the top of every call site.
+/// Entry points of cudalloc: the caller's frames start after the outermost
+/// of these. Without one (stripped symbols), leading frames that are
+/// obviously cudalloc's or the unwinder's are trimmed instead.
+fn entry(name: &str) -> bool {
+    name == "cudalloc_malloc"
+        || name == "cudalloc::ffi::cudalloc_malloc"
+        || name == "cudalloc::engine::Allocator::malloc"
+}
+
 fn internal(name: &str) -> bool {
-    const PREFIXES: [&str; 9] = [
-        "backtrace::",
-        "cudalloc::",
-        "<cudalloc::",
-        "cudalloc_",
-        "std::panicking",
-        "std::panic::",
-        "core::ops::function",
-        "__rust",
-        "<alloc::boxed::Box<F,A> as core::ops::function",
-    ];
-    PREFIXES.iter().any(|p| name.starts_with(p))
+    ["backtrace::", "cudalloc::", "<cudalloc::", "cudalloc_"]
+        .iter()
+        .any(|p| name.starts_with(p))
 }
 
 /// The frames of site `id` as text (`function (file:line)`), cudalloc's own
@@ -123,8 +121,7 @@ pub fn describe(id: u32) -> Arc<Vec<String>> {
         (site.ips.clone(), site.frames)
     };
     // Resolve without the lock: it can take milliseconds.
-    let mut lines = Vec::new();
-    let mut inside = true;
+    let mut all: Vec<(String, String)> = Vec::new();
     for &ip in ips.iter() {
         let mut names = Vec::new();
         backtrace::resolve(ip as *mut std::ffi::c_void, |sym| {
@@ -141,16 +138,17 @@ pub fn describe(id: u32) -> Arc<Vec<String>> {
         if names.is_empty() {
             names.push((format!("{ip:#x}"), String::new()));
         }
-        for (name, place) in names {
-            if inside && internal(&name) {
-                continue;
-            }
-            inside = false;
-            if lines.len() < frames {
-                lines.push(format!("{name}{place}"));
-            }
-        }
+        all.extend(names);
     }
+    let start = match all.iter().rposition(|(n, _)| entry(n)) {
+        Some(i) => i + 1,
+        None => all.iter().take_while(|(n, _)| internal(n)).count(),
+    };
+    let lines: Vec<String> = all[start..]
+        .iter()
+        .take(frames)
+        .map(|(n, p)| format!("{n}{p}"))
+        .collect();
     let text = Arc::new(lines);
     if let Some(s) = SITES.lock().as_mut() {
         if let Some(site) = s.sites.get_mut(id as usize - 1) {

@@ -3,7 +3,7 @@
 //! (`leak_age`) and the growth-trend alarm (`leak_growth` over `leak_window`).
 
 use super::callsite;
-use crate::config::format_size;
+use crate::config::{format_duration_ms, format_size};
 use crate::engine::Allocator;
 use crate::tracking::{now_ms, LiveInfo};
 use serde_json::json;
@@ -195,10 +195,10 @@ impl AgeAlarm {
         }
         tracing::warn!(
             device,
-            "leak_age: {} allocation(s), {}, live longer than {:.0}s{oldest} (full list: cudalloc_leak_report)",
+            "leak_age: {} allocation(s), {}, live longer than {}{oldest} (full list: cudalloc_leak_report)",
             fresh.len(),
             format_size(bytes),
-            self.age_ms as f64 / 1e3
+            format_duration_ms(self.age_ms)
         );
         true
     }
@@ -240,11 +240,11 @@ impl GrowthAlarm {
             if steady && f[0] > 0 && f[3] as f64 > f[0] as f64 * (1.0 + self.growth) {
                 tracing::warn!(
                     device,
-                    "leak_growth: live bytes rose steadily from {} to {} (+{:.0}%) over {:.0}s; possible leak (see cudalloc_leak_report)",
+                    "leak_growth: live bytes rose steadily from {} to {} (+{:.0}%) over {}; possible leak (see cudalloc_leak_report)",
                     format_size(f[0]),
                     format_size(f[3]),
                     (f[3] as f64 / f[0] as f64 - 1.0) * 100.0,
-                    self.window_ms as f64 / 1e3
+                    format_duration_ms(self.window_ms)
                 );
                 fired = true;
             }

@@ -1,0 +1,222 @@
+//! The trace subcommands of the `cudalloc` command line: `replay`,
+//! `trace-gen` and `report`.
+
+use super::gen::{self, Model};
+use super::replay::{min_capacity, replay, replay_config, ReplayResult};
+use super::{parse, to_csv, Event};
+use crate::config::{format_size, parse_size};
+use clap::{value_parser, Arg, ArgAction, ArgMatches, Command};
+
+/// The subcommands, for `main.rs` to add.
+pub fn commands() -> Vec<Command> {
+    let memory = || {
+        Arg::new("memory")
+            .long("memory")
+            .default_value("16GiB")
+            .help("capacity of the simulated device")
+    };
+    let conf = || {
+        Arg::new("conf")
+            .long("conf")
+            .default_value("")
+            .help("CUDALLOC_CONF-style options for the replayed allocator (periodic work is off unless set)")
+    };
+    vec![
+        Command::new("replay")
+            .about("Replay an RMM-format trace (Thread,Time,Action,Pointer,Size,Stream) on the sim device")
+            .arg(Arg::new("trace").required(true).help("the trace CSV (log_file output, trace-gen, or RMM's logging adaptor)"))
+            .arg(memory())
+            .arg(conf())
+            .arg(
+                Arg::new("compare")
+                    .long("compare")
+                    .num_args(2)
+                    .value_names(["CONF1", "CONF2"])
+                    .conflicts_with("conf")
+                    .help("replay under two configurations, side by side"),
+            )
+            .arg(
+                Arg::new("min-memory")
+                    .long("min-memory")
+                    .action(ArgAction::SetTrue)
+                    .help("also find the least capacity with no failure (usable capacity = peak live / it)"),
+            ),
+        Command::new("trace-gen")
+            .about("Write a synthetic trace: random (RMM random_allocations), training (transformer), kv-cache (inference)")
+            .arg(
+                Arg::new("kind")
+                    .required(true)
+                    .value_parser(["random", "training", "kv-cache"]),
+            )
+            .arg(Arg::new("output").short('o').long("output").required(true).help("where to write the CSV"))
+            .arg(Arg::new("seed").long("seed").value_parser(value_parser!(u64)).default_value("1"))
+            .arg(
+                Arg::new("size")
+                    .long("size")
+                    .value_parser(value_parser!(u64).range(1..))
+                    .help("ops (random, default 2000), steps (training, default 6) or requests (kv-cache, default 24)"),
+            )
+            .arg(Arg::new("layers").long("layers").value_parser(value_parser!(u64).range(1..)).default_value("6"))
+            .arg(Arg::new("random-max").long("random-max").default_value("8MiB").help("largest request of random"))
+            .arg(Arg::new("random-usage").long("random-usage").default_value("2GiB").help("live-bytes cap of random")),
+        Command::new("report")
+            .about("Draw a trace's memory timeline (live, reserved, OOMs, largest allocations at the peak) as SVG")
+            .arg(Arg::new("trace").required(true))
+            .arg(Arg::new("output").short('o').long("output").required(true).help("the .svg to write"))
+            .arg(memory())
+            .arg(conf()),
+    ]
+}
+
+/// Run a trace subcommand. `Ok(false)` when `name` is not one of them.
+pub fn run(name: &str, m: &ArgMatches) -> Result<bool, String> {
+    match name {
+        "replay" => replay_cmd(m)?,
+        "trace-gen" => gen_cmd(m)?,
+        "report" => report_cmd(m)?,
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+fn load(m: &ArgMatches) -> Result<(String, Vec<Event>), String> {
+    let path = m.get_one::<String>("trace").expect("required").clone();
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    let ev = parse(&text).map_err(|e| format!("{path}: {e}"))?;
+    Ok((path, ev))
+}
+
+fn size_arg(m: &ArgMatches, name: &str) -> Result<u64, String> {
+    let v = m.get_one::<String>(name).expect("has a default");
+    parse_size(v)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("--{name}: '{v}' is not a size"))
+}
+
+fn rows(r: &ReplayResult) -> Vec<(&'static str, String)> {
+    vec![
+        ("events", r.events.to_string()),
+        ("peak live (requested)", format_size(r.peak_requested)),
+        ("peak live (allocated)", format_size(r.peak_live)),
+        ("peak reserved", format_size(r.peak_reserved)),
+        (
+            "fragmentation (reserved/live)",
+            format!("{:.4}", r.fragmentation()),
+        ),
+        ("cache hit rate", format!("{:.4}", r.hit_rate)),
+        ("driver calls", r.driver_calls.to_string()),
+        ("failures (OOM at this capacity)", r.failures.to_string()),
+        (
+            "failures already in the trace",
+            r.trace_failures.to_string(),
+        ),
+        ("unmatched frees", r.unmatched_frees.to_string()),
+        ("replay time", format!("{:.3} s", r.seconds)),
+    ]
+}
+
+fn replay_cmd(m: &ArgMatches) -> Result<(), String> {
+    let (path, ev) = load(m)?;
+    let memory = size_arg(m, "memory")?;
+    let confs: Vec<String> = match m.get_many::<String>("compare") {
+        Some(v) => v.cloned().collect(),
+        None => vec![m.get_one::<String>("conf").cloned().unwrap_or_default()],
+    };
+    println!(
+        "replay of {path} on a simulated device of {}",
+        format_size(memory)
+    );
+    let mut table: Vec<Vec<(&'static str, String)>> = Vec::new();
+    for conf in &confs {
+        let c = replay_config(conf, memory).map_err(|e| e.to_string())?;
+        let r = replay(&ev, &c, false);
+        let mut t = rows(&r);
+        if m.get_flag("min-memory") {
+            match min_capacity(&ev, &c) {
+                Some((min, best)) => {
+                    t.push(("least capacity with no failure", format_size(min)));
+                    t.push((
+                        "usable capacity (peak live / least)",
+                        format!("{:.4}", best.peak_live as f64 / min as f64),
+                    ));
+                }
+                None => t.push((
+                    "least capacity with no failure",
+                    "more than --memory".into(),
+                )),
+            }
+        }
+        table.push(t);
+    }
+    let head: Vec<String> = confs
+        .iter()
+        .map(|c| {
+            if c.is_empty() {
+                "defaults".to_string()
+            } else {
+                c.clone()
+            }
+        })
+        .collect();
+    print!("{:<38}", "");
+    for h in &head {
+        print!(" {h:>24}");
+    }
+    println!();
+    for i in 0..table[0].len() {
+        print!("{:<38}", table[0][i].0);
+        for t in &table {
+            print!(" {:>24}", t[i].1);
+        }
+        println!();
+    }
+    Ok(())
+}
+
+fn gen_cmd(m: &ArgMatches) -> Result<(), String> {
+    let kind = m.get_one::<String>("kind").expect("required").as_str();
+    let seed = *m.get_one::<u64>("seed").expect("default");
+    let size = m.get_one::<u64>("size").copied();
+    let model = Model {
+        layers: *m.get_one::<u64>("layers").expect("default"),
+        ..Default::default()
+    };
+    let ev = match kind {
+        "random" => gen::random_allocations(
+            seed,
+            size.unwrap_or(2000),
+            size_arg(m, "random-max")?,
+            size_arg(m, "random-usage")?,
+        ),
+        "training" => gen::training(seed, size.unwrap_or(6), model),
+        _ => gen::kv_cache(seed, size.unwrap_or(24), model),
+    };
+    let out = m.get_one::<String>("output").expect("required");
+    std::fs::write(out, to_csv(&ev)).map_err(|e| format!("{out}: {e}"))?;
+    println!("wrote {} events ({kind}, seed {seed}) to {out}", ev.len());
+    Ok(())
+}
+
+fn report_cmd(m: &ArgMatches) -> Result<(), String> {
+    let (path, ev) = load(m)?;
+    let c = replay_config(
+        m.get_one::<String>("conf").expect("default"),
+        size_arg(m, "memory")?,
+    )
+    .map_err(|e| e.to_string())?;
+    let r = replay(&ev, &c, true);
+    let out = m.get_one::<String>("output").expect("required");
+    let name = std::path::Path::new(&path)
+        .file_name()
+        .map_or(path.clone(), |n| n.to_string_lossy().into_owned());
+    super::timeline::draw_svg(out, &format!("cudalloc memory timeline: {name}"), &ev, &r)?;
+    for (k, v) in rows(&r) {
+        println!("{k:<38} {v}");
+    }
+    println!("largest live allocations at the peak:");
+    for (p, s, _) in super::timeline::largest_at_peak(&ev, r.peak_event, 10) {
+        println!("  {p:#x} {} ({s} bytes)", format_size(s));
+    }
+    println!("wrote {out}");
+    Ok(())
+}

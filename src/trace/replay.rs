@@ -1,0 +1,168 @@
+//! `cudalloc replay`: run a trace through an [`Allocator`] on the simulated
+//! device and measure what the allocator did with it.
+
+use super::Event;
+use crate::config::Config;
+use crate::driver::sim::SimDriver;
+use crate::engine::Allocator;
+use crate::observe::tracelog::Action;
+use rustc_hash::FxHashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Periodic work is off in replays unless the caller's configuration turns it
+/// on again, so that figures do not depend on how fast the replay runs.
+pub const REPLAY_DEFAULTS: &str = "backend:sim,pressure_interval:off,leak_age:off,leak_growth:off";
+
+/// The configuration of a replay: [`REPLAY_DEFAULTS`], then `conf`, then the capacity.
+pub fn replay_config(conf: &str, memory: u64) -> crate::Result<Config> {
+    let mut c = Config::parse(REPLAY_DEFAULTS)?;
+    c.apply(conf)?;
+    c.apply("backend:sim,sim_devices:1")?;
+    c.sim_memory = memory;
+    Ok(c)
+}
+
+/// One point of the memory timeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    pub time_us: u64,
+    pub live: u64,
+    pub reserved: u64,
+}
+
+/// What a replay measured.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayResult {
+    pub events: usize,
+    pub allocs: u64,
+    pub frees: u64,
+    /// Peak of the bytes the trace asked for (successful allocations).
+    pub peak_requested: u64,
+    /// Peak of the allocator's allocated bytes (rounded blocks).
+    pub peak_live: u64,
+    pub peak_reserved: u64,
+    pub hit_rate: f64,
+    pub driver_calls: u64,
+    /// Allocations that failed in this replay (would OOM at this capacity).
+    pub failures: u64,
+    /// `allocate failure` lines already in the trace.
+    pub trace_failures: u64,
+    /// Frees of pointers the replay does not hold (failed or never seen).
+    pub unmatched_frees: u64,
+    pub seconds: f64,
+    pub capacity: u64,
+    /// Times of the failures (replay and trace), in trace microseconds.
+    pub oom_times: Vec<u64>,
+    /// The timeline, when asked for.
+    pub samples: Vec<Sample>,
+    /// Index of the event after which the allocator's live bytes peaked.
+    pub peak_event: usize,
+}
+
+impl ReplayResult {
+    /// Peak reserved / peak live: 1.0 is no waste.
+    pub fn fragmentation(&self) -> f64 {
+        self.peak_reserved as f64 / self.peak_live.max(1) as f64
+    }
+}
+
+/// Replay `events` on a fresh sim-backed allocator configured by `config`.
+/// With `timeline`, sample live and reserved bytes after every event.
+pub fn replay(events: &[Event], config: &Config, timeline: bool) -> ReplayResult {
+    let driver = Arc::new(SimDriver::new(1, config.sim_memory));
+    let a = Allocator::new(config.clone(), driver);
+    let mut map: FxHashMap<u64, (u64, u64)> = FxHashMap::default();
+    let mut r = ReplayResult {
+        events: events.len(),
+        capacity: config.sim_memory,
+        ..Default::default()
+    };
+    let (mut requested, mut live_now, mut live_peak) = (0u64, 0u64, 0u64);
+    let t = Instant::now();
+    for (i, e) in events.iter().enumerate() {
+        match e.action {
+            Action::Allocate => {
+                if let Some((old, n)) = map.remove(&e.ptr) {
+                    let _ = a.free(old, Some(0), e.stream);
+                    requested -= n;
+                }
+                match a.malloc(e.size, 0, e.stream) {
+                    Ok(0) => {}
+                    Ok(p) => {
+                        map.insert(e.ptr, (p, e.size));
+                        r.allocs += 1;
+                        requested += e.size;
+                        r.peak_requested = r.peak_requested.max(requested);
+                    }
+                    Err(_) => {
+                        r.failures += 1;
+                        r.oom_times.push(e.time_us);
+                    }
+                }
+            }
+            Action::AllocateFailure => {
+                r.trace_failures += 1;
+                r.oom_times.push(e.time_us);
+            }
+            Action::Free => match map.remove(&e.ptr) {
+                Some((p, n)) => {
+                    let _ = a.free(p, Some(0), e.stream);
+                    r.frees += 1;
+                    requested -= n;
+                }
+                None => r.unmatched_frees += 1,
+            },
+        }
+        if timeline {
+            let s = a.stats(0).unwrap_or_default();
+            live_now = s.allocated_bytes;
+            r.samples.push(Sample {
+                time_us: e.time_us,
+                live: s.allocated_bytes,
+                reserved: s.reserved_bytes,
+            });
+        }
+        if timeline && live_now > live_peak {
+            live_peak = live_now;
+            r.peak_event = i;
+        }
+    }
+    r.seconds = t.elapsed().as_secs_f64();
+    let s = a.stats(0).unwrap_or_default();
+    r.peak_live = s.allocated_bytes_peak;
+    r.peak_reserved = s.reserved_bytes_peak;
+    r.hit_rate = s.num_cache_hits as f64 / s.num_allocs.max(1) as f64;
+    r.driver_calls = s.num_driver_allocs + s.num_driver_frees;
+    r
+}
+
+/// The least device capacity (to 1 MiB) at which `events` replay with no
+/// failure, found by bisection below `config.sim_memory`, with that replay.
+/// `None` when even `config.sim_memory` is not enough.
+pub fn min_capacity(events: &[Event], config: &Config) -> Option<(u64, ReplayResult)> {
+    let run = |mem: u64| {
+        let mut c = config.clone();
+        c.sim_memory = mem;
+        replay(events, &c, false)
+    };
+    let top = run(config.sim_memory);
+    if top.failures > 0 {
+        return None;
+    }
+    const MIB: u64 = 1 << 20;
+    let (mut lo, mut hi) = (top.peak_requested / MIB, config.sim_memory.div_ceil(MIB));
+    let mut best = top;
+    // Invariant: capacity hi MiB works; lo MiB is below the trace's own peak or failed.
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        let r = run(mid * MIB);
+        if r.failures == 0 {
+            hi = mid;
+            best = r;
+        } else {
+            lo = mid;
+        }
+    }
+    Some((hi * MIB, best))
+}

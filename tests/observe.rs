@@ -1,0 +1,411 @@
+//! Observability on the sim device: the exit leak report (in a child
+//! process), the leak alarms, trace log -> replay, trim and pressure levels,
+//! and the C exports' buffer conventions.
+
+use cudalloc::config::Config;
+use cudalloc::driver::sim::SimDriver;
+use cudalloc::observe::pressure::Level;
+use cudalloc::trace::replay::{replay, replay_config};
+use cudalloc::Allocator;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn sim(conf: &str) -> (Allocator, Arc<SimDriver>) {
+    let c = Config::parse(conf).unwrap();
+    let d = Arc::new(SimDriver::new(c.sim_devices, c.sim_memory));
+    (Allocator::new(c, d.clone()), d)
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("cudalloc-observe-{}-{name}", std::process::id()))
+}
+
+/// Enough allocation calls after a pause for the periodic tick to come due.
+/// The clock is the coarse one (a tick of 4 to 10 ms), hence the long pause.
+fn poke(a: &Allocator) {
+    std::thread::sleep(Duration::from_millis(12));
+    for _ in 0..200 {
+        let p = a.malloc(512, 0, 0).unwrap();
+        a.free(p, Some(0), 0).unwrap();
+    }
+}
+
+// ---- the exit report, in a child process ----------------------------------
+
+const CHILD: &str = "CUDALLOC_OBSERVE_CHILD";
+const LEAK_BYTES: usize = 3_000_000;
+
+#[inline(never)]
+fn plant_leak_here() -> *mut libc::c_void {
+    cudalloc::ffi::cudalloc_malloc(LEAK_BYTES, 0, std::ptr::null_mut())
+}
+
+/// Run as a child only: plants one leak and one freed allocation, then exits.
+#[test]
+fn child_plants_a_leak() {
+    if std::env::var_os(CHILD).is_none() {
+        return;
+    }
+    let leak = plant_leak_here();
+    assert!(!leak.is_null());
+    let freed = cudalloc::ffi::cudalloc_malloc(777_777, 0, std::ptr::null_mut());
+    cudalloc::ffi::cudalloc_free(freed, 0, 0, std::ptr::null_mut());
+}
+
+fn run_child(conf: &str) -> String {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_plants_a_leak",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "1")
+        .env("CUDALLOC_CONF", conf)
+        .env("CUDALLOC_LOG", "off")
+        .output()
+        .expect("child runs");
+    assert!(out.status.success(), "child failed: {out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn planted_leak_appears_in_the_exit_report() {
+    let stats = tmp("stats.json");
+    let log = tmp("exit-log.csv");
+    let err = run_child(&format!(
+        "backend:sim,sim_memory:1GiB,leak_report:exit,backtrace:6,stats_file:{},log_file:{}",
+        stats.display(),
+        log.display()
+    ));
+    assert!(err.contains("1 live allocation(s)"), "{err}");
+    assert!(
+        err.contains(&format!("requested {LEAK_BYTES}")),
+        "size missing:\n{err}"
+    );
+    assert!(
+        !err.contains("requested 777777"),
+        "a freed block is no leak:\n{err}"
+    );
+    assert!(err.contains("plant_leak_here"), "call site missing:\n{err}");
+    // The exit hook also wrote the stats file and flushed the trace log.
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    let d0 = &json["devices"][0];
+    assert_eq!(d0["active_allocations"], 1);
+    assert_eq!(d0["requested_bytes"], LEAK_BYTES as u64);
+    let trace = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        trace.lines().filter(|l| l.contains(",allocate,")).count(),
+        2,
+        "{trace}"
+    );
+    assert_eq!(
+        trace.lines().filter(|l| l.contains(",free,")).count(),
+        1,
+        "{trace}"
+    );
+
+    // Without backtraces: the size, but no call site.
+    let err = run_child("backend:sim,sim_memory:1GiB,leak_report:exit");
+    assert!(err.contains(&format!("requested {LEAK_BYTES}")), "{err}");
+    assert!(
+        !err.contains("plant_leak_here") && !err.contains("site #"),
+        "{err}"
+    );
+    // And with the report off, nothing is printed.
+    let err = run_child("backend:sim,sim_memory:1GiB");
+    assert!(!err.contains("leak report"), "{err}");
+    let _ = std::fs::remove_file(stats);
+    let _ = std::fs::remove_file(log);
+}
+
+// ---- leak alarms -----------------------------------------------------------
+
+/// A steady alloc/free loop for `ms` milliseconds; `leak_every` > 0 also keeps
+/// one block every that many iterations.
+fn churn(a: &Allocator, ms: u64, leak_every: u64) -> Vec<u64> {
+    let mut kept = Vec::new();
+    let t = Instant::now();
+    let mut i = 0u64;
+    while t.elapsed() < Duration::from_millis(ms) {
+        let tmp: Vec<u64> = (0..4).map(|k| a.malloc(4096 << k, 0, 0).unwrap()).collect();
+        for p in tmp {
+            a.free(p, Some(0), 0).unwrap();
+        }
+        i += 1;
+        if leak_every > 0 && i % leak_every == 0 {
+            kept.push(a.malloc(256 << 10, 0, 0).unwrap());
+        }
+        if i % 64 == 0 {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    kept
+}
+
+#[test]
+fn age_alarm_fires_on_an_old_allocation_and_not_on_a_steady_loop() {
+    let conf = "backend:sim,sim_memory:1GiB,leak_age:150ms,leak_growth:off,pressure_interval:5ms";
+    let (a, _) = sim(conf);
+    churn(&a, 600, 0);
+    assert_eq!(
+        a.stats(0).unwrap().num_leak_age_alarms,
+        0,
+        "steady loop is silent"
+    );
+
+    let (a, _) = sim(conf);
+    let old = a.malloc(1 << 20, 0, 0).unwrap();
+    churn(&a, 600, 0);
+    let st = a.stats(0).unwrap();
+    assert!(st.num_leak_age_alarms >= 1, "old allocation not reported");
+    assert!(
+        st.num_leak_age_alarms <= 1,
+        "each allocation is reported once: {}",
+        st.num_leak_age_alarms
+    );
+    a.free(old, Some(0), 0).unwrap();
+}
+
+#[test]
+fn growth_alarm_fires_on_a_leak_and_not_on_a_steady_loop() {
+    let conf = "backend:sim,sim_memory:4GiB,leak_age:off,leak_growth:0.2,leak_window:300ms,pressure_interval:2ms";
+    let (a, _) = sim(conf);
+    let base = a.malloc(8 << 20, 0, 0).unwrap();
+    churn(&a, 1300, 0);
+    assert_eq!(
+        a.stats(0).unwrap().num_leak_growth_alarms,
+        0,
+        "steady loop is silent"
+    );
+    a.free(base, Some(0), 0).unwrap();
+
+    let (a, _) = sim(conf);
+    let base = a.malloc(8 << 20, 0, 0).unwrap();
+    let kept = churn(&a, 1300, 8);
+    let st = a.stats(0).unwrap();
+    assert!(
+        st.num_leak_growth_alarms >= 1,
+        "growing floor not reported ({} kept)",
+        kept.len()
+    );
+    assert!(st.num_leak_growth_alarms <= 5, "at most once per window");
+    for p in kept.into_iter().chain([base]) {
+        a.free(p, Some(0), 0).unwrap();
+    }
+}
+
+// ---- trace log -> replay ----------------------------------------------------
+
+#[test]
+fn a_logged_trace_replays_to_the_same_peak_live_bytes() {
+    let path = tmp("replay.csv");
+    let (a, _) = sim(&format!(
+        "backend:sim,sim_memory:4GiB,log_file:{}",
+        path.display()
+    ));
+    // A deterministic mix over two streams, with a failed allocation.
+    let mut live: Vec<(u64, u64)> = Vec::new();
+    let mut x = 12345u64;
+    for i in 0..3000u64 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let stream = (x >> 60) & 1;
+        if live.is_empty() || (x >> 33) % 100 < 60 {
+            let size = 1 + (x >> 20) % if i % 50 == 0 { 30 << 20 } else { 1 << 20 };
+            live.push((a.malloc(size, 0, stream).unwrap(), stream));
+        } else {
+            let (p, s) = live.swap_remove(((x >> 40) % live.len() as u64) as usize);
+            a.free(p, Some(0), s).unwrap();
+        }
+    }
+    assert!(a.malloc(1 << 40, 0, 0).is_err());
+    let peak = a.stats(0).unwrap().allocated_bytes_peak;
+    drop(a); // flushes the log
+    let text = std::fs::read_to_string(&path).unwrap();
+    let events = cudalloc::trace::parse(&text).unwrap();
+    assert_eq!(events.len(), 3001);
+    let r = replay(&events, &replay_config("", 4 << 30).unwrap(), false);
+    assert_eq!(r.peak_live, peak, "replay reaches the logged peak");
+    assert_eq!((r.failures, r.trace_failures, r.unmatched_frees), (0, 1, 0));
+    let _ = std::fs::remove_file(path);
+}
+
+// ---- pressure and trim ------------------------------------------------------
+
+#[test]
+fn trim_at_the_threshold_releases_the_oldest_idle_segment() {
+    let (a, d) = sim("backend:sim,sim_memory:100MiB,trim_threshold:0.5,pressure_interval:1ms");
+    let seg = 20 << 20; // an own 20 MiB segment each
+    let (pa, pb, pc) = (
+        a.malloc(seg, 0, 0).unwrap(),
+        a.malloc(seg, 0, 0).unwrap(),
+        a.malloc(seg, 0, 0).unwrap(),
+    );
+    a.free(pa, Some(0), 0).unwrap();
+    std::thread::sleep(Duration::from_millis(30)); // A has been idle longer than B
+    a.free(pb, Some(0), 0).unwrap();
+    assert_eq!(a.stats(0).unwrap().reserved_bytes, 60 << 20);
+    poke(&a);
+    let st = a.stats(0).unwrap();
+    assert!(st.num_trims >= 1, "60% in use is above the 50% threshold");
+    assert_eq!(st.trimmed_bytes, 20 << 20, "one segment was enough");
+    assert!(
+        st.reserved_bytes < 50 << 20,
+        "reserved {} not lowered",
+        st.reserved_bytes
+    );
+    let allocs = d.counters().mem_allocs;
+    assert_eq!(
+        a.malloc(seg, 0, 0).unwrap(),
+        pb,
+        "B, idle for less time, is still cached"
+    );
+    assert_eq!(d.counters().mem_allocs, allocs);
+    a.free(pc, Some(0), 0).unwrap();
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn pressure_levels_rise_as_the_device_fills() {
+    let (a, _) = sim("backend:sim,sim_memory:1GiB,trim_threshold:1,pressure_interval:1ms");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    a.observer()
+        .register_pressure_callback(Box::new(move |d, l| s2.lock().unwrap().push((d, l))));
+    let mut levels = Vec::new();
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(a.malloc(100 << 20, 0, 0).unwrap());
+        poke(&a);
+        levels.push(a.stats(0).unwrap().pressure_level);
+    }
+    assert!(levels.windows(2).all(|w| w[0] <= w[1]), "{levels:?}");
+    assert_eq!((levels[0], levels[9]), (0, 3), "{levels:?}");
+    let st = a.stats(0).unwrap();
+    assert_eq!(
+        (
+            st.num_pressure_moderate,
+            st.num_pressure_high,
+            st.num_pressure_critical
+        ),
+        (1, 1, 1)
+    );
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![(0, Level::Moderate), (0, Level::High), (0, Level::Critical)]
+    );
+    for p in held {
+        a.free(p, Some(0), 0).unwrap();
+    }
+    a.empty_cache(); // freed blocks stay reserved until released
+    poke(&a);
+    assert_eq!(a.observer().level(0), Level::Low);
+    assert_eq!(a.stats(0).unwrap().num_pressure_low, 1);
+}
+
+// ---- the C exports -------------------------------------------------------------
+
+static HOG: Mutex<usize> = Mutex::new(0);
+
+unsafe extern "C" fn free_the_hog(_device: libc::c_int, _req: usize, ud: *mut libc::c_void) {
+    let p = std::mem::take(&mut *HOG.lock().unwrap());
+    cudalloc::ffi::cudalloc_free(p as *mut libc::c_void, 0, 0, std::ptr::null_mut());
+    // SAFETY: the test registered a pointer to a live AtomicU32.
+    unsafe { &*(ud as *const std::sync::atomic::AtomicU32) }
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+#[test]
+fn c_exports_follow_the_buffer_and_callback_conventions() {
+    use cudalloc::error::ErrorCode;
+    use cudalloc::ffi::*;
+    if std::env::var_os(CHILD).is_some() {
+        return;
+    }
+    // SAFETY: a NUL-terminated string.
+    assert_eq!(
+        unsafe { cudalloc_init(c"backend:sim,sim_memory:1GiB,backtrace:4".as_ptr()) },
+        0
+    );
+    let p = cudalloc_malloc(1 << 20, 0, std::ptr::null_mut());
+    // SAFETY (all calls below): buffers are NULL or as long as passed.
+    let need = unsafe { cudalloc_leak_report(0.0, 1, std::ptr::null_mut(), 0) };
+    assert!(need > 1);
+    assert_eq!(cudalloc_last_error(), 0);
+    let mut small = vec![0 as libc::c_char; 4];
+    // Ages move on between calls, so the needed size may differ a little.
+    assert!(unsafe { cudalloc_leak_report(0.0, 1, small.as_mut_ptr(), 4) } > 4);
+    assert_eq!(
+        cudalloc_last_error(),
+        ErrorCode::CUDALLOC_ERR_BUFFER_TOO_SMALL as i32
+    );
+    assert_eq!(small, vec![0; 4], "nothing written");
+    assert_eq!(
+        unsafe { cudalloc_leak_report(0.0, 1, std::ptr::null_mut(), 9) },
+        0
+    );
+    assert_eq!(
+        cudalloc_last_error(),
+        ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT as i32
+    );
+    assert_eq!(
+        unsafe { cudalloc_leak_report(f64::NAN, 0, std::ptr::null_mut(), 0) },
+        0
+    );
+    assert_eq!(
+        cudalloc_last_error(),
+        ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT as i32
+    );
+    let mut buf = vec![0 as libc::c_char; need + 256];
+    let n = unsafe { cudalloc_leak_report(0.0, 1, buf.as_mut_ptr(), buf.len()) };
+    // SAFETY: the export wrote a NUL-terminated string.
+    let text = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_str()
+        .unwrap();
+    assert_eq!(text.len() + 1, n, "{text}");
+    let v: serde_json::Value = serde_json::from_str(text).unwrap();
+    assert_eq!(v["count"], 1);
+    assert_eq!(v["allocations"][0]["requested"], 1 << 20);
+    assert!(
+        v["sites"][0]["frames"]
+            .to_string()
+            .contains("c_exports_follow"),
+        "{v}"
+    );
+
+    let need = unsafe { cudalloc_stats_json(std::ptr::null_mut(), 0) };
+    let mut buf = vec![0 as libc::c_char; need + 64];
+    unsafe { cudalloc_stats_json(buf.as_mut_ptr(), buf.len()) };
+    let text = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_str()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(text).unwrap();
+    assert_eq!(v["devices"][0]["active_allocations"], 1);
+    assert_eq!(v["config"]["backtrace"], "4");
+    cudalloc_free(p, 0, 0, std::ptr::null_mut());
+
+    // OOM callback: frees a hog at step 3 of the ladder, so the retry succeeds.
+    let calls = std::sync::atomic::AtomicU32::new(0);
+    assert_eq!(
+        unsafe { cudalloc_register_oom_callback(None, std::ptr::null_mut()) },
+        ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT as i32
+    );
+    assert_eq!(
+        unsafe { cudalloc_register_pressure_callback(None, std::ptr::null_mut()) },
+        ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT as i32
+    );
+    let ud = &calls as *const _ as *mut libc::c_void;
+    assert_eq!(
+        unsafe { cudalloc_register_oom_callback(Some(free_the_hog), ud) },
+        0
+    );
+    *HOG.lock().unwrap() = cudalloc_malloc(600 << 20, 0, std::ptr::null_mut()) as usize;
+    let q = cudalloc_malloc(600 << 20, 0, std::ptr::null_mut());
+    assert!(!q.is_null(), "the callback freed the hog");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    cudalloc_free(q, 0, 0, std::ptr::null_mut());
+}
