@@ -24,8 +24,6 @@ pub struct LiveRecord {
     pub time_ms: u64,
     /// Small integer naming the allocating thread.
     pub thread: u32,
-    /// Interned call site (`observe::callsite`), 0 when none was captured.
-    pub site: u32,
     /// Other streams the block was recorded on (`record_stream`).
     pub streams: Vec<Stream>,
 }

@@ -77,6 +77,8 @@ pub(crate) struct ArenaInner {
     seg_vacant: Vec<u32>,
     pub index: [FreeIndex; 2],
     pub live: FxHashMap<u64, LiveRecord>,
+    /// Call sites of the sampled live allocations (`backtrace:N`); empty when off.
+    pub sites: FxHashMap<u64, u32>,
     pub idle: Vec<u32>,
     pub pending: Vec<PendingFree>,
     pub counters: ArenaCounters,
@@ -183,7 +185,6 @@ impl ArenaInner {
             seq: self.seq,
             time_ms: now_ms(),
             thread: thread_id(),
-            site: 0,
             streams: Vec::new(),
         };
         self.live.insert(addr, rec);
@@ -313,6 +314,9 @@ impl ArenaInner {
     /// `None` when it does not.
     pub fn free(&mut self, ptr: u64, dev: &DeviceCore) -> Option<u64> {
         let rec = self.live.remove(&ptr)?;
+        if !self.sites.is_empty() {
+            self.sites.remove(&ptr);
+        }
         let size = self.blocks.get(rec.block).size;
         self.counters.frees += 1;
         self.counters.live -= 1;
@@ -465,7 +469,7 @@ impl ArenaInner {
                 seq: r.seq,
                 time_ms: r.time_ms,
                 thread: r.thread,
-                site: r.site,
+                site: self.sites.get(&ptr).copied().unwrap_or(0),
             });
         }
     }

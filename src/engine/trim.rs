@@ -64,7 +64,26 @@ impl Allocator {
 
     /// Stamp the live allocation `ptr` with call site `site`.
     pub(crate) fn set_site(&self, ptr: u64, device: usize, stream: Stream, site: u32) {
-        let _ = self.with_record(ptr, Some(device), stream, |r| r.site = site);
+        let stamp = |a: &super::Arena| {
+            let mut inner = a.inner.lock();
+            let live = inner.live.contains_key(&ptr);
+            if live {
+                inner.sites.insert(ptr, site);
+            }
+            live
+        };
+        if let Some(dev) = self.devices.get(device) {
+            if let Some(a) = dev.find_arena(self.id, stream) {
+                if stamp(a) {
+                    return;
+                }
+            }
+            for a in dev.arena_list() {
+                if stamp(&a) {
+                    return;
+                }
+            }
+        }
     }
 
     /// Run `f` on the live record of `ptr`, looking in the hinted arena first.

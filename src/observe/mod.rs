@@ -43,6 +43,18 @@ thread_local! {
     static TICK_COUNTDOWN: Cell<u32> = const { Cell::new(0) };
 }
 
+/// Whether this thread should look at the clock: once every [`TICK_CALLS`] calls.
+#[inline]
+fn tick_countdown() -> bool {
+    TICK_COUNTDOWN
+        .try_with(|c| {
+            let n = c.get();
+            c.set(if n == 0 { TICK_CALLS - 1 } else { n - 1 });
+            n == 0
+        })
+        .unwrap_or(false)
+}
+
 /// One device's observed state.
 #[derive(Debug)]
 struct Watch {
@@ -57,6 +69,8 @@ struct Watch {
 pub struct Observer {
     /// Some per-allocation hook is on (sampling, the log, periodic work).
     pub on: bool,
+    /// The trace log or call-site sampling is on.
+    per_call: bool,
     /// The trace log is on: frees are logged too.
     pub logging: bool,
     sampler: Option<Sampler>,
@@ -113,6 +127,7 @@ impl Observer {
             .collect();
         Observer {
             on: sampler.is_some() || log.is_some() || tick_ms > 0,
+            per_call: sampler.is_some() || log.is_some(),
             logging: log.is_some(),
             sampler,
             log,
@@ -125,9 +140,29 @@ impl Observer {
         }
     }
 
-    /// After `alloc.malloc(size, device, stream)` returned `r` (only when [`Observer::on`]).
-    #[inline(never)]
+    /// After `alloc.malloc(size, device, stream)` returned `r` (only when
+    /// [`Observer::on`]). Inline: with only periodic work on, this is a
+    /// thread-local countdown; everything else is out of line.
+    #[inline]
     pub fn after_malloc(
+        &self,
+        alloc: &Allocator,
+        r: &Result<u64>,
+        size: u64,
+        device: usize,
+        stream: Stream,
+    ) {
+        if self.per_call {
+            self.per_call_hooks(alloc, r, size, device, stream);
+        }
+        if self.tick_ms > 0 && tick_countdown() {
+            self.maybe_tick(alloc);
+        }
+    }
+
+    /// The trace log and call-site sampling.
+    #[inline(never)]
+    fn per_call_hooks(
         &self,
         alloc: &Allocator,
         r: &Result<u64>,
@@ -154,9 +189,6 @@ impl Observer {
                 }
             }
         }
-        if self.tick_ms > 0 && self.tick_due() {
-            self.tick(alloc);
-        }
     }
 
     /// After a successful free of `ptr`, which had asked for `requested` bytes.
@@ -166,27 +198,13 @@ impl Observer {
         }
     }
 
-    /// Thread-local countdown, then the clock, then one CAS to claim the tick.
-    #[inline]
-    fn tick_due(&self) -> bool {
-        let look = TICK_COUNTDOWN
-            .try_with(|c| {
-                let n = c.get();
-                if n == 0 {
-                    c.set(TICK_CALLS - 1);
-                    true
-                } else {
-                    c.set(n - 1);
-                    false
-                }
-            })
-            .unwrap_or(false);
-        if !look {
-            return false;
-        }
+    /// The clock, then one CAS to claim the tick; then the tick.
+    #[cold]
+    #[inline(never)]
+    fn maybe_tick(&self, alloc: &Allocator) {
         let now = now_ms();
         let next = self.next_tick.load(Ordering::Relaxed);
-        now >= next
+        if now >= next
             && self
                 .next_tick
                 .compare_exchange(
@@ -196,6 +214,9 @@ impl Observer {
                     Ordering::Relaxed,
                 )
                 .is_ok()
+        {
+            self.tick(alloc);
+        }
     }
 
     /// Periodic work now, for every device: pressure and trim, then the alarms.
