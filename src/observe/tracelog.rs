@@ -100,14 +100,28 @@ impl TraceLog {
                     b
                 }
             };
+            let us = time_of_day_us();
+            let s = us / 1_000_000;
             let mut v = buf.lock();
-            let _ = writeln!(
-                v,
-                "{},{},{},{ptr:#x},{size},{stream}",
-                thread_id(),
-                time_of_day(),
-                action.as_str()
-            );
+            // Hand-formatted: core::fmt was most of the cost of a logged call.
+            dec(&mut v, thread_id() as u64, 1);
+            v.push(b',');
+            dec(&mut v, (s / 3600) % 24, 2);
+            v.push(b':');
+            dec(&mut v, (s / 60) % 60, 2);
+            v.push(b':');
+            dec(&mut v, s % 60, 2);
+            v.push(b'.');
+            dec(&mut v, us % 1_000_000, 6);
+            v.push(b',');
+            v.extend_from_slice(action.as_str().as_bytes());
+            v.extend_from_slice(b",0x");
+            hex(&mut v, ptr);
+            v.push(b',');
+            dec(&mut v, size, 1);
+            v.push(b',');
+            dec(&mut v, stream, 1);
+            v.push(b'\n');
             if v.len() >= BATCH {
                 self.sink.append(&v);
                 v.clear();
@@ -135,16 +149,42 @@ impl Drop for TraceLog {
     }
 }
 
-/// UTC time of day with microseconds, `HH:MM:SS.ffffff`.
-fn time_of_day() -> String {
+/// Append `n` in decimal, zero-padded to at least `width` digits.
+fn dec(v: &mut Vec<u8>, mut n: u64, width: usize) {
+    let mut b = [b'0'; 20];
+    let mut i = 20;
+    while n > 0 || 20 - i < width {
+        i -= 1;
+        b[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    v.extend_from_slice(&b[i..]);
+}
+
+/// Append `n` in lowercase hex, no prefix.
+fn hex(v: &mut Vec<u8>, mut n: u64) {
+    let mut b = [b'0'; 16];
+    let mut i = 16;
+    loop {
+        i -= 1;
+        b[i] = b"0123456789abcdef"[(n & 15) as usize];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    v.extend_from_slice(&b[i..]);
+}
+
+/// UTC time of day in microseconds since midnight.
+fn time_of_day_us() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: `ts` is a valid, writable timespec; clock_gettime only writes it.
     unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
-    let us = (ts.tv_sec as u64 % 86_400) * 1_000_000 + ts.tv_nsec as u64 / 1000;
-    format_time_us(us)
+    (ts.tv_sec as u64 % 86_400) * 1_000_000 + ts.tv_nsec as u64 / 1000
 }
 
 /// Render microseconds since midnight as `HH:MM:SS.ffffff`.
@@ -157,4 +197,21 @@ pub fn format_time_us(us: u64) -> String {
         s % 60,
         us % 1_000_000
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hand_formatting_matches_core_fmt() {
+        for n in [0u64, 1, 9, 10, 255, 4096, 123_456_789, u64::MAX] {
+            let (mut d, mut h) = (Vec::new(), Vec::new());
+            super::dec(&mut d, n, 1);
+            super::hex(&mut h, n);
+            assert_eq!(String::from_utf8(d).unwrap(), n.to_string());
+            assert_eq!(String::from_utf8(h).unwrap(), format!("{n:x}"));
+        }
+        let mut d = Vec::new();
+        super::dec(&mut d, 7, 6);
+        assert_eq!(d, b"000007");
+    }
 }
