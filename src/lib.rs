@@ -16,14 +16,19 @@
 //!            stream-ordered reuse; adoption of idle segments; OOM ladder;
 //!            limits; empty_cache; check_invariants()
 //!   size_class  pure size -> granule, pool, segment, bin functions           size_class.rs
+//!   trim        oldest-first trim and the engine's hooks for observe/        engine/trim.rs
 //! tracking   live-allocation records (validate frees, true sizes)            tracking.rs
+//! observe    adaptors around the engine: call-site sampling, leak report and  observe/
+//!            alarms, pressure levels + trim, RMM-CSV trace log, JSON stats
 //! stats      cudalloc_stats snapshot; device gauges and counters             stats.rs
 //! driver     trait Driver, the one narrow interface to a device              driver/
 //!              sim: simulated device (capacity, fake addresses, manual
 //!                   events, fault injection)
+//!              exit_guard: refuses device calls once the process exits
 //! error      Error and the C result codes (base 42000)                       error.rs
 //! conformance the shared behaviour suite (tests and `cudalloc selftest`)     conformance.rs
 //! bench      the `cudalloc bench` workloads                                  bench.rs
+//! trace      RMM-format traces: parse, replay on sim, generate, SVG timeline  trace/
 //! ```
 //! Nothing above `driver` names CUDA; nothing below `ffi` knows about C.
 //!

@@ -111,7 +111,7 @@ fn rows(r: &ReplayResult) -> Vec<(&'static str, String)> {
             r.trace_failures.to_string(),
         ),
         ("unmatched frees", r.unmatched_frees.to_string()),
-        ("replay time", format!("{:.3} s", r.seconds)),
+        ("replay time", format!("{:.2} ms", r.seconds * 1e3)),
     ]
 }
 
