@@ -65,6 +65,10 @@ enum Release {
     Completed,
     /// Every idle segment, synchronising streams as needed.
     All,
+    /// Idle segments of `pool` smaller than `below` bytes whose event has
+    /// completed: before growing, drop cached memory that cannot serve the
+    /// request anyway (never blocks).
+    TooSmall { pool: Pool, below: u64 },
 }
 
 struct Device {
@@ -227,6 +231,15 @@ impl Device {
                 if a.idle.is_empty() {
                     continue;
                 }
+                if let Release::TooSmall { pool, below } = mode {
+                    if !a
+                        .idle
+                        .iter()
+                        .any(|&s| a.seg(s).pool == pool && a.seg(s).size < below)
+                    {
+                        continue;
+                    }
+                }
                 if mode == Release::All {
                     // cuMemFree synchronises anyway; this makes the wait explicit.
                     let _ = self
@@ -237,7 +250,17 @@ impl Device {
                 let idle = a.idle.clone();
                 let mut out = Vec::with_capacity(idle.len());
                 for s in idle {
-                    if mode == Release::All || a.idle_event_complete(s, arena.stream, &self.core) {
+                    let wanted = match mode {
+                        Release::All => true,
+                        Release::Completed => a.idle_event_complete(s, arena.stream, &self.core),
+                        Release::TooSmall { pool, below } => {
+                            let seg = a.seg(s);
+                            seg.pool == pool
+                                && seg.size < below
+                                && a.idle_event_complete(s, arena.stream, &self.core)
+                        }
+                    };
+                    if wanted {
                         out.push(a.detach(s, &self.core));
                     }
                 }
@@ -503,6 +526,12 @@ impl Allocator {
             dev.note_alloc(arena, block);
             return Ok(p);
         }
+        // About to grow: first give back idle segments of this pool too small
+        // to serve the request (they would only sit in the cache).
+        dev.release_idle(Release::TooSmall {
+            pool,
+            below: rounded,
+        });
         let reserved = dev.core.counters.reserved.current();
         if reserved.saturating_add(seg_size) > dev.limit() {
             return Err(Error::new(

@@ -13,7 +13,7 @@ use crate::size_class::{bin_at_least, bin_of, FL_COUNT, SL_COUNT};
 pub const NIL: u32 = u32::MAX;
 
 /// How many blocks of the request's own bin are looked at before moving up.
-const OWN_BIN_PROBES: usize = 4;
+const OWN_BIN_PROBES: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockState {
@@ -164,18 +164,25 @@ impl FreeIndex {
 
     /// A free block of at least `size` bytes, good-fit, in O(1).
     pub fn find(&self, blocks: &Blocks, size: u64) -> Option<u32> {
-        // Same-size reuse: a few blocks of the request's own bin.
+        // Same-size reuse: the best fit among a few blocks of the request's own bin.
         let (fl, sl) = bin_of(size);
         let mut i = self.heads[Self::slot(fl, sl)];
+        let mut best: Option<(u64, u32)> = None;
         for _ in 0..OWN_BIN_PROBES {
             if i == NIL {
                 break;
             }
             let b = blocks.get(i);
-            if b.size >= size {
+            if b.size == size {
                 return Some(i);
             }
+            if b.size > size && best.is_none_or(|(s, _)| b.size < s) {
+                best = Some((b.size, i));
+            }
             i = b.free_next;
+        }
+        if let Some((_, i)) = best {
+            return Some(i);
         }
         // Then the first non-empty bin whose every block fits.
         let (fl, sl) = bin_at_least(size)?;
