@@ -8,9 +8,10 @@
 //! are ignored quietly, and the exit-time reports of `observe::at_exit` run.
 
 use crate::config::{Backend, Config, CONF_ENV};
+use crate::driver::cuda::CudaDriver;
 use crate::driver::exit_guard::ExitGuard;
 use crate::driver::sim::SimDriver;
-use crate::driver::Driver;
+use crate::driver::{Driver, DriverError};
 use crate::engine::Allocator;
 use crate::error::{Error, ErrorCode, Result};
 use once_cell::sync::OnceCell;
@@ -62,19 +63,30 @@ pub fn make_driver(config: &Config) -> Result<Arc<dyn Driver>> {
     };
     match config.backend {
         Backend::Sim => Ok(sim()),
-        Backend::Cuda => Err(Error::new(
-            ErrorCode::CUDALLOC_ERR_DRIVER_NOT_FOUND,
-            "backend:cuda is not available in this build yet (the CUDA backend is issue B)",
-        )),
-        Backend::Auto => {
-            static WARNED: std::sync::Once = std::sync::Once::new();
-            WARNED.call_once(|| {
-                tracing::warn!(
-                    "no CUDA backend available; using the simulated device (backend:sim)"
-                )
-            });
-            Ok(sim())
-        }
+        Backend::Cuda => Ok(cuda_driver()?),
+        Backend::Auto => match cuda_driver() {
+            Ok(d) if d.device_count() > 0 => Ok(d),
+            other => {
+                let why = match other {
+                    Ok(_) => "the CUDA driver reports no device".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    tracing::warn!("backend:auto: {why}; using the simulated device (backend:sim)")
+                });
+                Ok(sim())
+            }
+        },
+    }
+}
+
+/// The process's one CUDA driver (contexts are retained once), or why not.
+fn cuda_driver() -> Result<Arc<dyn Driver>> {
+    static CUDA: OnceCell<std::result::Result<Arc<CudaDriver>, DriverError>> = OnceCell::new();
+    match CUDA.get_or_init(|| CudaDriver::new().map(Arc::new)) {
+        Ok(d) => Ok(d.clone()),
+        Err(e) => Err(e.clone().into()),
     }
 }
 

@@ -62,8 +62,12 @@ fn config_cmd() -> Result<(), String> {
     let c = config()?;
     global::init_logging();
     print!("{}", c.render());
-    let d = global::make_driver(&c)
-        .map_err(|e| format!("backend {:?} cannot start: {e}", c.backend))?;
+    let d = global::make_driver(&c).map_err(|e| {
+        format!(
+            "backend:{} cannot start: {e}",
+            c.get("backend").unwrap_or_default()
+        )
+    })?;
     println!(
         "# backend in use: {} with {} device(s)",
         d.name(),

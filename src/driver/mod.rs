@@ -29,6 +29,7 @@
 //! 7. **No panics.** A missing driver library is an error at construction,
 //!    never a panic later.
 
+pub mod cuda;
 pub mod exit_guard;
 pub mod sim;
 

@@ -81,6 +81,9 @@ pub(crate) struct ArenaInner {
     pub sites: FxHashMap<u64, u32>,
     pub idle: Vec<u32>,
     pub pending: Vec<PendingFree>,
+    /// Blocks freed while their stream was capturing a CUDA graph: the graph
+    /// may still use them, so they stay out of reuse until `empty_cache`.
+    pub quarantined: Vec<u32>,
     pub counters: ArenaCounters,
     seq: u64,
 }
@@ -312,7 +315,15 @@ impl ArenaInner {
 
     /// Free `ptr` if this arena holds it live, returning the block's size.
     /// `None` when it does not.
-    pub fn free(&mut self, ptr: u64, dev: &DeviceCore) -> Option<u64> {
+    /// `quarantine` is asked only when the pointer is found: a true answer
+    /// (the stream is capturing a graph) keeps the block out of reuse until
+    /// [`ArenaInner::release_quarantine`].
+    pub fn free(
+        &mut self,
+        ptr: u64,
+        dev: &DeviceCore,
+        quarantine: impl FnOnce() -> bool,
+    ) -> Option<u64> {
         let rec = self.live.remove(&ptr)?;
         if !self.sites.is_empty() {
             self.sites.remove(&ptr);
@@ -321,6 +332,11 @@ impl ArenaInner {
         self.counters.frees += 1;
         self.counters.live -= 1;
         self.counters.requested -= rec.requested;
+        if quarantine() {
+            self.blocks.get_mut(rec.block).state = BlockState::Pending;
+            self.quarantined.push(rec.block);
+            return Some(size);
+        }
         if rec.streams.is_empty() {
             let pool = self.seg(self.blocks.get(rec.block).seg).pool;
             if pool == Pool::Small {
@@ -372,6 +388,13 @@ impl ArenaInner {
         self.stash.bytes = 0;
         self.debug_check();
         true
+    }
+
+    /// Return quarantined blocks (freed during a graph capture) to the free index.
+    pub fn release_quarantine(&mut self) {
+        for i in std::mem::take(&mut self.quarantined) {
+            self.release_block(i);
+        }
     }
 
     /// Release pending frees whose events have completed (all of them when `wait`).
@@ -444,10 +467,17 @@ impl ArenaInner {
 
     /// Bytes in blocks waiting on `record_stream` events.
     pub fn pending_bytes(&self) -> u64 {
-        self.pending
+        let pending: u64 = self
+            .pending
             .iter()
             .map(|p| self.blocks.get(p.block).size)
-            .sum()
+            .sum();
+        pending
+            + self
+                .quarantined
+                .iter()
+                .map(|&i| self.blocks.get(i).size)
+                .sum::<u64>()
     }
 
     pub fn segment_bytes(&self) -> u64 {

@@ -13,6 +13,11 @@
 //!   driver, else the OOM ladder in [`Allocator::malloc`]'s docs.
 //! - **Free** trusts nothing the caller says but the pointer: the stream and
 //!   device arguments are hints for where to look first.
+//! - **Graph capture.** `cuMemAlloc` runs in relaxed capture mode (the CUDA
+//!   driver does that). A block freed while its stream is capturing a graph is
+//!   quarantined: the graph may still use it, so it is not reused until
+//!   `empty_cache` (a simple, documented policy; torch uses private pools).
+//!   Until a slow path first sees a capturing stream, frees do not ask.
 
 mod arena;
 pub mod tlsf;
@@ -30,7 +35,7 @@ use once_cell::sync::OnceCell;
 use parking_lot::{Mutex, RwLock};
 use rustc_hash::FxHashMap;
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Called at step 3 of the OOM ladder with `(device, requested bytes)`.
@@ -81,6 +86,9 @@ struct Device {
     total: OnceCell<u64>,
     /// Peak of allocated bytes (see `stats::ArenaBytes`).
     peak: Mutex<u64>,
+    /// Set once a slow path saw a stream capturing a graph; from then on each
+    /// free asks the driver whether its stream is capturing (quarantine).
+    capture_seen: AtomicBool,
 }
 
 impl Device {
@@ -185,6 +193,26 @@ impl Device {
             .values()
             .map(|a| a.bytes.current.load(Ordering::Relaxed))
             .sum();
+    }
+
+    /// Whether a block of `arena` freed now must be quarantined: its stream is
+    /// capturing a CUDA graph. Costs nothing until the first capture is seen.
+    #[inline]
+    fn capturing(&self, arena: &Arena) -> bool {
+        self.capture_seen.load(Ordering::Relaxed)
+            && matches!(
+                self.core
+                    .driver
+                    .stream_is_capturing(self.core.index, arena.stream),
+                Ok(true)
+            )
+    }
+
+    /// Return every quarantined block to its arena's free index. Call with `slow` held.
+    fn release_quarantine(&self) {
+        for a in self.arena_list() {
+            a.inner.lock().release_quarantine();
+        }
     }
 
     fn arena_list(&self) -> Vec<Arc<Arena>> {
@@ -374,6 +402,7 @@ impl Allocator {
                 fraction_bits: AtomicU64::new(config.memory_fraction.to_bits()),
                 total: OnceCell::new(),
                 peak: Mutex::new(0),
+                capture_seen: AtomicBool::new(false),
             })
             .collect();
         let observe = Observer::new(&config, driver.device_count());
@@ -455,6 +484,15 @@ impl Allocator {
         let Some(seg_size) = self.policy.segment_size(rounded) else {
             return Err(self.oom(dev, size, "the size overflows"));
         };
+        if !dev.capture_seen.load(Ordering::Relaxed)
+            && matches!(
+                self.driver
+                    .stream_is_capturing(dev.core.index, arena.stream),
+                Ok(true)
+            )
+        {
+            dev.capture_seen.store(true, Ordering::Relaxed);
+        }
         if seg_size > dev.limit() || seg_size > dev.total() {
             // No amount of flushing can help: fail without dropping the cache.
             return Err(self.oom(
@@ -646,7 +684,7 @@ impl Allocator {
         if let Some(dev) = device.and_then(|d| self.devices.get(d)) {
             if let Some(a) = dev.find_arena(self.id, stream) {
                 let mut inner = a.inner.lock();
-                if let Some(block) = inner.free(ptr, &dev.core) {
+                if let Some(block) = inner.free(ptr, &dev.core, || dev.capturing(a)) {
                     dev.note_free(a, block);
                     return Ok(());
                 }
@@ -660,7 +698,7 @@ impl Allocator {
         for dev in &self.devices {
             for a in dev.arena_list() {
                 let mut inner = a.inner.lock();
-                if let Some(block) = inner.free(ptr, &dev.core) {
+                if let Some(block) = inner.free(ptr, &dev.core, || dev.capturing(&a)) {
                     dev.note_free(&a, block);
                     return Ok(());
                 }
@@ -708,6 +746,7 @@ impl Allocator {
             .iter()
             .map(|dev| {
                 let _slow = dev.slow.lock();
+                dev.release_quarantine();
                 dev.release_idle(Release::All)
             })
             .sum()
@@ -717,6 +756,7 @@ impl Allocator {
     pub fn empty_cache_device(&self, device: usize) -> Result<u64> {
         let dev = self.device(device)?;
         let _slow = dev.slow.lock();
+        dev.release_quarantine();
         Ok(dev.release_idle(Release::All))
     }
 
@@ -917,6 +957,35 @@ mod tests {
             "2 MiB is a large request: new 20 MiB segment"
         );
         a.free(p3, None, 99).unwrap();
+        a.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn frees_during_capture_are_quarantined_until_empty_cache() {
+        let (a, d) = sim("sim_memory:1GiB");
+        // Before any capture is seen, frees never ask the driver.
+        let p = a.malloc(4096, 0, 7).unwrap();
+        a.free(p, Some(0), 7).unwrap();
+        a.empty_cache();
+        d.set_capturing(7, true);
+        let p = a.malloc(4096, 0, 7).unwrap(); // a miss: the slow path sees the capture
+        a.free(p, Some(0), 7).unwrap();
+        let q = a.malloc(4096, 0, 7).unwrap();
+        assert_ne!(p, q, "a block freed during capture is not reused");
+        assert_eq!(a.stats(0).unwrap().pending_free_bytes, 4096);
+        a.check_invariants().unwrap();
+        d.set_capturing(7, false);
+        a.free(q, Some(0), 7).unwrap();
+        let r = a.malloc(4096, 0, 7).unwrap();
+        assert_eq!(r, q, "after the capture, frees are reused again");
+        a.free(r, Some(0), 7).unwrap();
+        a.empty_cache();
+        let st = a.stats(0).unwrap();
+        assert_eq!(
+            (st.pending_free_bytes, st.reserved_bytes),
+            (0, 0),
+            "empty_cache ends the quarantine"
+        );
         a.check_invariants().unwrap();
     }
 

@@ -1,0 +1,298 @@
+//! `backend:cuda` against a driver stand-in: `tests/standin/fake_libcuda.c`,
+//! compiled here into a fake `libcuda.so`, found through `LD_LIBRARY_PATH`.
+//!
+//! This runs the real CUDA code path (cudarc loading, context switching, error
+//! mapping, capture mode) in CI with no GPU. **It proves plumbing, not
+//! hardware**: the stand-in hands out fake addresses and its events complete
+//! at once. The GPU suite is `tests/gpu/` with `scripts/gpu-check.sh`.
+//!
+//! glibc reads `LD_LIBRARY_PATH` only at process start, so every check runs a
+//! child process: the `cudalloc` binary, the C ABI client, or the C scenarios
+//! in `tests/standin/scenarios.c`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The directory holding the fake `libcuda.so` and the scenario programs.
+fn standin() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = common::temp_dir("standin");
+        let lib = dir.join("libcuda.so");
+        let st = Command::new("gcc")
+            .args([
+                "-shared", "-fPIC", "-O1", "-Wall", "-Wextra", "-Werror", "-pthread", "-o",
+            ])
+            .arg(&lib)
+            .arg(common::root().join("tests/standin/fake_libcuda.c"))
+            .output()
+            .expect("gcc runs");
+        assert!(
+            st.status.success(),
+            "stand-in did not compile:\n{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        std::fs::copy(&lib, dir.join("libcuda.so.1")).unwrap();
+        for (src, name) in [
+            ("tests/standin/scenarios.c", "scenarios"),
+            ("tests/c/abi_test.c", "abi_test"),
+        ] {
+            common::build_c_client(&common::root().join(src), &dir.join(name), &[])
+                .unwrap_or_else(|e| panic!("{src} did not compile:\n{e}"));
+        }
+        dir
+    })
+}
+
+struct Run {
+    out: Output,
+    log: String,
+}
+
+impl Run {
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.out.stdout).into_owned()
+    }
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.out.stderr).into_owned()
+    }
+    fn assert_ok(&self) {
+        assert!(
+            self.out.status.success(),
+            "failed: {:?}\nstdout:\n{}\nstderr:\n{}\nlog tail:\n{}",
+            self.out.status,
+            self.stdout(),
+            self.stderr(),
+            tail(&self.log)
+        );
+        assert!(
+            !self.stderr().contains("panicked"),
+            "a panic:\n{}",
+            self.stderr()
+        );
+        for bad in ["WRONG_CTX", "BAD_FREE"] {
+            assert!(
+                !self.log.contains(bad),
+                "the stand-in saw {bad}:\n{}",
+                self.log
+            );
+        }
+    }
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// Run `program args` on backend:cuda over the stand-in, with extra env.
+fn run(name: &str, program: &Path, args: &[&str], env: &[(&str, String)]) -> Run {
+    let dir = standin();
+    let log = dir.join(format!("{name}.log"));
+    let _ = std::fs::remove_file(&log);
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env("LD_LIBRARY_PATH", dir)
+        .env("CUDALLOC_CONF", "backend:cuda")
+        .env("CUDALLOC_LOG", "error")
+        .env("FAKE_CUDA_LOG", &log)
+        .env("FAKE_CUDA_DEVICES", "2")
+        .env("FAKE_CUDA_MEMORY", (1u64 << 30).to_string());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("child runs");
+    Run {
+        out,
+        log: std::fs::read_to_string(&log).unwrap_or_default(),
+    }
+}
+
+fn cli() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_cudalloc"))
+}
+
+#[test]
+fn config_starts_backend_cuda_on_the_standin() {
+    let r = run("config", cli(), &["config"], &[]);
+    r.assert_ok();
+    assert!(
+        r.stdout().contains("backend in use: cuda with 2 device(s)"),
+        "{}",
+        r.stdout()
+    );
+    assert!(
+        r.log.contains("cuInit") && r.log.contains("cuDevicePrimaryCtxRetain dev=1"),
+        "{}",
+        r.log
+    );
+}
+
+#[test]
+fn behaviour_suite_passes_on_backend_cuda() {
+    let r = run("selftest", cli(), &["selftest"], &[]);
+    r.assert_ok();
+    assert!(r.stdout().contains("10 passed, 0 failed"), "{}", r.stdout());
+    assert!(
+        r.log.contains("cuMemAlloc_v2 ctx=0") && r.log.contains("cuEventRecord"),
+        "{}",
+        tail(&r.log)
+    );
+}
+
+#[test]
+fn c_client_passes_on_backend_cuda() {
+    let r = run("abi", &standin().join("abi_test"), &[], &[]);
+    r.assert_ok();
+    assert!(r.stdout().contains(" passed, 0 failed"), "{}", r.stdout());
+    assert!(
+        r.log.contains("cuMemAlloc_v2 ctx=1"),
+        "device 1 was used under its own context"
+    );
+}
+
+#[test]
+fn injected_oom_is_flushed_and_retried() {
+    let r = run(
+        "oom",
+        &standin().join("scenarios"),
+        &["oom"],
+        &[("FAKE_CUDA_OOM_AT", "2".into())],
+    );
+    r.assert_ok();
+    assert!(r.stdout().contains("ok oom"), "{}", r.stdout());
+    // The failed allocation, then the flush, then the successful retry.
+    let oom = r.log.find("OOM").expect("the injected OOM happened");
+    let free = r.log[oom..]
+        .find("cuMemFree_v2")
+        .map(|i| i + oom)
+        .expect("the ladder freed a segment");
+    assert!(
+        r.log[free..].contains("cuMemAlloc_v2 ctx=0 size=104857600"),
+        "{}",
+        r.log
+    );
+}
+
+#[test]
+fn each_device_is_served_under_its_own_context() {
+    let r = run("multidev", &standin().join("scenarios"), &["multidev"], &[]);
+    r.assert_ok();
+    assert!(
+        r.log.contains("cuMemAlloc_v2 ctx=1 size=31457280"),
+        "{}",
+        r.log
+    );
+    let frees: Vec<&str> = r
+        .log
+        .lines()
+        .filter(|l| l.starts_with("cuMemFree_v2"))
+        .collect();
+    assert_eq!(frees.len(), 3, "{}", r.log);
+    assert!(
+        frees.iter().any(|l| l.contains("ctx=1")),
+        "device 1's segment freed under ctx 1: {frees:?}"
+    );
+}
+
+#[test]
+fn deinitialised_driver_is_quiet_and_exit_calls_nothing() {
+    let flag = standin().join("deinit.flag");
+    let _ = std::fs::remove_file(&flag);
+    let r = run(
+        "deinit",
+        &standin().join("scenarios"),
+        &["deinit"],
+        &[
+            ("FAKE_CUDA_DEINIT_FILE", flag.display().to_string()),
+            ("CUDALLOC_LOG", "warn".into()),
+        ],
+    );
+    r.assert_ok();
+    assert!(r.stdout().contains("ok deinit"), "{}", r.stdout());
+    assert!(
+        r.log.contains("DEINITIALIZED"),
+        "the driver was asked after deinit: {}",
+        r.log
+    );
+    let after_exit = r.log.split("EXIT\n").nth(1).expect("exit marker");
+    assert!(
+        after_exit.trim().is_empty(),
+        "driver calls during exit:\n{after_exit}"
+    );
+    assert!(
+        !r.stderr().contains("failed"),
+        "deinit frees must be quiet:\n{}",
+        r.stderr()
+    );
+}
+
+#[test]
+fn capture_uses_relaxed_mode_and_quarantines_frees() {
+    let r = run(
+        "capture",
+        &standin().join("scenarios"),
+        &["capture"],
+        &[("FAKE_CUDA_CAPTURING", "0x7777".into())],
+    );
+    r.assert_ok();
+    assert!(r.stdout().contains("ok capture"), "{}", r.stdout());
+    assert!(
+        !r.log.contains("CAPTURE_UNSUPPORTED"),
+        "cuMemAlloc ran in global capture mode:\n{}",
+        r.log
+    );
+    assert!(
+        r.log.contains("mode=2"),
+        "allocations ran in relaxed mode:\n{}",
+        r.log
+    );
+}
+
+/// True when some libcuda is installed on this machine (a GPU machine).
+fn system_has_libcuda() -> bool {
+    Command::new("sh")
+        .args(["-c", "ldconfig -p | grep -q 'libcuda\\.so'"])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn missing_libcuda_is_a_clear_error_not_a_panic() {
+    if system_has_libcuda() {
+        eprintln!("a real libcuda is installed here; the missing-driver case cannot be staged");
+        return;
+    }
+    let empty = common::temp_dir("nolib");
+    let out = Command::new(cli())
+        .arg("config")
+        .env("LD_LIBRARY_PATH", &empty)
+        .env("CUDALLOC_CONF", "backend:cuda")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("libcuda.so not found; is the NVIDIA driver installed?"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+
+    let out = Command::new(cli())
+        .args(["bench", "--pairs", "1000", "--quick"])
+        .env("LD_LIBRARY_PATH", &empty)
+        .env("CUDALLOC_CONF", "backend:auto")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(
+        err.matches("using the simulated device").count(),
+        1,
+        "exactly one warning:\n{err}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("backend sim"));
+}

@@ -1,0 +1,272 @@
+/* A stand-in for libcuda.so, built at test time (tests/cuda_standin.rs).
+ *
+ * It implements exactly the driver entry points cudalloc's backend:cuda calls
+ * (src/driver/cuda.rs, ENTRY_POINTS) over fake address ranges, so CI runs the
+ * real CUDA code path without a GPU. It proves plumbing, not hardware.
+ *
+ * Environment:
+ *   FAKE_CUDA_DEVICES=N          devices (default 2)
+ *   FAKE_CUDA_MEMORY=BYTES       capacity per device (default 1 GiB)
+ *   FAKE_CUDA_OOM_AT=N           the Nth cuMemAlloc (1-based, all devices) fails with OUT_OF_MEMORY
+ *   FAKE_CUDA_DEINIT_FILE=PATH   once PATH exists, every call returns CUDA_ERROR_DEINITIALIZED
+ *   FAKE_CUDA_CAPTURING=HANDLE   this stream handle (hex or decimal) reports an active capture;
+ *                                cuMemAlloc then fails unless the thread is in relaxed mode
+ *   FAKE_CUDA_LOG=PATH           append one line per call: "<name> ctx=<device> ..."
+ * Strictness: memory calls need a current context; a free or record on another
+ * device's context is logged as WRONG_CTX (a real driver would accept some of
+ * these; cudalloc must never make them). */
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef void *CUcontext;
+typedef void *CUstream;
+typedef void *CUevent;
+typedef unsigned long long CUdeviceptr;
+
+enum {
+    OK = 0,
+    INVALID_VALUE = 1,
+    OUT_OF_MEMORY = 2,
+    DEINITIALIZED = 4,
+    INVALID_DEVICE = 101,
+    INVALID_CONTEXT = 201,
+    CAPTURE_UNSUPPORTED = 900,
+};
+
+#define MAX_DEV 8
+#define MAX_LIVE 65536
+#define CTX_BASE 0x1000
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static __thread int cur_dev = -1;
+static __thread int capture_mode = 0; /* 0 global, 1 thread-local, 2 relaxed */
+static int ndev = 2;
+static unsigned long long capacity = 1ull << 30;
+static unsigned long long used[MAX_DEV];
+static unsigned long long next_addr[MAX_DEV];
+static struct {
+    CUdeviceptr p;
+    unsigned long long n;
+    int dev;
+} live[MAX_LIVE];
+static int nlive = 0;
+static long allocs = 0;
+static uintptr_t next_handle = 0x100000;
+static int configured = 0;
+
+static void configure(void) {
+    if (configured) return;
+    configured = 1;
+    const char *s;
+    if ((s = getenv("FAKE_CUDA_DEVICES"))) ndev = atoi(s);
+    if (ndev > MAX_DEV) ndev = MAX_DEV;
+    if ((s = getenv("FAKE_CUDA_MEMORY"))) capacity = strtoull(s, NULL, 0);
+    for (int d = 0; d < MAX_DEV; d++) next_addr[d] = 0x700000000000ull + ((unsigned long long)d << 40);
+}
+
+static void logf_(const char *fmt, ...) {
+    const char *path = getenv("FAKE_CUDA_LOG");
+    if (!path) return;
+    FILE *f = fopen(path, "a");
+    if (!f) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(f, fmt, ap);
+    va_end(ap);
+    fputc('\n', f);
+    fclose(f);
+}
+
+static int deinit(void) {
+    const char *path = getenv("FAKE_CUDA_DEINIT_FILE");
+    return path && access(path, F_OK) == 0;
+}
+
+#define ENTER(name)                                  \
+    pthread_mutex_lock(&lock);                       \
+    configure();                                     \
+    if (deinit()) {                                  \
+        logf_("%s DEINITIALIZED", name);             \
+        pthread_mutex_unlock(&lock);                 \
+        return DEINITIALIZED;                        \
+    }
+#define LEAVE(r)                                     \
+    do {                                             \
+        pthread_mutex_unlock(&lock);                 \
+        return (r);                                  \
+    } while (0)
+
+static int capturing(CUstream s) {
+    const char *c = getenv("FAKE_CUDA_CAPTURING");
+    return c && (uintptr_t)strtoull(c, NULL, 0) == (uintptr_t)s;
+}
+
+CUresult cuInit(unsigned flags) {
+    ENTER("cuInit");
+    logf_("cuInit flags=%u", flags);
+    LEAVE(flags == 0 ? OK : INVALID_VALUE);
+}
+
+CUresult cuDeviceGetCount(int *count) {
+    ENTER("cuDeviceGetCount");
+    *count = ndev;
+    LEAVE(OK);
+}
+
+CUresult cuDeviceGet(CUdevice *dev, int ordinal) {
+    ENTER("cuDeviceGet");
+    if (ordinal < 0 || ordinal >= ndev) LEAVE(INVALID_DEVICE);
+    *dev = ordinal;
+    LEAVE(OK);
+}
+
+CUresult cuDevicePrimaryCtxRetain(CUcontext *ctx, CUdevice dev) {
+    ENTER("cuDevicePrimaryCtxRetain");
+    if (dev < 0 || dev >= ndev) LEAVE(INVALID_DEVICE);
+    *ctx = (CUcontext)(uintptr_t)(CTX_BASE + dev);
+    logf_("cuDevicePrimaryCtxRetain dev=%d", dev);
+    LEAVE(OK);
+}
+
+CUresult cuCtxSetCurrent(CUcontext ctx) {
+    ENTER("cuCtxSetCurrent");
+    int d = (int)((uintptr_t)ctx - CTX_BASE);
+    if (ctx == NULL) d = -1;
+    else if (d < 0 || d >= ndev) LEAVE(INVALID_CONTEXT);
+    cur_dev = d;
+    LEAVE(OK);
+}
+
+CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n) {
+    ENTER("cuMemAlloc_v2");
+    if (cur_dev < 0) LEAVE(INVALID_CONTEXT);
+    const char *c = getenv("FAKE_CUDA_CAPTURING");
+    if (c && capture_mode != 2) {
+        logf_("cuMemAlloc_v2 ctx=%d CAPTURE_UNSUPPORTED mode=%d", cur_dev, capture_mode);
+        LEAVE(CAPTURE_UNSUPPORTED);
+    }
+    allocs++;
+    const char *oom = getenv("FAKE_CUDA_OOM_AT");
+    if ((oom && atol(oom) == allocs) || used[cur_dev] + n > capacity || nlive == MAX_LIVE) {
+        logf_("cuMemAlloc_v2 ctx=%d size=%zu OOM", cur_dev, n);
+        LEAVE(OUT_OF_MEMORY);
+    }
+    CUdeviceptr a = next_addr[cur_dev];
+    next_addr[cur_dev] += (n + 0x1fffff) & ~0x1fffffull;
+    live[nlive].p = a;
+    live[nlive].n = n;
+    live[nlive].dev = cur_dev;
+    nlive++;
+    used[cur_dev] += n;
+    *p = a;
+    logf_("cuMemAlloc_v2 ctx=%d size=%zu ptr=0x%llx mode=%d", cur_dev, n, a, capture_mode);
+    LEAVE(OK);
+}
+
+CUresult cuMemFree_v2(CUdeviceptr p) {
+    ENTER("cuMemFree_v2");
+    if (cur_dev < 0) LEAVE(INVALID_CONTEXT);
+    for (int i = 0; i < nlive; i++) {
+        if (live[i].p == p) {
+            if (live[i].dev != cur_dev) logf_("WRONG_CTX cuMemFree_v2 ptr=0x%llx of device %d in ctx %d", p, live[i].dev, cur_dev);
+            used[live[i].dev] -= live[i].n;
+            logf_("cuMemFree_v2 ctx=%d ptr=0x%llx size=%llu", cur_dev, p, live[i].n);
+            live[i] = live[--nlive];
+            LEAVE(OK);
+        }
+    }
+    logf_("BAD_FREE cuMemFree_v2 ptr=0x%llx", p);
+    LEAVE(INVALID_VALUE);
+}
+
+CUresult cuMemGetInfo_v2(size_t *free_, size_t *total) {
+    ENTER("cuMemGetInfo_v2");
+    if (cur_dev < 0) LEAVE(INVALID_CONTEXT);
+    *free_ = capacity - used[cur_dev];
+    *total = capacity;
+    LEAVE(OK);
+}
+
+CUresult cuEventCreate(CUevent *e, unsigned flags) {
+    ENTER("cuEventCreate");
+    if (cur_dev < 0) LEAVE(INVALID_CONTEXT);
+    /* Handles remember their device: low byte. */
+    next_handle += 0x100;
+    *e = (CUevent)(next_handle | (uintptr_t)cur_dev);
+    logf_("cuEventCreate ctx=%d flags=%u", cur_dev, flags);
+    LEAVE(OK);
+}
+
+CUresult cuEventRecord(CUevent e, CUstream s) {
+    ENTER("cuEventRecord");
+    if ((int)((uintptr_t)e & 0xff) != cur_dev) logf_("WRONG_CTX cuEventRecord event of device %d in ctx %d", (int)((uintptr_t)e & 0xff), cur_dev);
+    logf_("cuEventRecord ctx=%d stream=%p", cur_dev, s);
+    LEAVE(OK);
+}
+
+CUresult cuEventQuery(CUevent e) {
+    ENTER("cuEventQuery");
+    (void)e;
+    LEAVE(OK); /* events complete at once */
+}
+
+CUresult cuEventSynchronize(CUevent e) {
+    ENTER("cuEventSynchronize");
+    (void)e;
+    LEAVE(OK);
+}
+
+CUresult cuEventDestroy_v2(CUevent e) {
+    ENTER("cuEventDestroy_v2");
+    (void)e;
+    LEAVE(OK);
+}
+
+CUresult cuStreamSynchronize(CUstream s) {
+    ENTER("cuStreamSynchronize");
+    logf_("cuStreamSynchronize ctx=%d stream=%p", cur_dev, s);
+    LEAVE(OK);
+}
+
+CUresult cuStreamIsCapturing(CUstream s, int *status) {
+    ENTER("cuStreamIsCapturing");
+    *status = capturing(s) ? 1 : 0;
+    LEAVE(OK);
+}
+
+CUresult cuStreamCreate(CUstream *s, unsigned flags) {
+    ENTER("cuStreamCreate");
+    (void)flags;
+    next_handle += 0x100;
+    *s = (CUstream)next_handle;
+    LEAVE(OK);
+}
+
+CUresult cuStreamDestroy_v2(CUstream s) {
+    ENTER("cuStreamDestroy_v2");
+    (void)s;
+    LEAVE(OK);
+}
+
+CUresult cuThreadExchangeStreamCaptureMode(int *mode) {
+    ENTER("cuThreadExchangeStreamCaptureMode");
+    int old = capture_mode;
+    capture_mode = *mode;
+    *mode = old;
+    logf_("cuThreadExchangeStreamCaptureMode new=%d old=%d", capture_mode, old);
+    LEAVE(OK);
+}
+
+CUresult cuGetErrorString(CUresult r, const char **s) {
+    static char buf[64];
+    snprintf(buf, sizeof buf, "fake libcuda error %d", r);
+    *s = buf;
+    return OK;
+}

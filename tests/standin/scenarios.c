@@ -1,0 +1,111 @@
+/* Scenarios for the libcuda stand-in (tests/cuda_standin.rs). Each prints
+ * "ok <name>" and exits 0, or prints what went wrong and exits 1.
+ * Usage: scenarios oom|multidev|deinit|capture */
+#include "cudalloc.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MiB ((size_t)1 << 20)
+#define FAIL(...)                                                                   \
+    do {                                                                            \
+        fprintf(stderr, __VA_ARGS__);                                               \
+        fprintf(stderr, " (last error %d: %s)\n", cudalloc_last_error(),           \
+                cudalloc_last_error_message());                                     \
+        return 1;                                                                   \
+    } while (0)
+
+static void marker(const char *what) {
+    const char *path = getenv("FAKE_CUDA_LOG");
+    FILE *f = path ? fopen(path, "a") : NULL;
+    if (f) {
+        fprintf(f, "%s\n", what);
+        fclose(f);
+    }
+}
+
+/* The 2nd cuMemAlloc fails (FAKE_CUDA_OOM_AT=2): the ladder releases the idle
+ * small segment and the retry succeeds. */
+static int oom(void) {
+    cudalloc_stats st;
+    void *p = cudalloc_malloc(MiB, 0, (void *)0x10);
+    if (!p) FAIL("first allocation failed");
+    cudalloc_free(p, MiB, 0, (void *)0x10);
+    void *q = cudalloc_malloc(100 * MiB, 0, (void *)0x20);
+    if (!q) FAIL("no retry after the injected OOM");
+    if (cudalloc_get_stats(0, &st) != CUDALLOC_OK) FAIL("stats");
+    if (st.num_alloc_retries != 1 || st.num_ooms != 0 || st.num_driver_frees != 1)
+        FAIL("retries %llu ooms %llu driver frees %llu", (unsigned long long)st.num_alloc_retries,
+             (unsigned long long)st.num_ooms, (unsigned long long)st.num_driver_frees);
+    cudalloc_free(q, 0, 0, NULL);
+    return 0;
+}
+
+/* Device 1's segments are allocated and freed under device 1's context even
+ * when device 0's context is current. */
+static int multidev(void) {
+    void *a = cudalloc_malloc(MiB, 0, NULL);
+    void *b = cudalloc_malloc(30 * MiB, 1, NULL);
+    void *c = cudalloc_malloc(30 * MiB, 0, NULL); /* device 0's context is current now */
+    if (!a || !b || !c) FAIL("allocation failed");
+    cudalloc_free(b, 0, 1, NULL);
+    cudalloc_free(a, 0, 0, NULL);
+    cudalloc_free(c, 0, 0, NULL);
+    cudalloc_empty_cache();
+    cudalloc_stats st;
+    for (int d = 0; d < 2; d++)
+        if (cudalloc_get_stats(d, &st) != CUDALLOC_OK || st.reserved_bytes != 0) FAIL("device %d not emptied", d);
+    return 0;
+}
+
+/* The driver deinitialises mid-run (FAKE_CUDA_DEINIT_FILE): frees, empty_cache
+ * and later calls are quiet, nothing crashes, and exit makes no driver call. */
+static int deinit(void) {
+    void *p[4];
+    for (int i = 0; i < 4; i++)
+        if (!(p[i] = cudalloc_malloc((size_t)(i + 1) * 8 * MiB, 0, NULL))) FAIL("allocation %d", i);
+    FILE *f = fopen(getenv("FAKE_CUDA_DEINIT_FILE"), "w");
+    if (!f) FAIL("cannot create the deinit file");
+    fclose(f);
+    for (int i = 0; i < 3; i++) cudalloc_free(p[i], 0, 0, NULL); /* p[3] stays live until exit */
+    cudalloc_empty_cache();
+    void *q = cudalloc_malloc(512 * MiB, 0, NULL);
+    if (q) FAIL("allocation after deinit succeeded");
+    int code = cudalloc_last_error();
+    if (code != CUDALLOC_ERR_SHUTTING_DOWN && code != CUDALLOC_ERR_OUT_OF_MEMORY)
+        FAIL("unexpected code %d after deinit", code);
+    marker("EXIT");
+    return 0;
+}
+
+/* A capturing stream (FAKE_CUDA_CAPTURING=0x7777): the driver allocation runs
+ * in relaxed mode, and a block freed during capture is not reused. */
+static int capture(void) {
+    void *s = (void *)0x7777;
+    void *p = cudalloc_malloc(4 * MiB, 0, s);
+    if (!p) FAIL("allocation on a capturing stream failed");
+    cudalloc_free(p, 0, 0, s);
+    void *q = cudalloc_malloc(4 * MiB, 0, s);
+    if (!q) FAIL("second allocation failed");
+    if (q == p) FAIL("a block freed during capture was reused");
+    cudalloc_stats st;
+    if (cudalloc_get_stats(0, &st) != CUDALLOC_OK || st.pending_free_bytes != 4 * MiB)
+        FAIL("quarantined bytes %llu", (unsigned long long)st.pending_free_bytes);
+    cudalloc_free(q, 0, 0, s);
+    cudalloc_empty_cache();
+    if (cudalloc_get_stats(0, &st) != CUDALLOC_OK || st.pending_free_bytes != 0 || st.reserved_bytes != 0)
+        FAIL("empty_cache did not end the quarantine");
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 2) return 2;
+    int r = 2;
+    if (!strcmp(argv[1], "oom")) r = oom();
+    else if (!strcmp(argv[1], "multidev")) r = multidev();
+    else if (!strcmp(argv[1], "deinit")) r = deinit();
+    else if (!strcmp(argv[1], "capture")) r = capture();
+    if (r == 0) printf("ok %s\n", argv[1]);
+    return r;
+}
