@@ -22,6 +22,8 @@
 //!            alarms, pressure levels + trim, RMM-CSV trace log, JSON stats
 //! stats      cudalloc_stats snapshot; device gauges and counters             stats.rs
 //! driver     trait Driver, the one narrow interface to a device              driver/
+//!              cuda: CUDA driver API via cudarc (run-time loaded libcuda,
+//!                    primary context per device, relaxed capture mode)
 //!              sim: simulated device (capacity, fake addresses, manual
 //!                   events, fault injection)
 //!              exit_guard: refuses device calls once the process exits

@@ -1,0 +1,150 @@
+//! The GPU suite: `backend:cuda` on a real device. Every test is `#[ignore]`d
+//! so CI (no GPU) lists them without running them; on a GPU machine run
+//! `scripts/gpu-check.sh`, which runs this binary with `--ignored`.
+//!
+//! - the shared behaviour suite on real streams;
+//! - allocations are usable: memset on the device, copy back, verify;
+//! - cross-stream reuse with real streams keeps data intact;
+//! - `record_stream` delays reuse until the other stream's work is done;
+//! - OOM at the real capacity, with the diagnosis, then recovery.
+
+use cudalloc::conformance::{run_all, STREAMS};
+use cudalloc::driver::cuda::CudaDriver;
+use cudalloc::driver::Driver;
+use cudalloc::{Allocator, Config, ErrorCode};
+use cudarc::driver::sys as cu;
+use std::sync::Arc;
+
+fn gpu() -> (Allocator, Arc<CudaDriver>) {
+    let d = Arc::new(CudaDriver::new().expect("a CUDA driver and device (run on a GPU machine)"));
+    assert!(d.device_count() > 0, "no CUDA device");
+    let c = Config::parse("backend:cuda").unwrap();
+    (Allocator::new(c, d.clone()), d)
+}
+
+fn check(r: cu::CUresult) {
+    assert_eq!(r, cu::CUresult::CUDA_SUCCESS);
+}
+
+/// Fill `n` bytes at `p` with `v` on `stream`, asynchronously.
+fn memset(p: u64, v: u8, n: usize, stream: u64) {
+    // SAFETY: `p` is a live cudalloc allocation of at least `n` bytes; the
+    // driver made the context current in the allocation that returned it.
+    check(unsafe { cu::cuMemsetD8Async(p, v, n, stream as usize as cu::CUstream) });
+}
+
+/// Copy `n` bytes back (synchronously, after all prior work) and check them.
+fn expect(p: u64, v: u8, n: usize) {
+    let mut host = vec![0u8; n];
+    // SAFETY: `host` has room for `n` bytes; `p` is live for `n` bytes.
+    check(unsafe { cu::cuMemcpyDtoH_v2(host.as_mut_ptr().cast(), p, n) });
+    assert!(host.iter().all(|&b| b == v), "device data is not {v:#x}");
+}
+
+#[test]
+#[ignore = "needs a GPU: scripts/gpu-check.sh"]
+fn behaviour_suite_on_cuda() {
+    let (_, d) = gpu();
+    let mut streams = vec![0u64];
+    for _ in 1..STREAMS {
+        streams.push(d.stream_create(0).unwrap());
+    }
+    let make = || Allocator::new(Config::parse("backend:cuda").unwrap(), d.clone());
+    let failures: Vec<String> = run_all(&make, &streams)
+        .into_iter()
+        .filter_map(|(n, r)| r.err().map(|e| format!("{n}: {e}")))
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+#[ignore = "needs a GPU: scripts/gpu-check.sh"]
+fn allocations_hold_data() {
+    let (a, _) = gpu();
+    for size in [1usize, 4096, 1 << 20, 3 << 20, 64 << 20] {
+        let p = a.malloc(size as u64, 0, 0).unwrap();
+        memset(p, 0x5a, size, 0);
+        expect(p, 0x5a, size);
+        a.free(p, Some(0), 0).unwrap();
+    }
+    a.check_invariants().unwrap();
+}
+
+#[test]
+#[ignore = "needs a GPU: scripts/gpu-check.sh"]
+fn cross_stream_reuse_keeps_data_intact() {
+    let (a, d) = gpu();
+    let (s1, s2) = (d.stream_create(0).unwrap(), d.stream_create(0).unwrap());
+    let n = 256usize << 20;
+    // Work on s1, free on s1, then s2 asks for the same size: it may get the
+    // segment only after s1's work completed, so s2's write lands last.
+    let p = a.malloc(n as u64, 0, s1).unwrap();
+    for _ in 0..20 {
+        memset(p, 0x11, n, s1);
+    }
+    a.free(p, Some(0), s1).unwrap();
+    let q = a.malloc(n as u64, 0, s2).unwrap();
+    memset(q, 0x22, n, s2);
+    d.stream_synchronize(0, s2).unwrap();
+    d.stream_synchronize(0, s1).unwrap();
+    expect(q, 0x22, n);
+    a.free(q, Some(0), s2).unwrap();
+    a.check_invariants().unwrap();
+}
+
+#[test]
+#[ignore = "needs a GPU: scripts/gpu-check.sh"]
+fn record_stream_delays_reuse() {
+    let (a, d) = gpu();
+    let (s1, s2) = (d.stream_create(0).unwrap(), d.stream_create(0).unwrap());
+    let n = 64usize << 20;
+    let p = a.malloc(n as u64, 0, s1).unwrap();
+    for _ in 0..50 {
+        memset(p, 0x33, n, s2); // used on s2
+    }
+    a.record_stream(p, s2).unwrap();
+    a.free(p, Some(0), s1).unwrap();
+    let q = a.malloc(n as u64, 0, s1).unwrap();
+    memset(q, 0x44, n, s1);
+    d.stream_synchronize(0, s1).unwrap();
+    d.stream_synchronize(0, s2).unwrap();
+    expect(q, 0x44, n);
+    a.free(q, Some(0), s1).unwrap();
+    a.check_invariants().unwrap();
+}
+
+#[test]
+#[ignore = "needs a GPU: scripts/gpu-check.sh"]
+fn oom_at_real_capacity_then_recovery() {
+    let (a, d) = gpu();
+    let (_, total) = d.mem_info(0).unwrap();
+    let chunk = 1u64 << 30;
+    let mut held = Vec::new();
+    let err = loop {
+        match a.malloc(chunk, 0, 0) {
+            Ok(p) => held.push(p),
+            Err(e) => break e,
+        }
+        assert!(
+            (held.len() as u64) * chunk <= total,
+            "allocated more than the device has"
+        );
+    };
+    assert_eq!(err.code, ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY);
+    assert!(err.message.contains("largest live allocations"), "{err}");
+    assert!(
+        held.len() as u64 * chunk > total / 2,
+        "filled only {} GiB of {}",
+        held.len(),
+        total >> 30
+    );
+    for p in held.drain(..) {
+        a.free(p, Some(0), 0).unwrap();
+    }
+    let p = a.malloc(chunk, 0, 0).expect("service after OOM");
+    memset(p, 1, chunk as usize, 0);
+    expect(p, 1, 4096);
+    a.free(p, Some(0), 0).unwrap();
+    a.empty_cache();
+    assert_eq!(a.stats(0).unwrap().reserved_bytes, 0);
+}
