@@ -20,7 +20,7 @@
 
 use super::tlsf::{Block, BlockState, Blocks, FreeIndex, NIL};
 use super::DeviceCore;
-use crate::driver::{Event, Stream};
+use crate::driver::{DriverError, Event, Stream};
 use crate::size_class::{Policy, Pool};
 use crate::stats::{ArenaBytes, ArenaCounters};
 use crate::tracking::{now_ms, thread_id, LiveInfo, LiveRecord};
@@ -355,19 +355,31 @@ impl ArenaInner {
         } else {
             // record_stream: the block waits for the other streams' work.
             let mut events = Vec::with_capacity(rec.streams.len());
+            let mut unproven = false;
             for &s in &rec.streams {
                 match dev.get_event() {
                     Ok(e) if dev.driver.event_record(dev.index, e, s).is_ok() => events.push(e),
-                    Ok(e) => {
-                        dev.put_event(e);
-                        let _ = dev.driver.stream_synchronize(dev.index, s);
-                    }
-                    Err(_) => {
-                        let _ = dev.driver.stream_synchronize(dev.index, s);
+                    other => {
+                        if let Ok(e) = other {
+                            dev.put_event(e);
+                        }
+                        // No event: wait for the stream now, or, if even that
+                        // fails, keep the block out of reuse until empty_cache.
+                        unproven |= !matches!(
+                            dev.driver.stream_synchronize(dev.index, s),
+                            Ok(()) | Err(DriverError::Deinitialized)
+                        );
                     }
                 }
             }
             self.blocks.get_mut(rec.block).state = BlockState::Pending;
+            if unproven {
+                for e in events {
+                    dev.put_event(e);
+                }
+                self.quarantined.push(rec.block);
+                return Some(size);
+            }
             self.pending.push(PendingFree {
                 block: rec.block,
                 events,
@@ -402,13 +414,15 @@ impl ArenaInner {
         let mut i = 0;
         while i < self.pending.len() {
             let done = self.pending[i].events.iter().all(|&e| {
-                if wait {
-                    let _ = dev.driver.event_synchronize(dev.index, e);
-                    true
+                let r = if wait {
+                    dev.driver.event_synchronize(dev.index, e).map(|()| true)
                 } else {
-                    // An error (e.g. deinitialised driver) will not get better: stop waiting.
-                    !matches!(dev.driver.event_query(dev.index, e), Ok(false))
-                }
+                    dev.driver.event_query(dev.index, e)
+                };
+                // Only completion proves the other stream is done. A transient
+                // error keeps the block waiting; a deinitialised driver means
+                // no work will ever run again.
+                matches!(r, Ok(true) | Err(DriverError::Deinitialized))
             });
             if done {
                 let p = self.pending.swap_remove(i);
