@@ -11,7 +11,10 @@ if ! "$PY" -c 'import pytest' 2>/dev/null; then
     exit 1
 fi
 cargo build --lib
-CUDALLOC_LIBRARY="$PWD/target/debug/libcudalloc.so" \
+# Where cargo put it (CARGO_TARGET_DIR and .cargo/config are honoured).
+target_dir=$(cargo metadata --format-version 1 --no-deps |
+    "$PY" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+CUDALLOC_LIBRARY="$target_dir/debug/libcudalloc.so" \
     "$PY" -m pytest tests/python -q -p no:cacheprovider
 if [ "${CI:-}" = true ] || [ "${CUDALLOC_PIP_CHECK:-0}" = 1 ]; then
     bash tests/python/pip_install_check.sh
