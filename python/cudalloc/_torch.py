@@ -1,0 +1,212 @@
+"""PyTorch integration: install cudalloc as torch's CUDA allocator, and make
+torch's memory-statistics functions answer from cudalloc.
+
+torch is imported only inside these functions, never at ``import cudalloc``.
+"""
+
+import functools
+import os
+import sys
+import threading
+import warnings
+
+from . import _lib, _stats
+
+PATCH_ENV = "CUDALLOC_PATCH_TORCH"
+CONF_ENV = "CUDALLOC_CONF"
+
+_TOO_LATE = (
+    "cudalloc.enable() was called after CUDA was initialised in this process; "
+    "PyTorch cannot swap its allocator then. Call cudalloc.enable() before the "
+    "first CUDA tensor (right after `import torch`), or run with CUDALLOC=1 "
+    "(or `python -m cudalloc script.py`), which enables it when torch is imported"
+)
+
+# torch's optional hooks on _CUDAPluggableAllocator, and the export each takes
+# (signatures from torch/csrc/cuda/Module.cpp: void(int), void(),
+# void(void*, cudaStream_t), void(double, int)).
+_HOOKS = (
+    ("set_init_fn", "cudalloc_init_devices"),
+    ("set_reset_fn", "cudalloc_empty_cache"),
+    ("set_record_stream_fn", "cudalloc_record_stream"),
+    ("set_memory_fraction_fn", "cudalloc_set_memory_fraction"),
+)
+# Without these, empty_cache() is a silent no-op and record_stream is ignored.
+_ESSENTIAL_HOOKS = ("set_reset_fn", "set_record_stream_fn")
+
+_lock = threading.RLock()
+_allocator = None  # the CUDAPluggableAllocator, kept alive for the process
+_conf = None
+_hooks_wired = ()
+_originals = {}  # (module, name) -> original function, while patched
+
+
+def _falsy(value):
+    return value.strip().lower() in ("", "0", "false", "no", "off")
+
+
+def effective_conf(conf=None):
+    """The configuration string enable() hands to cudalloc_init.
+
+    ``conf`` or else ``$CUDALLOC_CONF``. Under PyTorch the memory must be real
+    device memory, so when no ``backend`` is named this asks for ``cuda``
+    rather than ``auto`` (which falls back to the simulated device).
+    """
+    text = conf if conf is not None else os.environ.get(CONF_ENV, "")
+    keys = {item.split(":", 1)[0].strip() for item in text.split(",") if item.strip()}
+    if "backend" not in keys:
+        text = "backend:cuda," + text if text.strip() else "backend:cuda"
+    return text
+
+
+def is_enabled():
+    """Whether cudalloc is torch's CUDA allocator in this process."""
+    return _allocator is not None
+
+
+def enabled_hooks():
+    """The torch hooks wired by enable() (names of the ``set_*_fn`` methods)."""
+    return _hooks_wired
+
+
+def enable(conf=None, *, patch_torch=None):
+    """Make cudalloc PyTorch's CUDA allocator. Call before the first CUDA tensor.
+
+    ``conf``: a ``CUDALLOC_CONF``-style string (default: the environment).
+    ``patch_torch``: make ``torch.cuda.memory_stats`` and friends answer from
+    cudalloc (default on; ``CUDALLOC_PATCH_TORCH=0`` turns it off).
+
+    Raises ``ValueError`` (:class:`cudalloc.ConfigError`) naming a bad key,
+    and :class:`cudalloc.CudallocError` when CUDA is already initialised or
+    the device cannot be used. Returns the ``CUDAPluggableAllocator``.
+    """
+    global _allocator, _conf, _hooks_wired
+    try:
+        import torch
+    except ImportError as e:
+        raise _lib.CudallocError(f"cudalloc.enable() needs PyTorch: {e}") from None
+    if patch_torch is None:
+        patch_torch = not _falsy(os.environ.get(PATCH_ENV, "1"))
+    eff = effective_conf(conf)
+    with _lock:
+        if _allocator is not None:
+            if eff != _conf:
+                raise _lib.CudallocError(
+                    f"cudalloc is already enabled with configuration {_conf!r}; "
+                    f"cannot switch to {eff!r} in the same process"
+                )
+            if patch_torch:
+                _patch()
+            return _allocator
+        mem = getattr(getattr(torch, "cuda", None), "memory", None)
+        if mem is None or not hasattr(mem, "CUDAPluggableAllocator"):
+            raise _lib.CudallocError(
+                "this PyTorch has no torch.cuda.memory.CUDAPluggableAllocator "
+                "(cudalloc needs PyTorch >= 2.0 built with CUDA)"
+            )
+        if torch.cuda.is_initialized():
+            raise _lib.CudallocError(_TOO_LATE)
+        _lib.init(eff)  # ConfigError names the key
+        if "backend:sim" in eff.replace(" ", ""):
+            warnings.warn(
+                "cudalloc: backend:sim hands PyTorch simulated addresses that no "
+                "kernel may touch; use it only for tests",
+                stacklevel=2,
+            )
+        alloc = mem.CUDAPluggableAllocator(
+            _lib.loaded_path(), "cudalloc_malloc", "cudalloc_free"
+        )
+        inner = alloc.allocator()
+        wired = []
+        for setter, export in _HOOKS:
+            fn = getattr(inner, setter, None)
+            if fn is not None:
+                fn(_lib.address(export))
+                wired.append(setter)
+        missing = [h for h in _ESSENTIAL_HOOKS if h not in wired]
+        if missing:
+            warnings.warn(
+                f"cudalloc: this PyTorch lacks {', '.join(missing)}: "
+                "torch.cuda.empty_cache() / Tensor.record_stream will not reach "
+                "cudalloc (call cudalloc.empty_cache() directly)",
+                stacklevel=2,
+            )
+        try:
+            mem.change_current_allocator(alloc)
+        except RuntimeError as e:
+            raise _lib.CudallocError(f"{_TOO_LATE} (PyTorch: {e})") from None
+        _allocator, _conf, _hooks_wired = alloc, eff, tuple(wired)
+        if patch_torch:
+            _patch()
+        return alloc
+
+
+# torch.cuda functions answered by cudalloc once patched: name -> replacement.
+def _replacements():
+    s = _stats
+    return {
+        "memory_stats": s.memory_stats,
+        "memory_stats_as_nested_dict": s.memory_stats_as_nested_dict,
+        "memory_allocated": s.memory_allocated,
+        "max_memory_allocated": s.max_memory_allocated,
+        "memory_reserved": s.memory_reserved,
+        "max_memory_reserved": s.max_memory_reserved,
+        "memory_cached": s.memory_reserved,  # torch's deprecated aliases
+        "max_memory_cached": s.max_memory_reserved,
+        "reset_peak_memory_stats": s.reset_peak_memory_stats,
+        "reset_max_memory_allocated": s.reset_peak_memory_stats,
+        "reset_max_memory_cached": s.reset_peak_memory_stats,
+        "memory_summary": s.memory_summary,
+    }
+
+
+def _patch():
+    torch = sys.modules.get("torch")
+    if torch is None:
+        raise _lib.CudallocError("patch_torch(): torch is not imported")
+    modules = [m for m in (getattr(torch, "cuda", None),) if m is not None]
+    mem = getattr(modules[0], "memory", None) if modules else None
+    if mem is not None:
+        modules.append(mem)
+    for module in modules:
+        for name, repl in _replacements().items():
+            if (module, name) in _originals or not hasattr(module, name):
+                continue
+            original = getattr(module, name)
+
+            def make(repl=repl, original=original):
+                @functools.wraps(original)
+                def patched(*args, **kwargs):
+                    return repl(*args, **kwargs)
+
+                patched.__cudalloc__ = True
+                return patched
+
+            _originals[(module, name)] = original
+            setattr(module, name, make())
+
+
+def patch_torch():
+    """Make ``torch.cuda.memory_stats``, ``memory_allocated``,
+    ``max_memory_allocated``, ``memory_reserved``, ``max_memory_reserved``,
+    ``reset_peak_memory_stats``, ``memory_summary`` (and aliases) answer from
+    cudalloc. Under a pluggable allocator torch's own versions raise. Needs
+    :func:`enable` first. Idempotent."""
+    with _lock:
+        if _allocator is None:
+            raise _lib.CudallocError(
+                "patch_torch(): cudalloc is not torch's allocator; call cudalloc.enable() first"
+            )
+        _patch()
+
+
+def unpatch_torch():
+    """Put torch's own statistics functions back."""
+    with _lock:
+        for (module, name), original in list(_originals.items()):
+            setattr(module, name, original)
+        _originals.clear()
+
+
+def is_patched():
+    return bool(_originals)

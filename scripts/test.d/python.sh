@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Python package tests (no GPU, no torch): python/cudalloc against
+# target/debug/libcudalloc.so on the sim backend, with a fake torch module.
+# In CI (CI=true), or with CUDALLOC_PIP_CHECK=1, also `pip install .` into a
+# fresh venv (one release build of the crate) and the same tests against it.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import pytest' 2>/dev/null; then
+    echo "pytest is missing: $PY -m pip install pytest (.ci/setup.d/python.sh does it)" >&2
+    exit 1
+fi
+cargo build --lib
+# Where cargo put it (CARGO_TARGET_DIR and .cargo/config are honoured).
+target_dir=$(cargo metadata --format-version 1 --no-deps |
+    "$PY" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+CUDALLOC_LIBRARY="$target_dir/debug/libcudalloc.so" \
+    "$PY" -m pytest tests/python -q -p no:cacheprovider
+if [ "${CI:-}" = true ] || [ "${CUDALLOC_PIP_CHECK:-0}" = 1 ]; then
+    bash tests/python/pip_install_check.sh
+fi

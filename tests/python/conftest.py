@@ -1,0 +1,78 @@
+"""Shared set-up for the Python tests (no GPU, no torch: sim backend + a fake torch).
+
+The library comes from $CUDALLOC_LIBRARY, default target/debug/libcudalloc.so
+(scripts/test.d/python.sh builds it with `cargo build --lib`). The package is
+imported from python/ unless CUDALLOC_TEST_INSTALLED=1 (then from site-packages).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PYTHON_SRC = os.path.join(REPO, "python")
+FAKE_TORCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_torch")
+PTH = os.path.join(PYTHON_SRC, "cudalloc-autoenable.pth")
+# The configuration every in-process test shares (the library is process-global).
+SIM_CONF = "backend:sim,sim_devices:2,sim_memory:1GiB"
+
+INSTALLED = os.environ.get("CUDALLOC_TEST_INSTALLED") == "1"
+if INSTALLED:
+    os.environ.pop("CUDALLOC_LIBRARY", None)  # use the copy inside the package
+else:
+    os.environ.setdefault(
+        "CUDALLOC_LIBRARY", os.path.join(REPO, "target", "debug", "libcudalloc.so")
+    )
+    if not os.path.isfile(os.environ["CUDALLOC_LIBRARY"]):
+        raise SystemExit(
+            f"{os.environ['CUDALLOC_LIBRARY']} is missing: run `cargo build --lib` first "
+            "(scripts/test.d/python.sh does)"
+        )
+    sys.path.insert(0, PYTHON_SRC)
+os.environ["CUDALLOC_CONF"] = SIM_CONF
+for var in ("CUDALLOC", "CUDALLOC_PATCH_TORCH", "CUDALLOC_LOG"):
+    os.environ.pop(var, None)
+
+
+def child_env(**extra):
+    """The environment for a child Python: this package, optionally fake torch."""
+    env = dict(os.environ)
+    fake = extra.pop("fake_torch", False)
+    paths = list(extra.pop("extra_path", []))
+    if os.environ.get("CUDALLOC_TEST_INSTALLED") != "1":
+        paths.append(PYTHON_SRC)
+    if fake:
+        paths.append(FAKE_TORCH)
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    for k, v in extra.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    return env
+
+
+def run_py(code=None, args=(), env=None, cwd=None, timeout=120):
+    """Run `python -c code` (or python ARGS) in a child; return CompletedProcess."""
+    cmd = [sys.executable] + (["-c", code] if code is not None else []) + list(args)
+    return subprocess.run(
+        cmd,
+        env=env if env is not None else child_env(),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def lib():
+    import cudalloc
+    from cudalloc import _lib
+
+    cudalloc.configure(SIM_CONF)
+    return _lib.lib()

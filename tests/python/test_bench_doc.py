@@ -1,0 +1,55 @@
+"""bench/torch_bench.py rewrites only its own section of docs/BENCHMARKS.md.
+(The benchmark itself needs a GPU; this checks the part that edits the doc,
+and that the script imports without torch.)"""
+
+import importlib.util
+import os
+import sys
+
+from conftest import REPO
+
+spec = importlib.util.spec_from_file_location(
+    "torch_bench", os.path.join(REPO, "bench", "torch_bench.py")
+)
+tb = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tb)
+
+H = tb.HEADING
+
+
+def test_imports_without_torch():
+    assert "torch" not in sys.modules
+
+
+def test_replaces_only_its_section():
+    text = f"# B\n\n## A\n\nkeep a\n\n{H}\n\nold\nold table\n\n## C\n\nkeep c\n"
+    out = tb.replace_section(text, H, "new body")
+    assert out == f"# B\n\n## A\n\nkeep a\n\n{H}\n\nnew body\n\n## C\n\nkeep c\n"
+    assert tb.replace_section(out, H, "new body") == out  # idempotent
+
+
+def test_last_section_and_missing_section():
+    text = f"# B\n\n## A\n\nkeep\n\n{H}\n\nold\n"
+    assert tb.replace_section(text, H, "x") == f"# B\n\n## A\n\nkeep\n\n{H}\n\nx\n"
+    assert tb.replace_section("# B\n\nintro\n", H, "x") == f"# B\n\nintro\n\n{H}\n\nx\n"
+
+
+def test_real_doc_keeps_other_sections():
+    with open(os.path.join(REPO, "docs", "BENCHMARKS.md"), encoding="utf-8") as f:
+        text = f.read()
+    out = tb.replace_section(text, H, "| a | b |")
+    before, _, _ = text.partition(H)
+    assert out.startswith(before) and out.count(H) == 1 and "| a | b |" in out
+
+
+def test_table_ratios():
+    rows = [
+        {"mode": "native", "alloc_us": 2.0, "step_ms_median": 100.0,
+         "peak_reserved": 1000 * tb.MiB, "peak_allocated": 800 * tb.MiB},
+        {"mode": "cudalloc", "alloc_us": 1.0, "step_ms_median": 80.0,
+         "peak_reserved": 850 * tb.MiB, "peak_allocated": 800 * tb.MiB},
+        {"mode": "rmm", "error": "boom"},
+    ]
+    t = tb.table(rows).splitlines()
+    assert "| cudalloc | 1.00 | 80.0 | 1.25× | 850 | 0.85× | 800 |" in t
+    assert t[-1].startswith("| rmm | failed: boom")
