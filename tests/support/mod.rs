@@ -408,12 +408,15 @@ pub struct Harness {
     /// Recently freed pointers, for double frees.
     stale: Vec<u64>,
     devs: Vec<DevModel>,
-    capacity: u64,
+    /// Device size at start (what memory_fraction is a fraction of) and now.
+    total: u64,
+    capacity: Vec<u64>,
     max_memory: u64,
     policy: Policy,
     /// Stream-safety violations seen (the test asserts 0).
     pub violations: Vec<String>,
     pub ops: u64,
+    injected: bool,
 }
 
 impl Harness {
@@ -430,7 +433,8 @@ impl Harness {
             c.sim_devices
         ];
         Harness {
-            capacity: c.sim_memory,
+            total: c.sim_memory,
+            capacity: vec![c.sim_memory; c.sim_devices],
             max_memory: c.max_memory,
             policy: Policy::from_config(&c),
             alloc: Allocator::new(c, spy.clone()),
@@ -440,6 +444,7 @@ impl Harness {
             devs,
             violations: Vec::new(),
             ops: 0,
+            injected: false,
         }
     }
 
@@ -455,9 +460,20 @@ impl Harness {
         };
         let f = self.devs[dev].fraction;
         if f < 1.0 {
-            l = l.min((self.capacity as f64 * f) as u64);
+            l = l.min((self.total as f64 * f) as u64);
         }
         l
+    }
+
+    /// Shrink or grow a device, as when another process takes or gives back memory.
+    pub fn set_capacity(&mut self, dev: usize, capacity: u64) {
+        self.spy.sim.set_capacity(dev, capacity);
+        self.capacity[dev] = capacity;
+    }
+
+    /// An injected driver failure makes OOMs legitimate whatever the room.
+    pub fn allow_injected_ooms(&mut self, allow: bool) {
+        self.injected = allow;
     }
 
     fn nth_live(&self, pick: u64) -> Option<u64> {
@@ -547,8 +563,8 @@ impl Harness {
                 let seg = round_size(size)
                     .and_then(|r| self.policy.segment_size(r))
                     .unwrap_or(u64::MAX);
-                let cap = self.limit(dev).min(self.capacity);
-                if reserved.saturating_add(seg) <= cap {
+                let cap = self.limit(dev).min(self.capacity[dev]);
+                if reserved.saturating_add(seg) <= cap && !self.injected {
                     return Err(format!(
                         "malloc({size}) on device {dev} failed with room to spare: reserved {reserved} + segment {seg} <= {cap}"
                     ));
