@@ -594,6 +594,9 @@ fn row_calls_after_the_driver_deinitialised() {
 #[test]
 fn row_every_export_with_a_bad_environment() {
     if std::env::var_os("CUDALLOC_CATALOG_CHILD").is_none() {
+        // Under the row lock: `row()` may set CUDALLOC_LOG meanwhile, and
+        // spawning reads the environment.
+        let _g = ROW.lock().unwrap_or_else(|e| e.into_inner());
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
