@@ -55,7 +55,8 @@ pub(crate) struct Detached {
 #[derive(Debug)]
 pub(crate) struct PendingFree {
     pub block: u32,
-    pub events: Vec<Event>,
+    /// An event recorded on each other stream the block was used on.
+    pub events: Vec<(Event, Stream)>,
 }
 
 /// Most blocks the stash holds.
@@ -358,7 +359,9 @@ impl ArenaInner {
             let mut unproven = false;
             for &s in &rec.streams {
                 match dev.get_event() {
-                    Ok(e) if dev.driver.event_record(dev.index, e, s).is_ok() => events.push(e),
+                    Ok(e) if dev.driver.event_record(dev.index, e, s).is_ok() => {
+                        events.push((e, s))
+                    }
                     other => {
                         if let Ok(e) = other {
                             dev.put_event(e);
@@ -374,7 +377,7 @@ impl ArenaInner {
             }
             self.blocks.get_mut(rec.block).state = BlockState::Pending;
             if unproven {
-                for e in events {
+                for (e, _) in events {
                     dev.put_event(e);
                 }
                 self.quarantined.push(rec.block);
@@ -413,9 +416,13 @@ impl ArenaInner {
     pub fn process_pending(&mut self, dev: &DeviceCore, wait: bool) {
         let mut i = 0;
         while i < self.pending.len() {
-            let done = self.pending[i].events.iter().all(|&e| {
+            let done = self.pending[i].events.iter().all(|&(e, s)| {
                 let r = if wait {
-                    dev.driver.event_synchronize(dev.index, e).map(|()| true)
+                    // If the event cannot be waited on, wait for its stream.
+                    dev.driver
+                        .event_synchronize(dev.index, e)
+                        .or_else(|_| dev.driver.stream_synchronize(dev.index, s))
+                        .map(|()| true)
                 } else {
                     dev.driver.event_query(dev.index, e)
                 };
@@ -426,7 +433,7 @@ impl ArenaInner {
             });
             if done {
                 let p = self.pending.swap_remove(i);
-                for e in p.events {
+                for (e, _) in p.events {
                     dev.put_event(e);
                 }
                 self.release_block(p.block);
