@@ -456,10 +456,11 @@ impl Allocator {
 
     #[inline]
     fn malloc_engine(&self, size: u64, device: usize, stream: Stream) -> Result<u64> {
+        // A bad device is an error even for size 0 (as for a negative index).
+        let dev = self.device(device)?;
         if size == 0 {
             return Ok(0);
         }
-        let dev = self.device(device)?;
         let Some(rounded) = round_size(size) else {
             return Err(self.oom(dev, size, "the size overflows"));
         };
@@ -1116,6 +1117,7 @@ mod tests {
             ErrorCode::CUDALLOC_ERR_INVALID_DEVICE
         );
         assert_eq!(a.malloc(0, 0, 0).unwrap(), 0);
+        assert_eq!(a.malloc(0, 2, 0).unwrap_err().code, ErrorCode::CUDALLOC_ERR_INVALID_DEVICE);
         assert_eq!(
             a.malloc(u64::MAX, 0, 0).unwrap_err().code,
             ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY
