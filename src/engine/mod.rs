@@ -1117,7 +1117,10 @@ mod tests {
             ErrorCode::CUDALLOC_ERR_INVALID_DEVICE
         );
         assert_eq!(a.malloc(0, 0, 0).unwrap(), 0);
-        assert_eq!(a.malloc(0, 2, 0).unwrap_err().code, ErrorCode::CUDALLOC_ERR_INVALID_DEVICE);
+        assert_eq!(
+            a.malloc(0, 2, 0).unwrap_err().code,
+            ErrorCode::CUDALLOC_ERR_INVALID_DEVICE
+        );
         assert_eq!(
             a.malloc(u64::MAX, 0, 0).unwrap_err().code,
             ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY
