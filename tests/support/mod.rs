@@ -535,8 +535,8 @@ impl Harness {
     fn malloc(&mut self, dev: usize, stream: Stream, size: u64) -> Result<(), String> {
         let before = (dev < self.devs.len()).then(|| self.spy.device(dev).driver_allocs);
         let r = self.alloc.malloc(size, dev, stream);
-        if size == 0 {
-            // Size 0 is NULL and no error, checked before the device (as torch passes it).
+        if size == 0 && dev < self.devs.len() {
+            // Size 0 on a valid device is NULL and no error (torch passes it through).
             return match r {
                 Ok(0) => Ok(()),
                 other => Err(format!("malloc(0) gave {other:?}")),
