@@ -110,14 +110,20 @@ impl Device {
         a
     }
 
-    /// The arena of `stream` if it exists.
-    #[inline]
+    /// The arena of `stream` if it exists. The thread-local cache check is
+    /// inlined into every caller; the map lookup is out of line.
+    #[inline(always)]
     fn find_arena(&self, alloc_id: u64, stream: Stream) -> Option<&Arena> {
         if let Some(a) = cached_arena(alloc_id, self.core.index, stream) {
             // SAFETY: the cache only holds arenas of the allocator `alloc_id`,
             // which is alive (we are borrowed from it) and never drops arenas.
             return Some(unsafe { &*a });
         }
+        self.find_arena_slow(alloc_id, stream)
+    }
+
+    #[inline(never)]
+    fn find_arena_slow(&self, alloc_id: u64, stream: Stream) -> Option<&Arena> {
         let map = self.arenas.read();
         let arc = map.get(&stream)?;
         // SAFETY: as in `arena`: the map never drops an arena while `self` lives.
