@@ -36,16 +36,19 @@ def enable_from_env():
 
 
 class _TorchFinder:
-    """A meta-path finder that only ever answers for the top-level ``torch``."""
+    """A meta-path finder that only ever answers for the top-level ``torch``.
+
+    It stays installed until torch's module has actually run: libraries such
+    as transformers and accelerate probe with ``importlib.util.find_spec("torch")``
+    before importing it, and a probe's spec is not the one the import uses."""
 
     def find_spec(self, name, path=None, target=None):
         if name != "torch":
             return None
-        uninstall()  # one shot; and keeps the lookup below from recursing
         spec = None
         for finder in list(sys.meta_path):
             find = getattr(finder, "find_spec", None)
-            if find is None:
+            if finder is self or find is None:
                 continue
             spec = find(name, path, target)
             if spec is not None:
@@ -63,6 +66,7 @@ class _TorchFinder:
                     del loader.exec_module
                 except AttributeError:
                     pass
+            uninstall()  # torch has run: the hook's work is done
             enable_from_env()
 
         try:

@@ -110,6 +110,27 @@ def test_hook_enables_when_torch_is_imported(sitedir):
     assert r.stdout.split() == ["5120", "5000"]
 
 
+def test_hook_survives_a_find_spec_probe_before_the_import(sitedir):
+    # transformers, accelerate and others call importlib.util.find_spec("torch")
+    # to see whether torch is installed before they import it.
+    r = run_py(
+        with_site(
+            sitedir,
+            """
+            import importlib.util
+            assert importlib.util.find_spec("torch") is not None
+            assert importlib.util.find_spec("torch") is not None
+            import torch, cudalloc
+            print(cudalloc.is_enabled())
+            assert not any(type(f).__name__ == "_TorchFinder" for f in sys.meta_path)
+            """,
+        ),
+        env=child_env(fake_torch=True, CUDALLOC="1", CUDALLOC_CONF=SIM_CONF),
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True"]
+
+
 def test_hook_respects_patch_off(sitedir):
     r = run_py(
         with_site(
