@@ -250,3 +250,59 @@ fn threads_by_streams_random_ops() {
         assert_eq!(w.spy.sim.used(d), 0);
     }
 }
+
+/// Regression: adoption used to attach another stream's idle segment to the
+/// arena, drop the lock, and relock to carve the block, so a second thread on
+/// the same stream could take the segment's free block in the gap and the
+/// same memory was handed out twice (found by `threads_by_streams_random_ops`
+/// in CI). Many threads on one stream adopt segments left idle by another,
+/// round after round; every returned range must be disjoint from all live ones.
+#[test]
+fn adoption_hands_each_segment_out_once() {
+    use cudalloc::driver::sim::SimDriver;
+    let c = Config::parse("sim_memory:8GiB").unwrap();
+    let d = Arc::new(SimDriver::new(1, c.sim_memory));
+    let a = Allocator::new(c, d);
+    let live: Mutex<BTreeMap<u64, u64>> = Mutex::new(BTreeMap::new());
+    let (x, y) = (0x10u64, 0x20u64);
+    for round in 0..100u64 {
+        // Stream `from` leaves idle segments; the threads on `to` adopt them.
+        let (from, to) = if round % 2 == 0 { (x, y) } else { (y, x) };
+        let ps: Vec<u64> = (0..64)
+            .map(|_| a.malloc(3 << 20, 0, from).unwrap())
+            .collect();
+        for p in ps {
+            a.free(p, Some(0), from).unwrap();
+        }
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                let (a, live) = (&a, &live);
+                s.spawn(move || {
+                    let mut mine = Vec::new();
+                    for _ in 0..16 {
+                        let p = a.malloc(3 << 20, 0, to).unwrap();
+                        let end = p + a.size_of(p).unwrap();
+                        let mut m = live.lock();
+                        if let Some((&q, &e)) = m.range(..end).next_back() {
+                            assert!(
+                                e <= p,
+                                "[{p:#x},{end:#x}) handed out while [{q:#x},{e:#x}) is live"
+                            );
+                        }
+                        m.insert(p, end);
+                        mine.push(p);
+                    }
+                    for p in mine {
+                        assert!(live.lock().remove(&p).is_some());
+                        a.free(p, Some(0), to).unwrap();
+                    }
+                });
+            }
+        });
+    }
+    a.check_invariants().unwrap();
+    assert!(
+        a.stats(0).unwrap().num_segments_adopted > 0,
+        "the test must exercise adoption"
+    );
+}

@@ -321,9 +321,12 @@ impl Device {
         self.core.counters.driver_frees.inc();
     }
 
-    /// Move an idle segment of another stream, whose free is proven complete,
-    /// into `me`. Call with `slow` held.
-    fn adopt(&self, me: &Arena, pool: Pool, rounded: u64) -> Option<u32> {
+    /// Take an idle segment of another stream, whose free is proven complete,
+    /// out of its arena for `me`. Call with `slow` held. The caller attaches
+    /// it and carves its block in one critical section: attaching here and
+    /// carving after a relock would let another thread on `me`'s stream take
+    /// the segment's free block in between.
+    fn adopt(&self, me: &Arena, pool: Pool, rounded: u64) -> Option<Detached> {
         for other in self.arena_list() {
             if std::ptr::eq(Arc::as_ptr(&other), me) {
                 continue;
@@ -348,7 +351,7 @@ impl Device {
             };
             if let Some(d) = found {
                 self.core.counters.adopted.inc();
-                return Some(me.inner.lock().attach(d));
+                return Some(d);
             }
         }
         None
@@ -564,9 +567,10 @@ impl Allocator {
                 return Ok(p);
             }
         }
-        if let Some(s) = dev.adopt(arena, pool, rounded) {
+        if let Some(d) = dev.adopt(arena, pool, rounded) {
             let mut a = arena.inner.lock();
             a.counters.cache_hits += 1;
+            let s = a.attach(d);
             let (p, block) = a.alloc_from_segment(s, rounded, size, &self.policy, &dev.core);
             dev.note_alloc(arena, block);
             return Ok(p);
