@@ -55,6 +55,11 @@ pub struct Config {
     pub huge_threshold: u64,
     /// ... rounded up to a multiple of this.
     pub huge_round: u64,
+    /// Whether the block of a segment of its own (a huge request's) may be
+    /// split to serve smaller requests (torch's behaviour). When false it is
+    /// handed out whole, only to requests within one `large_segment` of its
+    /// size, and released before growing when it fits no request.
+    pub huge_split: bool,
     // Observability (src/observe/): leak tracking, pressure, trace log, exports.
     /// Call-site frames captured per sampled allocation; 0 = off.
     pub backtrace: u32,
@@ -250,6 +255,21 @@ pub static OPTIONS: &[OptionSpec] = &[
         get: |c| format_size(c.huge_round),
     },
     OptionSpec {
+        key: "huge_split",
+        accepted: "on | off",
+        default: "on",
+        doc: "on: own segments of huge requests are split to serve smaller requests (torch); off: handed out whole to requests within large_segment of their size, and released before growing when they fit none",
+        set: |c, v| {
+            c.huge_split = match v {
+                "on" => true,
+                "off" => false,
+                _ => return Err(String::new()),
+            };
+            Ok(())
+        },
+        get: |c| if c.huge_split { "on" } else { "off" }.to_string(),
+    },
+    OptionSpec {
         key: "backtrace",
         accepted: "off | a frame count from 1 to 64",
         default: "off",
@@ -400,6 +420,7 @@ impl Default for Config {
             large_segment: 0,
             huge_threshold: 0,
             huge_round: 0,
+            huge_split: true,
             backtrace: 0,
             backtrace_sample: 1,
             leak_report_exit: false,

@@ -309,7 +309,11 @@ fn empty_cache(a: &Allocator, s: &[Stream]) -> Result<(), String> {
     let released = a.empty_cache();
     let st = a.stats(0).unwrap();
     ensure!(released > 0, "nothing released");
-    let seg = a.config().small_segment;
+    let c = a.config();
+    let policy = crate::size_class::Policy::from_config(c);
+    let seg = policy
+        .segment_size(crate::size_class::round_size(4096).expect("small"))
+        .expect("small");
     ensure!(
         st.reserved_bytes == seg && st.segments == 1,
         "only the live block's segment stays: {st:?}"

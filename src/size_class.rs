@@ -32,6 +32,7 @@ pub struct Policy {
     pub large_segment: u64,
     pub huge_threshold: u64,
     pub huge_round: u64,
+    pub huge_split: bool,
 }
 
 impl Policy {
@@ -42,6 +43,7 @@ impl Policy {
             large_segment: c.large_segment,
             huge_threshold: c.huge_threshold,
             huge_round: c.huge_round,
+            huge_split: c.huge_split,
         }
     }
 
@@ -65,6 +67,22 @@ impl Policy {
             }
             Pool::Large => rounded.checked_next_multiple_of(self.huge_round),
         }
+    }
+
+    /// Whether a segment of `seg` bytes in `pool` is a segment of its own
+    /// (made for one huge request) whose block, under `huge_split:off`, is
+    /// handed out whole.
+    pub fn whole(&self, pool: Pool, seg: u64) -> bool {
+        !self.huge_split && pool == Pool::Large && seg != self.large_segment
+    }
+
+    /// Whether a free block of `block` bytes in a segment of `seg` bytes may
+    /// serve a request of `rounded` bytes (`block >= rounded`). Always, except
+    /// for a whole-handed block (see [`Policy::whole`]) more than one large
+    /// segment bigger than the request: that much waste would be worse than
+    /// a new segment.
+    pub fn may_serve(&self, pool: Pool, seg: u64, block: u64, rounded: u64) -> bool {
+        !self.whole(pool, seg) || block - rounded <= self.large_segment
     }
 
     /// Whether a free block of `block` bytes serving `rounded` bytes is split.

@@ -316,6 +316,8 @@ fn row_bad_config_strings() {
         "small_segment:512K",
         "large_segment:1MiB",
         "huge_threshold:512",
+        "huge_split:maybe",
+        "huge_split:ON",
         "backend:gpu",
         "backend:SIM",
         "sim_events:maybe",
@@ -471,7 +473,12 @@ fn row_calls_racing_from_many_threads() {
                                 match last() {
                                     ErrorCode::CUDALLOC_OK => {
                                         oks.fetch_add(1, Relaxed);
-                                        shared.lock().unwrap().retain(|&x| x != p);
+                                        // One entry only: once freed, p may already be
+                                        // another thread's new allocation, pushed again.
+                                        let mut s = shared.lock().unwrap();
+                                        if let Some(i) = s.iter().position(|&x| x == p) {
+                                            s.swap_remove(i);
+                                        }
                                     }
                                     ErrorCode::CUDALLOC_ERR_INVALID_FREE => {
                                         invalid.fetch_add(1, Relaxed);

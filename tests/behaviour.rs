@@ -50,6 +50,12 @@ fn tiny_segments() {
 }
 
 #[test]
+fn huge_split_off() {
+    suite("sim_memory:1GiB,huge_split:off");
+    suite("sim_memory:512MiB,small_max:512,small_segment:256KiB,large_segment:4MiB,huge_threshold:2MiB,huge_round:512KiB,huge_split:off");
+}
+
+#[test]
 fn huge_device_16gib() {
     suite("sim_memory:16GiB");
 }

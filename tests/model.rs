@@ -26,6 +26,11 @@ const CONFIGS: &[(&str, bool)] = &[
         "sim_devices:2,sim_memory:128MiB,max_memory:96MiB,small_max:64KiB,small_segment:256KiB,large_segment:4MiB,huge_threshold:2MiB,huge_round:512KiB",
         true,
     ),
+    // The low-fragmentation profiles together: one pool, whole-handed huge segments.
+    (
+        "sim_devices:2,sim_memory:128MiB,max_memory:96MiB,small_max:512,small_segment:256KiB,large_segment:4MiB,huge_threshold:2MiB,huge_round:512KiB,huge_split:off",
+        true,
+    ),
 ];
 
 fn env_u64(key: &str, default: u64) -> u64 {
@@ -88,6 +93,11 @@ fn model_tiny_segments_with_limit() {
 /// The checker itself must be able to fail: a hand-over to another stream
 /// before any proof is a violation; after the stream completes, or on the
 /// same stream, it is not.
+#[test]
+fn model_one_pool_whole_huge_segments() {
+    model_property(3);
+}
+
 #[test]
 fn the_stream_safety_check_can_fail() {
     let freed_range = |h: &mut Harness| {

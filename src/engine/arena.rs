@@ -135,6 +135,15 @@ impl ArenaInner {
             }
         }
         let i = self.index[pool as usize].find(&self.blocks, rounded)?;
+        // (`huge_split` first: the default path loads no segment.)
+        if !policy.huge_split && pool == Pool::Large && {
+            let b = self.blocks.get(i);
+            !policy.may_serve(pool, self.seg(b.seg).size, b.size, rounded)
+        } {
+            // A whole-handed block far too big (`huge_split:off`): a miss;
+            // the slow path releases it if idle and grows.
+            return None;
+        }
         Some(self.take_block(i, rounded, requested, pool, policy, dev))
     }
 
@@ -151,7 +160,8 @@ impl ArenaInner {
     ) -> (u64, u64) {
         self.index[pool as usize].remove(&mut self.blocks, i);
         let b = *self.blocks.get(i);
-        if policy.should_split(pool, b.size, rounded) {
+        let whole = !policy.huge_split && policy.whole(pool, self.seg(b.seg).size);
+        if !whole && policy.should_split(pool, b.size, rounded) {
             let rest = Block {
                 addr: b.addr + rounded,
                 size: b.size - rounded,
@@ -339,8 +349,12 @@ impl ArenaInner {
             return Some(size);
         }
         if rec.streams.is_empty() {
-            let pool = self.seg(self.blocks.get(rec.block).seg).pool;
-            if pool == Pool::Small {
+            // Small pool (see `DeviceCore::small_max`), without loading the segment.
+            debug_assert_eq!(
+                size <= dev.small_max,
+                self.seg(self.blocks.get(rec.block).seg).pool == Pool::Small
+            );
+            if size <= dev.small_max {
                 if self.stash.entries.len() == STASH_BLOCKS {
                     // Full: the oldest goes to the free index.
                     let (_, old) = self.stash.entries.remove(0);

@@ -47,6 +47,9 @@ pub(crate) struct DeviceCore {
     pub driver: Arc<dyn Driver>,
     pub counters: DeviceCounters,
     events: Mutex<Vec<Event>>,
+    /// The policy's `small_max`: a live block is in the small pool exactly
+    /// when its size is at most this (large-pool blocks serve larger requests).
+    pub small_max: u64,
 }
 
 impl DeviceCore {
@@ -70,10 +73,21 @@ enum Release {
     Completed,
     /// Every idle segment, synchronising streams as needed.
     All,
-    /// Idle segments of `pool` smaller than `below` bytes whose event has
-    /// completed: before growing, drop cached memory that cannot serve the
-    /// request anyway (never blocks).
-    TooSmall { pool: Pool, below: u64 },
+    /// Idle segments of `pool` that cannot serve a request of `rounded`
+    /// bytes (smaller, or under `huge_split:off` a whole-handed segment far
+    /// bigger) whose event has completed: before growing, drop cached memory
+    /// that cannot serve the request anyway (never blocks).
+    Useless {
+        pool: Pool,
+        rounded: u64,
+        policy: Policy,
+    },
+}
+
+/// Whether an idle segment (`seg_pool`, `seg_size` bytes) cannot serve a
+/// request of `rounded` bytes from `pool`.
+fn useless(seg_pool: Pool, seg_size: u64, pool: Pool, rounded: u64, policy: &Policy) -> bool {
+    seg_pool == pool && (seg_size < rounded || !policy.may_serve(pool, seg_size, seg_size, rounded))
 }
 
 struct Device {
@@ -265,11 +279,16 @@ impl Device {
                 if a.idle.is_empty() {
                     continue;
                 }
-                if let Release::TooSmall { pool, below } = mode {
+                if let Release::Useless {
+                    pool,
+                    rounded,
+                    policy,
+                } = mode
+                {
                     if !a
                         .idle
                         .iter()
-                        .any(|&s| a.seg(s).pool == pool && a.seg(s).size < below)
+                        .any(|&s| useless(a.seg(s).pool, a.seg(s).size, pool, rounded, &policy))
                     {
                         continue;
                     }
@@ -287,10 +306,13 @@ impl Device {
                     let wanted = match mode {
                         Release::All => true,
                         Release::Completed => a.idle_event_complete(s, arena.stream, &self.core),
-                        Release::TooSmall { pool, below } => {
+                        Release::Useless {
+                            pool,
+                            rounded,
+                            policy,
+                        } => {
                             let seg = a.seg(s);
-                            seg.pool == pool
-                                && seg.size < below
+                            useless(seg.pool, seg.size, pool, rounded, &policy)
                                 && a.idle_event_complete(s, arena.stream, &self.core)
                         }
                     };
@@ -326,7 +348,7 @@ impl Device {
     /// it and carves its block in one critical section: attaching here and
     /// carving after a relock would let another thread on `me`'s stream take
     /// the segment's free block in between.
-    fn adopt(&self, me: &Arena, pool: Pool, rounded: u64) -> Option<Detached> {
+    fn adopt(&self, me: &Arena, pool: Pool, rounded: u64, policy: &Policy) -> Option<Detached> {
         for other in self.arena_list() {
             if std::ptr::eq(Arc::as_ptr(&other), me) {
                 continue;
@@ -340,7 +362,9 @@ impl Device {
                     .copied()
                     .filter(|&s| {
                         let seg = o.seg(s);
-                        seg.pool == pool && seg.size >= rounded
+                        seg.pool == pool
+                            && seg.size >= rounded
+                            && policy.may_serve(pool, seg.size, seg.size, rounded)
                     })
                     .collect();
                 cands.sort_by_key(|&s| o.seg(s).size);
@@ -404,6 +428,7 @@ impl Allocator {
                     driver: driver.clone(),
                     counters: DeviceCounters::default(),
                     events: Mutex::new(Vec::new()),
+                    small_max: config.small_max,
                 },
                 arenas: RwLock::new(FxHashMap::default()),
                 slow: Mutex::new(()),
@@ -567,7 +592,7 @@ impl Allocator {
                 return Ok(p);
             }
         }
-        if let Some(d) = dev.adopt(arena, pool, rounded) {
+        if let Some(d) = dev.adopt(arena, pool, rounded, &self.policy) {
             let mut a = arena.inner.lock();
             a.counters.cache_hits += 1;
             let s = a.attach(d);
@@ -575,11 +600,13 @@ impl Allocator {
             dev.note_alloc(arena, block);
             return Ok(p);
         }
-        // About to grow: first give back idle segments of this pool too small
-        // to serve the request (they would only sit in the cache).
-        dev.release_idle(Release::TooSmall {
+        // About to grow: first give back idle segments of this pool that cannot
+        // serve the request (too small, or whole-handed and far too big under
+        // huge_split:off): they would only sit in the cache.
+        dev.release_idle(Release::Useless {
             pool,
-            below: rounded,
+            rounded,
+            policy: self.policy,
         });
         let reserved = dev.core.counters.reserved.current();
         if reserved.saturating_add(seg_size) > dev.limit() {
@@ -929,6 +956,85 @@ mod tests {
         let c = Config::parse(conf).unwrap();
         let d = Arc::new(SimDriver::new(c.sim_devices, c.sim_memory));
         (Allocator::new(c, d.clone()), d)
+    }
+
+    #[test]
+    fn huge_split_off_hands_own_segments_out_whole() {
+        const M: u64 = 1 << 20;
+        for split in [true, false] {
+            let conf = format!(
+                "sim_memory:1GiB,huge_split:{}",
+                if split { "on" } else { "off" }
+            );
+            let (a, d) = sim(&conf);
+            let p = a.malloc(100 * M, 0, 0).unwrap();
+            a.free(p, Some(0), 0).unwrap();
+            // Within one large segment (20 MiB) of the cached 100 MiB: reused either way.
+            let q = a.malloc(95 * M, 0, 0).unwrap();
+            assert_eq!(q, p, "[{conf}]");
+            let st = a.stats(0).unwrap();
+            let want = if split { 95 * M } else { 100 * M };
+            assert_eq!(st.allocated_bytes, want, "[{conf}] whole block when off");
+            a.free(q, Some(0), 0).unwrap();
+            // Far smaller: carved from the cached segment (on), or that segment is
+            // released and a segment of its own made (off).
+            let r = a.malloc(30 * M, 0, 0).unwrap();
+            let st = a.stats(0).unwrap();
+            if split {
+                assert_eq!(
+                    (r, st.reserved_bytes, d.counters().mem_frees),
+                    (p, 100 * M, 0),
+                    "[{conf}]"
+                );
+            } else {
+                assert_eq!(
+                    (st.reserved_bytes, st.allocated_bytes),
+                    (30 * M, 30 * M),
+                    "[{conf}]"
+                );
+                assert_eq!(
+                    d.counters().mem_frees,
+                    1,
+                    "[{conf}] the useless 100 MiB segment released"
+                );
+            }
+            a.free(r, Some(0), 0).unwrap();
+            // Adoption follows the same rule: stream 0x20 takes 0x0's idle segment
+            // only when it is within a large segment of the request.
+            let before = a.stats(0).unwrap().num_segments_adopted;
+            let s = a.malloc(26 * M, 0, 0x20).unwrap();
+            let adopted = a.stats(0).unwrap().num_segments_adopted - before;
+            let seg_left = if split { 100 * M } else { 30 * M };
+            assert_eq!(
+                adopted, 1,
+                "[{conf}] the {seg_left}-byte segment serves 26 MiB"
+            );
+            assert_eq!(s, r);
+            a.free(s, Some(0), 0x20).unwrap();
+            a.check_invariants().unwrap();
+            if !split {
+                let t = a.malloc(2 * M, 0, 0x30).unwrap();
+                let st = a.stats(0).unwrap();
+                assert_eq!(
+                    st.allocated_bytes,
+                    2 * M,
+                    "[{conf}] a 30 MiB whole segment never serves 2 MiB"
+                );
+                assert_eq!(
+                    st.num_segments_adopted - before,
+                    1,
+                    "[{conf}] nor is it adopted for it"
+                );
+                assert_eq!(
+                    st.reserved_bytes,
+                    20 * M,
+                    "[{conf}] released; a large segment made"
+                );
+                a.free(t, Some(0), 0x30).unwrap();
+            }
+            a.empty_cache();
+            a.check_invariants().unwrap();
+        }
     }
 
     #[test]

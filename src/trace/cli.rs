@@ -39,7 +39,7 @@ pub fn commands() -> Vec<Command> {
                 Arg::new("min-memory")
                     .long("min-memory")
                     .action(ArgAction::SetTrue)
-                    .help("also find the least capacity with no failure (usable capacity = peak live / it)"),
+                    .help("also find the least capacity with no failure (usable capacity = peak requested live bytes / it)"),
             ),
         Command::new("trace-gen")
             .about("Write a synthetic trace: random (RMM random_allocations), training (transformer), kv-cache (inference)")
@@ -60,9 +60,9 @@ pub fn commands() -> Vec<Command> {
             .arg(Arg::new("random-max").long("random-max").default_value("8MiB").help("largest request of random"))
             .arg(Arg::new("random-usage").long("random-usage").default_value("2GiB").help("live-bytes cap of random")),
         Command::new("report")
-            .about("Draw a trace's memory timeline (live, reserved, OOMs, largest allocations at the peak) as SVG")
+            .about("Draw a trace's memory timeline (live, reserved, OOMs, largest allocations at the peak) as SVG, or as an HTML page (-o *.html) with the figures and tables")
             .arg(Arg::new("trace").required(true))
-            .arg(Arg::new("output").short('o').long("output").required(true).help("the .svg to write"))
+            .arg(Arg::new("output").short('o').long("output").required(true).help("the file to write: .svg for the picture, .html for a page with the picture, figures and tables"))
             .arg(memory())
             .arg(conf()),
     ]
@@ -100,8 +100,12 @@ fn rows(r: &ReplayResult) -> Vec<(&'static str, String)> {
         ("peak live (allocated)", format_size(r.peak_live)),
         ("peak reserved", format_size(r.peak_reserved)),
         (
-            "fragmentation (reserved/live)",
+            "fragmentation (reserved/requested)",
             format!("{:.4}", r.fragmentation()),
+        ),
+        (
+            "reserved/allocated (torch's view)",
+            format!("{:.4}", r.reserved_over_allocated()),
         ),
         ("cache hit rate", format!("{:.4}", r.hit_rate)),
         ("driver calls", r.driver_calls.to_string()),
@@ -136,8 +140,8 @@ fn replay_cmd(m: &ArgMatches) -> Result<(), String> {
                 Some((min, best)) => {
                     t.push(("least capacity with no failure", format_size(min)));
                     t.push((
-                        "usable capacity (peak live / least)",
-                        format!("{:.4}", best.peak_live as f64 / min as f64),
+                        "usable capacity (peak requested / least)",
+                        format!("{:.4}", best.peak_requested as f64 / min as f64),
                     ));
                 }
                 None => t.push((
@@ -209,8 +213,17 @@ fn report_cmd(m: &ArgMatches) -> Result<(), String> {
     let name = std::path::Path::new(&path)
         .file_name()
         .map_or(path.clone(), |n| n.to_string_lossy().into_owned());
-    super::timeline::draw_svg(out, &format!("cudalloc memory timeline: {name}"), &ev, &r)?;
-    for (k, v) in rows(&r) {
+    let title = format!("cudalloc memory timeline: {name}");
+    let figures = rows(&r);
+    let text = if out.to_ascii_lowercase().ends_with(".html")
+        || out.to_ascii_lowercase().ends_with(".htm")
+    {
+        super::timeline::render_html(&title, &ev, &r, &figures)?
+    } else {
+        super::timeline::render_svg(&title, &ev, &r)?
+    };
+    std::fs::write(out, text).map_err(|e| format!("{out}: {e}"))?;
+    for (k, v) in figures {
         println!("{k:<38} {v}");
     }
     println!("largest live allocations at the peak:");

@@ -27,7 +27,9 @@ pub fn replay_config(conf: &str, memory: u64) -> crate::Result<Config> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sample {
     pub time_us: u64,
+    /// Requested bytes the trace holds live.
     pub live: u64,
+    /// Bytes the allocator holds from the device.
     pub reserved: u64,
 }
 
@@ -61,8 +63,16 @@ pub struct ReplayResult {
 }
 
 impl ReplayResult {
-    /// Peak reserved / peak live: 1.0 is no waste.
+    /// Peak reserved / peak requested live bytes: 1.0 is no waste. The
+    /// denominator is what the program asked for, so rounding, unsplit block
+    /// tails and holes all count as waste, and allocators compare fairly.
     pub fn fragmentation(&self) -> f64 {
+        self.peak_reserved as f64 / self.peak_requested.max(1) as f64
+    }
+
+    /// Peak reserved / peak allocated (rounded block) bytes: torch's
+    /// `memory_reserved / memory_allocated` view, which hides internal waste.
+    pub fn reserved_over_allocated(&self) -> f64 {
         self.peak_reserved as f64 / self.peak_live.max(1) as f64
     }
 }
@@ -116,10 +126,10 @@ pub fn replay(events: &[Event], config: &Config, timeline: bool) -> ReplayResult
         }
         if timeline {
             let s = a.stats(0).unwrap_or_default();
-            live_now = s.allocated_bytes;
+            live_now = requested;
             r.samples.push(Sample {
                 time_us: e.time_us,
-                live: s.allocated_bytes,
+                live: requested,
                 reserved: s.reserved_bytes,
             });
         }
