@@ -154,6 +154,28 @@ fn c_client_passes_on_backend_cuda() {
     );
 }
 
+/// cudarc declares `CUresult` as a Rust enum: a code it does not list (a
+/// newer driver's) would be undefined behaviour if it crossed the FFI as that
+/// type. cudalloc's entry points return the raw number instead; here the
+/// stand-in returns 4242 from cuMemAlloc and has no text for it.
+#[test]
+fn unknown_driver_error_codes_are_plain_errors() {
+    let r = run(
+        "unknown_error",
+        &standin().join("scenarios"),
+        &["unknown_error"],
+        &[("FAKE_CUDA_ALLOC_ERROR", "4242".into())],
+    );
+    r.assert_ok();
+    assert!(r.stdout().contains("ok unknown_error"), "{}", r.stdout());
+    assert!(
+        r.log
+            .contains("cuMemAlloc_v2 ctx=0 size=20971520 ERROR=4242"),
+        "{}",
+        tail(&r.log)
+    );
+}
+
 #[test]
 fn injected_oom_is_flushed_and_retried() {
     let r = run(

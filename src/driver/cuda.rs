@@ -3,9 +3,16 @@
 //!
 //! - **Loading.** cudarc panics when libcuda cannot be loaded, and when a
 //!   symbol is missing at its first call. [`CudaDriver::new`] therefore checks
-//!   `is_culib_present()` first, then looks up every entry point this module
-//!   calls ([`ENTRY_POINTS`]) before calling any of them. A missing driver or
-//!   symbol is a clear [`DriverError::NotFound`], never a panic.
+//!   `is_culib_present()` first, then resolves every entry point this module
+//!   calls ([`ENTRY_POINTS`]) into a table of function pointers before calling
+//!   any of them. A missing driver or symbol is a clear
+//!   [`DriverError::NotFound`], never a panic.
+//! - **Raw result codes.** cudarc declares `CUresult` and the capture enums as
+//!   Rust enums, so a value they do not list (a newer driver's error code)
+//!   would be undefined behaviour if it crossed the FFI as that type. The
+//!   table's pointers are typed with `u32` results and out-parameters instead
+//!   (the same C ABI), and codes are compared as numbers: an unknown code is
+//!   an ordinary [`DriverError::Other`] naming the number.
 //! - **Contexts.** The primary context of each device is retained once, at
 //!   construction, and made current (`cuCtxSetCurrent`) before every call on
 //!   that device: PyTorch's free sets no device guard, so the current context
@@ -54,44 +61,122 @@ struct Device {
     ctx: cu::CUcontext,
 }
 
+/// A driver result as the number the C function returns (see the module docs).
+type Raw = u32;
+
+const SUCCESS: Raw = cu::CUresult::CUDA_SUCCESS as Raw;
+const OUT_OF_MEMORY: Raw = cu::CUresult::CUDA_ERROR_OUT_OF_MEMORY as Raw;
+const NOT_INITIALIZED: Raw = cu::CUresult::CUDA_ERROR_NOT_INITIALIZED as Raw;
+const DEINITIALIZED: Raw = cu::CUresult::CUDA_ERROR_DEINITIALIZED as Raw;
+const NOT_READY: Raw = cu::CUresult::CUDA_ERROR_NOT_READY as Raw;
+const CAPTURE_STATUS_NONE: u32 = cu::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE as u32;
+const CAPTURE_MODE_RELAXED: u32 = cu::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED as u32;
+
+/// The entry points, resolved once from the loaded library. Each type is the
+/// driver API's C prototype with `CUresult` and enum out-parameters as `u32`.
+struct Api {
+    init: unsafe extern "C" fn(u32) -> Raw,
+    device_get_count: unsafe extern "C" fn(*mut libc::c_int) -> Raw,
+    device_get: unsafe extern "C" fn(*mut cu::CUdevice, libc::c_int) -> Raw,
+    primary_ctx_retain: unsafe extern "C" fn(*mut cu::CUcontext, cu::CUdevice) -> Raw,
+    ctx_set_current: unsafe extern "C" fn(cu::CUcontext) -> Raw,
+    mem_alloc: unsafe extern "C" fn(*mut cu::CUdeviceptr, usize) -> Raw,
+    mem_free: unsafe extern "C" fn(cu::CUdeviceptr) -> Raw,
+    mem_get_info: unsafe extern "C" fn(*mut usize, *mut usize) -> Raw,
+    event_create: unsafe extern "C" fn(*mut cu::CUevent, u32) -> Raw,
+    event_record: unsafe extern "C" fn(cu::CUevent, cu::CUstream) -> Raw,
+    event_query: unsafe extern "C" fn(cu::CUevent) -> Raw,
+    event_synchronize: unsafe extern "C" fn(cu::CUevent) -> Raw,
+    event_destroy: unsafe extern "C" fn(cu::CUevent) -> Raw,
+    stream_synchronize: unsafe extern "C" fn(cu::CUstream) -> Raw,
+    stream_is_capturing: unsafe extern "C" fn(cu::CUstream, *mut u32) -> Raw,
+    stream_create: unsafe extern "C" fn(*mut cu::CUstream, u32) -> Raw,
+    stream_destroy: unsafe extern "C" fn(cu::CUstream) -> Raw,
+    exchange_capture_mode: unsafe extern "C" fn(*mut u32) -> Raw,
+    get_error_string: unsafe extern "C" fn(Raw, *mut *const libc::c_char) -> Raw,
+}
+
+impl Api {
+    /// Resolve every entry point of the loaded driver library, or name the
+    /// first one missing. Call only once `is_culib_present()` said yes.
+    fn load() -> Result<Api, &'static str> {
+        // SAFETY: the library is present, so culib() loads it instead of
+        // panicking; guarded anyway.
+        let lib = std::panic::catch_unwind(|| unsafe { cu::culib() })
+            .map_err(|_| "the library itself (loading it failed)")?;
+        macro_rules! sym {
+            ($name:literal) => {
+                // SAFETY: looking a symbol up does not call it; the field's type
+                // is the entry point's C prototype (see `Api`). `lib` is
+                // 'static, so the pointer stays valid.
+                match unsafe { lib.get($name.as_bytes()) } {
+                    Ok(f) => *f,
+                    Err(_) => return Err($name),
+                }
+            };
+        }
+        Ok(Api {
+            init: sym!("cuInit"),
+            device_get_count: sym!("cuDeviceGetCount"),
+            device_get: sym!("cuDeviceGet"),
+            primary_ctx_retain: sym!("cuDevicePrimaryCtxRetain"),
+            ctx_set_current: sym!("cuCtxSetCurrent"),
+            mem_alloc: sym!("cuMemAlloc_v2"),
+            mem_free: sym!("cuMemFree_v2"),
+            mem_get_info: sym!("cuMemGetInfo_v2"),
+            event_create: sym!("cuEventCreate"),
+            event_record: sym!("cuEventRecord"),
+            event_query: sym!("cuEventQuery"),
+            event_synchronize: sym!("cuEventSynchronize"),
+            event_destroy: sym!("cuEventDestroy_v2"),
+            stream_synchronize: sym!("cuStreamSynchronize"),
+            stream_is_capturing: sym!("cuStreamIsCapturing"),
+            stream_create: sym!("cuStreamCreate"),
+            stream_destroy: sym!("cuStreamDestroy_v2"),
+            exchange_capture_mode: sym!("cuThreadExchangeStreamCaptureMode"),
+            get_error_string: sym!("cuGetErrorString"),
+        })
+    }
+
+    fn error_text(&self, r: Raw) -> String {
+        let mut p: *const libc::c_char = std::ptr::null();
+        // SAFETY: `p` is a valid out-pointer; the driver sets it to a static
+        // string, or answers an unknown code with an error (and maybe NULL).
+        let ok = unsafe { (self.get_error_string)(r, &mut p) } == SUCCESS;
+        if ok && !p.is_null() {
+            // SAFETY: the driver returns a NUL-terminated static string.
+            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        } else {
+            format!("CUDA error {r}, unknown to this driver's cuGetErrorString")
+        }
+    }
+
+    /// Turn a raw result into a `DriverResult`.
+    fn check(&self, r: Raw) -> DriverResult<()> {
+        match r {
+            SUCCESS => Ok(()),
+            OUT_OF_MEMORY => Err(DriverError::OutOfMemory),
+            DEINITIALIZED | NOT_INITIALIZED => Err(DriverError::Deinitialized),
+            other => Err(DriverError::Other {
+                code: other as i64,
+                message: self.error_text(other),
+            }),
+        }
+    }
+}
+
 /// The CUDA driver backend.
 pub struct CudaDriver {
+    api: Api,
     devices: Vec<Device>,
 }
 
 // SAFETY: a CUcontext is a handle the driver lets any thread make current;
-// the struct holds nothing else.
+// the struct holds nothing else but function pointers into the driver.
 unsafe impl Send for CudaDriver {}
 // SAFETY: as above; every method only passes the handles to the driver,
 // which is thread-safe.
 unsafe impl Sync for CudaDriver {}
-
-fn error_text(r: cu::CUresult) -> String {
-    let mut p: *const libc::c_char = std::ptr::null();
-    // SAFETY: cuGetErrorString was checked present at construction; it writes
-    // a pointer to a static string (or leaves NULL for an unknown code).
-    let ok = unsafe { cu::cuGetErrorString(r, &mut p) } == cu::CUresult::CUDA_SUCCESS;
-    if ok && !p.is_null() {
-        // SAFETY: the driver returns a NUL-terminated static string.
-        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
-    } else {
-        format!("{r:?}")
-    }
-}
-
-/// Turn a `CUresult` into a `DriverResult`.
-fn check(r: cu::CUresult) -> DriverResult<()> {
-    use cu::CUresult::*;
-    match r {
-        CUDA_SUCCESS => Ok(()),
-        CUDA_ERROR_OUT_OF_MEMORY => Err(DriverError::OutOfMemory),
-        CUDA_ERROR_DEINITIALIZED | CUDA_ERROR_NOT_INITIALIZED => Err(DriverError::Deinitialized),
-        other => Err(DriverError::Other {
-            code: other as i64,
-            message: error_text(other),
-        }),
-    }
-}
 
 impl CudaDriver {
     /// Load libcuda, initialise the driver and retain every device's primary
@@ -101,42 +186,31 @@ impl CudaDriver {
         if !unsafe { cu::is_culib_present() } {
             return Err(DriverError::NotFound(NOT_FOUND.into()));
         }
-        // SAFETY: the library is present, so culib() loads it instead of
-        // panicking; `get` only looks a symbol up.
-        let lib = unsafe { cu::culib() };
-        for name in ENTRY_POINTS {
-            // SAFETY: looking up a symbol's address does not call it.
-            if unsafe { lib.get::<*const ()>(name.as_bytes()) }.is_err() {
-                return Err(DriverError::NotFound(format!(
-                    "the CUDA driver library lacks {name}; is the NVIDIA driver too old?"
-                )));
-            }
-        }
-        // Every symbol exists, so cudarc's lazy loading cannot panic; guard anyway.
-        std::panic::catch_unwind(Self::init).unwrap_or_else(|_| {
-            Err(DriverError::NotFound(
-                "loading the CUDA driver failed".into(),
+        let api = Api::load().map_err(|name| {
+            DriverError::NotFound(format!(
+                "the CUDA driver library lacks {name}; is the NVIDIA driver too old?"
             ))
-        })
+        })?;
+        Self::init(api)
     }
 
-    fn init() -> DriverResult<Self> {
+    fn init(api: Api) -> DriverResult<Self> {
         // SAFETY: cuInit takes flags 0 and has no other preconditions.
-        check(unsafe { cu::cuInit(0) })?;
-        let mut count = 0;
+        api.check(unsafe { (api.init)(0) })?;
+        let mut count: libc::c_int = 0;
         // SAFETY: `count` is a valid out-pointer.
-        check(unsafe { cu::cuDeviceGetCount(&mut count) })?;
+        api.check(unsafe { (api.device_get_count)(&mut count) })?;
         let mut devices = Vec::with_capacity(count.max(0) as usize);
         for ordinal in 0..count {
             let mut dev: cu::CUdevice = 0;
             // SAFETY: `ordinal` is below the device count; `dev` is a valid out-pointer.
-            check(unsafe { cu::cuDeviceGet(&mut dev, ordinal) })?;
+            api.check(unsafe { (api.device_get)(&mut dev, ordinal) })?;
             let mut ctx: cu::CUcontext = std::ptr::null_mut();
             // SAFETY: `dev` came from cuDeviceGet; `ctx` is a valid out-pointer.
-            check(unsafe { cu::cuDevicePrimaryCtxRetain(&mut ctx, dev) })?;
+            api.check(unsafe { (api.primary_ctx_retain)(&mut ctx, dev) })?;
             devices.push(Device { ctx });
         }
-        Ok(CudaDriver { devices })
+        Ok(CudaDriver { api, devices })
     }
 
     /// Make `device`'s primary context current on this thread.
@@ -146,7 +220,7 @@ impl CudaDriver {
             .get(device)
             .ok_or(DriverError::InvalidDevice(device))?;
         // SAFETY: `ctx` is a primary context retained at construction and never released.
-        check(unsafe { cu::cuCtxSetCurrent(d.ctx) })
+        self.api.check(unsafe { (self.api.ctx_set_current)(d.ctx) })
     }
 }
 
@@ -169,16 +243,17 @@ impl Driver for CudaDriver {
 
     fn mem_alloc(&self, device: usize, size: u64) -> DriverResult<u64> {
         self.enter(device)?;
-        let mut mode = cu::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+        let mut mode = CAPTURE_MODE_RELAXED;
         // SAFETY: `mode` is a valid in/out pointer; the old mode comes back in it.
-        let swapped = unsafe { cu::cuThreadExchangeStreamCaptureMode(&mut mode) }
-            == cu::CUresult::CUDA_SUCCESS;
+        let swapped = unsafe { (self.api.exchange_capture_mode)(&mut mode) } == SUCCESS;
         let mut ptr: cu::CUdeviceptr = 0;
         // SAFETY: `ptr` is a valid out-pointer; the context is current.
-        let r = check(unsafe { cu::cuMemAlloc_v2(&mut ptr, size as usize) });
+        let r = self
+            .api
+            .check(unsafe { (self.api.mem_alloc)(&mut ptr, size as usize) });
         if swapped {
             // SAFETY: restores the mode this thread had before.
-            unsafe { cu::cuThreadExchangeStreamCaptureMode(&mut mode) };
+            unsafe { (self.api.exchange_capture_mode)(&mut mode) };
         }
         r.map(|()| ptr)
     }
@@ -186,14 +261,15 @@ impl Driver for CudaDriver {
     fn mem_free(&self, device: usize, ptr: u64, _size: u64) -> DriverResult<()> {
         self.enter(device)?;
         // SAFETY: the engine frees only addresses mem_alloc returned, once.
-        check(unsafe { cu::cuMemFree_v2(ptr) })
+        self.api.check(unsafe { (self.api.mem_free)(ptr) })
     }
 
     fn mem_info(&self, device: usize) -> DriverResult<(u64, u64)> {
         self.enter(device)?;
         let (mut free, mut total) = (0usize, 0usize);
         // SAFETY: both are valid out-pointers; the context is current.
-        check(unsafe { cu::cuMemGetInfo_v2(&mut free, &mut total) })?;
+        self.api
+            .check(unsafe { (self.api.mem_get_info)(&mut free, &mut total) })?;
         Ok((free as u64, total as u64))
     }
 
@@ -202,7 +278,8 @@ impl Driver for CudaDriver {
         let mut e: cu::CUevent = std::ptr::null_mut();
         let flags = cu::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
         // SAFETY: `e` is a valid out-pointer.
-        check(unsafe { cu::cuEventCreate(&mut e, flags) })?;
+        self.api
+            .check(unsafe { (self.api.event_create)(&mut e, flags) })?;
         Ok(e as usize as u64)
     }
 
@@ -210,42 +287,49 @@ impl Driver for CudaDriver {
         self.enter(device)?;
         // SAFETY: `e` came from event_create on this device; `s` is a stream of
         // this device that the caller keeps valid (see the README).
-        check(unsafe { cu::cuEventRecord(event(e), stream(s)) })
+        self.api
+            .check(unsafe { (self.api.event_record)(event(e), stream(s)) })
     }
 
     fn event_query(&self, device: usize, e: Event) -> DriverResult<bool> {
         self.enter(device)?;
         // SAFETY: `e` came from event_create.
-        match unsafe { cu::cuEventQuery(event(e)) } {
-            cu::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
-            r => check(r).map(|()| true),
+        match unsafe { (self.api.event_query)(event(e)) } {
+            NOT_READY => Ok(false),
+            r => self.api.check(r).map(|()| true),
         }
     }
 
     fn event_synchronize(&self, device: usize, e: Event) -> DriverResult<()> {
         self.enter(device)?;
         // SAFETY: `e` came from event_create.
-        check(unsafe { cu::cuEventSynchronize(event(e)) })
+        self.api
+            .check(unsafe { (self.api.event_synchronize)(event(e)) })
     }
 
     fn event_destroy(&self, device: usize, e: Event) -> DriverResult<()> {
         self.enter(device)?;
         // SAFETY: `e` came from event_create and is not used after this.
-        check(unsafe { cu::cuEventDestroy_v2(event(e)) })
+        self.api
+            .check(unsafe { (self.api.event_destroy)(event(e)) })
     }
 
     fn stream_synchronize(&self, device: usize, s: Stream) -> DriverResult<()> {
         self.enter(device)?;
         // SAFETY: `s` is a valid stream of this device (or 0, the default stream).
-        check(unsafe { cu::cuStreamSynchronize(stream(s)) })
+        self.api
+            .check(unsafe { (self.api.stream_synchronize)(stream(s)) })
     }
 
     fn stream_is_capturing(&self, device: usize, s: Stream) -> DriverResult<bool> {
         self.enter(device)?;
-        let mut status = cu::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        let mut status = CAPTURE_STATUS_NONE;
         // SAFETY: `status` is a valid out-pointer; `s` is a valid stream.
-        check(unsafe { cu::cuStreamIsCapturing(stream(s), &mut status) })?;
-        Ok(status != cu::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+        self.api
+            .check(unsafe { (self.api.stream_is_capturing)(stream(s), &mut status) })?;
+        // Active or invalidated, or a status this build does not know: capturing
+        // (the cautious answer: frees are quarantined, nothing is reused).
+        Ok(status != CAPTURE_STATUS_NONE)
     }
 
     fn stream_create(&self, device: usize) -> DriverResult<Stream> {
@@ -253,13 +337,34 @@ impl Driver for CudaDriver {
         let mut s: cu::CUstream = std::ptr::null_mut();
         let flags = cu::CUstream_flags::CU_STREAM_NON_BLOCKING as u32;
         // SAFETY: `s` is a valid out-pointer.
-        check(unsafe { cu::cuStreamCreate(&mut s, flags) })?;
+        self.api
+            .check(unsafe { (self.api.stream_create)(&mut s, flags) })?;
         Ok(s as usize as u64)
     }
 
     fn stream_destroy(&self, device: usize, s: Stream) -> DriverResult<()> {
         self.enter(device)?;
         // SAFETY: `s` came from stream_create and is not used after this.
-        check(unsafe { cu::cuStreamDestroy_v2(stream(s)) })
+        self.api
+            .check(unsafe { (self.api.stream_destroy)(stream(s)) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ENTRY_POINTS;
+
+    /// `Api::load` resolves exactly [`ENTRY_POINTS`] (the list the stand-in
+    /// and the docs go by).
+    #[test]
+    fn api_table_matches_entry_points() {
+        let src = include_str!("cuda.rs");
+        let body = &src[src.find("fn load()").unwrap()..src.find("fn error_text").unwrap()];
+        let names: Vec<&str> = body
+            .split("sym!(\"")
+            .skip(1)
+            .map(|s| &s[..s.find('"').unwrap()])
+            .collect();
+        assert_eq!(names, ENTRY_POINTS);
     }
 }

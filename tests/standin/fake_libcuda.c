@@ -12,6 +12,10 @@
  *   FAKE_CUDA_CAPTURING=HANDLE   this stream handle (hex or decimal) reports an active capture;
  *                                cuMemAlloc then fails unless the thread is in relaxed mode
  *   FAKE_CUDA_LOG=PATH           append one line per call: "<name> ctx=<device> ..."
+ *   FAKE_CUDA_ALLOC_ERROR=CODE   every cuMemAlloc fails with this raw CUresult, e.g. one no
+ *                                CUDA release defines (a newer driver's code, to cudalloc)
+ * cuGetErrorString answers codes >= 1000 as the real driver answers unknown
+ * ones: CUDA_ERROR_INVALID_VALUE, and the string pointer set to NULL.
  * Strictness: memory calls need a current context; a free or record on another
  * device's context is logged as WRONG_CTX (a real driver would accept some of
  * these; cudalloc must never make them). */
@@ -152,6 +156,11 @@ CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n) {
         logf_("cuMemAlloc_v2 ctx=%d CAPTURE_UNSUPPORTED mode=%d", cur_dev, capture_mode);
         LEAVE(CAPTURE_UNSUPPORTED);
     }
+    const char *raw = getenv("FAKE_CUDA_ALLOC_ERROR");
+    if (raw) {
+        logf_("cuMemAlloc_v2 ctx=%d size=%zu ERROR=%s", cur_dev, n, raw);
+        LEAVE(atoi(raw));
+    }
     allocs++;
     const char *oom = getenv("FAKE_CUDA_OOM_AT");
     if ((oom && atol(oom) == allocs) || used[cur_dev] + n > capacity || nlive == MAX_LIVE) {
@@ -265,6 +274,10 @@ CUresult cuThreadExchangeStreamCaptureMode(int *mode) {
 }
 
 CUresult cuGetErrorString(CUresult r, const char **s) {
+    if (r >= 1000) {
+        *s = NULL;
+        return 1; /* CUDA_ERROR_INVALID_VALUE */
+    }
     static char buf[64];
     snprintf(buf, sizeof buf, "fake libcuda error %d", r);
     *s = buf;

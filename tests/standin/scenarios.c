@@ -1,6 +1,7 @@
 /* Scenarios for the libcuda stand-in (tests/cuda_standin.rs). Each prints
  * "ok <name>" and exits 0, or prints what went wrong and exits 1.
- * Usage: scenarios oom|multidev|deinit|capture */
+ * Usage: scenarios oom|multidev|deinit|capture|unknown_error */
+#define _POSIX_C_SOURCE 200809L /* unsetenv */
 #include "cudalloc.h"
 
 #include <stdio.h>
@@ -99,6 +100,24 @@ static int capture(void) {
     return 0;
 }
 
+/* FAKE_CUDA_ALLOC_ERROR holds a CUresult no CUDA release defines: the
+ * allocation fails with a driver error naming the number, and once the
+ * driver stops failing, service resumes. */
+static int unknown_error(void) {
+    const char *code = getenv("FAKE_CUDA_ALLOC_ERROR");
+    if (!code) FAIL("set FAKE_CUDA_ALLOC_ERROR");
+    void *p = cudalloc_malloc(4 * MiB, 0, NULL);
+    if (p) FAIL("allocation succeeded despite the driver error");
+    if (cudalloc_last_error() != CUDALLOC_ERR_DRIVER) FAIL("wrong error code");
+    if (!strstr(cudalloc_last_error_message(), code)) FAIL("the message does not name the code");
+    unsetenv("FAKE_CUDA_ALLOC_ERROR");
+    p = cudalloc_malloc(4 * MiB, 0, NULL);
+    if (!p) FAIL("no recovery after the driver error");
+    cudalloc_free(p, 0, 0, NULL);
+    if (cudalloc_check_invariants() != 0) FAIL("invariants");
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) return 2;
     int r = 2;
@@ -106,6 +125,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[1], "multidev")) r = multidev();
     else if (!strcmp(argv[1], "deinit")) r = deinit();
     else if (!strcmp(argv[1], "capture")) r = capture();
+    else if (!strcmp(argv[1], "unknown_error")) r = unknown_error();
     if (r == 0) printf("ok %s\n", argv[1]);
     return r;
 }
