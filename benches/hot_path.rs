@@ -59,6 +59,16 @@ fn hot_path(c: &mut Criterion) {
     // SAFETY: a NUL-terminated string.
     assert_eq!(unsafe { cudalloc::ffi::cudalloc_init(conf.as_ptr()) }, 0);
     let stream = 0x300 as *mut libc::c_void;
+    // The same pairs, timed around a plain loop (`pairs`) instead of
+    // criterion's per-iteration closure: the two differ by code layout only,
+    // and docs/BENCHMARKS.md reports both.
+    g.bench_function("pair_1_thread_loop", |b| {
+        b.iter_custom(|iters| {
+            let t = Instant::now();
+            pairs(&a, 0x100, iters);
+            t.elapsed()
+        })
+    });
     g.bench_function("pair_c_abi", |b| {
         b.iter(|| {
             let p = cudalloc::ffi::cudalloc_malloc(black_box(SIZE as usize), 0, stream);

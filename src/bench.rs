@@ -5,6 +5,9 @@
 //! - **hot path**: alloc+free pairs that hit the cache, on 1 thread and on 2
 //!   threads with a stream each, plus the same loop through the C ABI, the
 //!   raw driver pair, and a floor (a per-size-class `Vec` push/pop, no lock).
+//! - **tracking cost**: the 1-thread hot path again with call-site
+//!   backtraces on (`backtrace:16`), sampled one in 100 and on every
+//!   allocation, against the same loop with them off, in the same run.
 //! - **mixed**: a window of live blocks over 16 sizes up to 1 MiB.
 //! - **random_allocations** (RMM's benchmark): 73% allocate / 27% free,
 //!   uniform sizes up to a maximum, at 1k, 10k and 100k operations.
@@ -181,6 +184,48 @@ pub fn hot_path(config: &Config, o: &BenchOptions) -> crate::Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// The cost of call-site tracking: the 1-thread hot path with backtraces off
+/// (the configuration as given), with `backtrace:16,backtrace_sample:100`, and
+/// with `backtrace:16` on every allocation (fewer pairs: a capture costs
+/// microseconds). Each row's note gives its ratio to the first row.
+pub fn tracking(config: &Config, o: &BenchOptions) -> crate::Result<Vec<Row>> {
+    const SIZE: u64 = 4096;
+    let base = config_string(config);
+    let with = |extra: &str| -> crate::Result<Config> {
+        let s = if base.is_empty() {
+            extra.to_string()
+        } else {
+            format!("{base},{extra}")
+        };
+        Config::parse(&s)
+    };
+    let runs = [
+        ("tracking: backtraces off", with("backtrace:off")?, o.pairs),
+        (
+            "tracking: backtrace:16, sample 1 in 100",
+            with("backtrace:16,backtrace_sample:100")?,
+            o.pairs,
+        ),
+        (
+            "tracking: backtrace:16, every allocation",
+            with("backtrace:16,backtrace_sample:1")?,
+            (o.pairs / 100).max(1000),
+        ),
+    ];
+    let mut rows: Vec<Row> = Vec::new();
+    for (name, c, pairs) in runs {
+        let a = make(&c)?;
+        let secs = pairs_loop(&a, 0, pairs, SIZE);
+        let mut r = row(name, pairs, secs, String::new());
+        r.note = match rows.first() {
+            Some(off) => format!("{:.2}x of backtraces off", r.ns_per_op / off.ns_per_op),
+            None => "live table, stats and alarms only".into(),
+        };
+        rows.push(r);
+    }
+    Ok(rows)
+}
+
 /// A window of 8 live blocks over 16 sizes up to 1 MiB, on one stream.
 pub fn mixed(config: &Config, o: &BenchOptions) -> crate::Result<Row> {
     let a = make(config)?;
@@ -287,6 +332,7 @@ pub fn run(config: &Config, o: &BenchOptions) -> crate::Result<()> {
     );
     drop(driver);
     let mut rows = hot_path(config, o)?;
+    rows.extend(tracking(config, o)?);
     rows.push(mixed(config, o)?);
     for &n in &o.random_ops {
         rows.push(random_allocations(config, n, o.random_max, 42)?);

@@ -316,5 +316,8 @@ fn missing_libcuda_is_a_clear_error_not_a_panic() {
         1,
         "exactly one warning:\n{err}"
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("backend sim"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("backend sim"), "{stdout}");
+    // The tracking-cost rows ran and compared themselves with backtraces off.
+    assert_eq!(stdout.matches("x of backtraces off").count(), 2, "{stdout}");
 }
