@@ -23,7 +23,8 @@
 //! stats      cudalloc_stats snapshot; device gauges and counters             stats.rs
 //! driver     trait Driver, the one narrow interface to a device              driver/
 //!              cuda: CUDA driver API via cudarc (run-time loaded libcuda,
-//!                    primary context per device, relaxed capture mode)
+//!                    raw result codes, primary context per device with
+//!                    the caller's restored, relaxed capture mode)
 //!              sim: simulated device (capacity, fake addresses, manual
 //!                   events, fault injection)
 //!              exit_guard: refuses device calls once the process exits

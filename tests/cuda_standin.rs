@@ -221,6 +221,30 @@ fn each_device_is_served_under_its_own_context() {
 }
 
 #[test]
+fn the_callers_context_is_current_again_after_every_call() {
+    let r = run(
+        "ctx_restore",
+        &standin().join("scenarios"),
+        &["ctx_restore"],
+        &[],
+    );
+    r.assert_ok();
+    // The segment really went through device 1's context.
+    assert!(
+        r.log.contains("cuMemAlloc_v2 ctx=1 size=31457280"),
+        "{}",
+        r.log
+    );
+    assert!(
+        r.log
+            .lines()
+            .any(|l| l.starts_with("cuMemFree_v2") && l.contains("ctx=1")),
+        "{}",
+        r.log
+    );
+}
+
+#[test]
 fn deinitialised_driver_is_quiet_and_exit_calls_nothing() {
     let flag = standin().join("deinit.flag");
     let _ = std::fs::remove_file(&flag);

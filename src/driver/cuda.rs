@@ -16,8 +16,11 @@
 //! - **Contexts.** The primary context of each device is retained once, at
 //!   construction, and made current (`cuCtxSetCurrent`) before every call on
 //!   that device: PyTorch's free sets no device guard, so the current context
-//!   may belong to another device. Contexts are never released: nothing here
-//!   runs at process exit.
+//!   may belong to another device. The caller's context (or none) is put back
+//!   when the call returns ([`CtxGuard`]), so a free of device 1's memory does
+//!   not move the host thread's current device, which the CUDA runtime and
+//!   torch read from it. Contexts are never released: nothing here runs at
+//!   process exit.
 //! - **Errors.** `CUDA_ERROR_OUT_OF_MEMORY` is [`DriverError::OutOfMemory`];
 //!   `CUDA_ERROR_DEINITIALIZED` and `CUDA_ERROR_NOT_INITIALIZED` (what the
 //!   driver says while the process exits) are [`DriverError::Deinitialized`];
@@ -38,6 +41,7 @@ pub const ENTRY_POINTS: &[&str] = &[
     "cuDeviceGet",
     "cuDevicePrimaryCtxRetain",
     "cuCtxSetCurrent",
+    "cuCtxGetCurrent",
     "cuMemAlloc_v2",
     "cuMemFree_v2",
     "cuMemGetInfo_v2",
@@ -80,6 +84,7 @@ struct Api {
     device_get: unsafe extern "C" fn(*mut cu::CUdevice, libc::c_int) -> Raw,
     primary_ctx_retain: unsafe extern "C" fn(*mut cu::CUcontext, cu::CUdevice) -> Raw,
     ctx_set_current: unsafe extern "C" fn(cu::CUcontext) -> Raw,
+    ctx_get_current: unsafe extern "C" fn(*mut cu::CUcontext) -> Raw,
     mem_alloc: unsafe extern "C" fn(*mut cu::CUdeviceptr, usize) -> Raw,
     mem_free: unsafe extern "C" fn(cu::CUdeviceptr) -> Raw,
     mem_get_info: unsafe extern "C" fn(*mut usize, *mut usize) -> Raw,
@@ -121,6 +126,7 @@ impl Api {
             device_get: sym!("cuDeviceGet"),
             primary_ctx_retain: sym!("cuDevicePrimaryCtxRetain"),
             ctx_set_current: sym!("cuCtxSetCurrent"),
+            ctx_get_current: sym!("cuCtxGetCurrent"),
             mem_alloc: sym!("cuMemAlloc_v2"),
             mem_free: sym!("cuMemFree_v2"),
             mem_get_info: sym!("cuMemGetInfo_v2"),
@@ -161,6 +167,24 @@ impl Api {
                 code: other as i64,
                 message: self.error_text(other),
             }),
+        }
+    }
+}
+
+/// Restores the thread's previous context (NULL included) on drop, when
+/// [`CudaDriver::enter`] changed it.
+struct CtxGuard<'a> {
+    api: Option<&'a Api>,
+    prev: cu::CUcontext,
+}
+
+impl Drop for CtxGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(api) = self.api {
+            // SAFETY: `prev` was current on this thread a moment ago (a
+            // context the caller owns, or NULL, which unbinds). A failure
+            // (say the driver deinitialised meanwhile) leaves nothing to undo.
+            let _ = unsafe { (api.ctx_set_current)(self.prev) };
         }
     }
 }
@@ -213,14 +237,27 @@ impl CudaDriver {
         Ok(CudaDriver { api, devices })
     }
 
-    /// Make `device`'s primary context current on this thread.
-    fn enter(&self, device: usize) -> DriverResult<()> {
+    /// Make `device`'s primary context current on this thread until the
+    /// returned guard drops, which puts the caller's context back.
+    fn enter(&self, device: usize) -> DriverResult<CtxGuard<'_>> {
         let d = self
             .devices
             .get(device)
             .ok_or(DriverError::InvalidDevice(device))?;
+        let mut prev: cu::CUcontext = std::ptr::null_mut();
+        // SAFETY: `prev` is a valid out-pointer.
+        self.api
+            .check(unsafe { (self.api.ctx_get_current)(&mut prev) })?;
+        if prev == d.ctx {
+            return Ok(CtxGuard { api: None, prev });
+        }
         // SAFETY: `ctx` is a primary context retained at construction and never released.
-        self.api.check(unsafe { (self.api.ctx_set_current)(d.ctx) })
+        self.api
+            .check(unsafe { (self.api.ctx_set_current)(d.ctx) })?;
+        Ok(CtxGuard {
+            api: Some(&self.api),
+            prev,
+        })
     }
 }
 
@@ -242,7 +279,7 @@ impl Driver for CudaDriver {
     }
 
     fn mem_alloc(&self, device: usize, size: u64) -> DriverResult<u64> {
-        self.enter(device)?;
+        let _ctx = self.enter(device)?;
         let mut mode = CAPTURE_MODE_RELAXED;
         // SAFETY: `mode` is a valid in/out pointer; the old mode comes back in it.
         let swapped = unsafe { (self.api.exchange_capture_mode)(&mut mode) } == SUCCESS;
@@ -259,13 +296,13 @@ impl Driver for CudaDriver {
     }
 
     fn mem_free(&self, device: usize, ptr: u64, _size: u64) -> DriverResult<()> {
-        self.enter(device)?;
+        let _ctx = self.enter(device)?;
         // SAFETY: the engine frees only addresses mem_alloc returned, once.
         self.api.check(unsafe { (self.api.mem_free)(ptr) })
     }
 
     fn mem_info(&self, device: usize) -> DriverResult<(u64, u64)> {
-        self.enter(device)?;
+        let _ctx = self.enter(device)?;
         let (mut free, mut total) = (0usize, 0usize);
         // SAFETY: both are valid out-pointers; the context is current.
         self.api
@@ -274,7 +311,7 @@ impl Driver for CudaDriver {
     }
 
     fn event_create(&self, device: usize) -> DriverResult<Event> {
-        self.enter(device)?;
+        let _ctx = self.enter(device)?;
         let mut e: cu::CUevent = std::ptr::null_mut();
         let flags = cu::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
         // SAFETY: `e` is a valid out-pointer.
@@ -284,7 +321,7 @@ impl Driver for CudaDriver {
     }
 
     fn event_record(&self, device: usize, e: Event, s: Stream) -> DriverResult<()> {
-        self.enter(device)?;
+        let _ctx = self.enter(device)?;
         // SAFETY: `e` came from event_create on this device; `s` is a stream of
         // this device that the caller keeps valid (see the README).
         self.api
@@ -292,7 +329,7 @@ impl Driver for CudaDriver {
     }
 
     fn event_query(&self, device: usize, e: Event) -> DriverResult<bool> {
-        self.enter(device)?;
+        let _ctx = self.enter(device)?;
         // SAFETY: `e` came from event_create.
         match unsafe { (self.api.event_query)(event(e)) } {
             NOT_READY => Ok(false),
@@ -301,28 +338,28 @@ impl Driver for CudaDriver {
     }
 
     fn event_synchronize(&self, device: usize, e: Event) -> DriverResult<()> {
-        self.enter(device)?;
+        let _ctx = self.enter(device)?;
         // SAFETY: `e` came from event_create.
         self.api
             .check(unsafe { (self.api.event_synchronize)(event(e)) })
     }
 
     fn event_destroy(&self, device: usize, e: Event) -> DriverResult<()> {
-        self.enter(device)?;
+        let _ctx = self.enter(device)?;
         // SAFETY: `e` came from event_create and is not used after this.
         self.api
             .check(unsafe { (self.api.event_destroy)(event(e)) })
     }
 
     fn stream_synchronize(&self, device: usize, s: Stream) -> DriverResult<()> {
-        self.enter(device)?;
+        let _ctx = self.enter(device)?;
         // SAFETY: `s` is a valid stream of this device (or 0, the default stream).
         self.api
             .check(unsafe { (self.api.stream_synchronize)(stream(s)) })
     }
 
     fn stream_is_capturing(&self, device: usize, s: Stream) -> DriverResult<bool> {
-        self.enter(device)?;
+        let _ctx = self.enter(device)?;
         let mut status = CAPTURE_STATUS_NONE;
         // SAFETY: `status` is a valid out-pointer; `s` is a valid stream.
         self.api
@@ -333,7 +370,7 @@ impl Driver for CudaDriver {
     }
 
     fn stream_create(&self, device: usize) -> DriverResult<Stream> {
-        self.enter(device)?;
+        let _ctx = self.enter(device)?;
         let mut s: cu::CUstream = std::ptr::null_mut();
         let flags = cu::CUstream_flags::CU_STREAM_NON_BLOCKING as u32;
         // SAFETY: `s` is a valid out-pointer.
@@ -343,7 +380,7 @@ impl Driver for CudaDriver {
     }
 
     fn stream_destroy(&self, device: usize, s: Stream) -> DriverResult<()> {
-        self.enter(device)?;
+        let _ctx = self.enter(device)?;
         // SAFETY: `s` came from stream_create and is not used after this.
         self.api
             .check(unsafe { (self.api.stream_destroy)(stream(s)) })

@@ -148,6 +148,13 @@ CUresult cuCtxSetCurrent(CUcontext ctx) {
     LEAVE(OK);
 }
 
+CUresult cuCtxGetCurrent(CUcontext *ctx) {
+    ENTER("cuCtxGetCurrent");
+    if (!ctx) LEAVE(INVALID_VALUE);
+    *ctx = cur_dev < 0 ? NULL : (CUcontext)(uintptr_t)(CTX_BASE + cur_dev);
+    LEAVE(OK);
+}
+
 CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n) {
     ENTER("cuMemAlloc_v2");
     if (cur_dev < 0) LEAVE(INVALID_CONTEXT);

@@ -1,9 +1,10 @@
 /* Scenarios for the libcuda stand-in (tests/cuda_standin.rs). Each prints
  * "ok <name>" and exits 0, or prints what went wrong and exits 1.
- * Usage: scenarios oom|multidev|deinit|capture|unknown_error */
+ * Usage: scenarios oom|multidev|deinit|capture|unknown_error|ctx_restore */
 #define _POSIX_C_SOURCE 200809L /* unsetenv */
 #include "cudalloc.h"
 
+#include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -118,6 +119,43 @@ static int unknown_error(void) {
     return 0;
 }
 
+/* The caller's current context survives every cudalloc call: device 1's
+ * segment is allocated and freed under device 1's context while device 0's
+ * (then none) is the caller's, and the caller's is current afterwards. The
+ * stand-in is the libcuda.so cudalloc loaded, opened again here. */
+typedef int (*retain_fn)(void **, int);
+typedef int (*set_fn)(void *);
+typedef int (*get_fn)(void **);
+static int ctx_restore(void) {
+    void *lib = dlopen("libcuda.so", RTLD_NOW);
+    if (!lib) FAIL("dlopen libcuda.so: %s", dlerror());
+    retain_fn retain = (retain_fn)dlsym(lib, "cuDevicePrimaryCtxRetain");
+    set_fn set = (set_fn)dlsym(lib, "cuCtxSetCurrent");
+    get_fn get = (get_fn)dlsym(lib, "cuCtxGetCurrent");
+    if (!retain || !set || !get) FAIL("dlsym");
+    void *ctx0 = NULL, *now = NULL;
+    if (retain(&ctx0, 0) || set(ctx0)) FAIL("cannot make device 0's context current");
+
+    void *p = cudalloc_malloc(30 * MiB, 1, NULL); /* a driver allocation on device 1 */
+    if (!p) FAIL("allocation on device 1 failed");
+    if (get(&now) || now != ctx0) FAIL("malloc on device 1 left context %p current, not %p", now, ctx0);
+    cudalloc_free(p, 0, 0, NULL); /* the hints name the wrong device, as torch's may */
+    cudalloc_empty_cache();       /* the driver free, on device 1 */
+    if (get(&now) || now != ctx0) FAIL("free/empty_cache left context %p current, not %p", now, ctx0);
+
+    if (set(NULL)) FAIL("cannot unbind the context");
+    p = cudalloc_malloc(30 * MiB, 0, NULL);
+    if (!p) FAIL("allocation on device 0 failed");
+    if (get(&now) || now != NULL) FAIL("malloc with no current context left %p current", now);
+    cudalloc_stats st;
+    if (cudalloc_get_stats(1, &st) != CUDALLOC_OK) FAIL("stats");
+    cudalloc_free(p, 0, 0, NULL);
+    cudalloc_empty_cache();
+    if (get(&now) || now != NULL) FAIL("empty_cache with no current context left %p current", now);
+    if (st.num_driver_frees != 1) FAIL("device 1: %llu driver frees", (unsigned long long)st.num_driver_frees);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) return 2;
     int r = 2;
@@ -126,6 +164,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[1], "deinit")) r = deinit();
     else if (!strcmp(argv[1], "capture")) r = capture();
     else if (!strcmp(argv[1], "unknown_error")) r = unknown_error();
+    else if (!strcmp(argv[1], "ctx_restore")) r = ctx_restore();
     if (r == 0) printf("ok %s\n", argv[1]);
     return r;
 }
