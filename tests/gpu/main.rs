@@ -18,8 +18,23 @@ use std::sync::Arc;
 fn gpu() -> (Allocator, Arc<CudaDriver>) {
     let d = Arc::new(CudaDriver::new().expect("a CUDA driver and device (run on a GPU machine)"));
     assert!(d.device_count() > 0, "no CUDA device");
+    bind_device_0();
     let c = Config::parse("backend:cuda").unwrap();
     (Allocator::new(c, d.clone()), d)
+}
+
+/// Make device 0's primary context current on this thread, as the CUDA
+/// runtime does for a program: cudalloc puts the caller's context back after
+/// each call, so the test's own driver calls need one of their own.
+fn bind_device_0() {
+    let mut dev: cu::CUdevice = 0;
+    let mut ctx: cu::CUcontext = std::ptr::null_mut();
+    // SAFETY: valid out-pointers; CudaDriver::new ran cuInit.
+    unsafe {
+        check(cu::cuDeviceGet(&mut dev, 0));
+        check(cu::cuDevicePrimaryCtxRetain(&mut ctx, dev));
+        check(cu::cuCtxSetCurrent(ctx));
+    }
 }
 
 fn check(r: cu::CUresult) {
@@ -28,8 +43,8 @@ fn check(r: cu::CUresult) {
 
 /// Fill `n` bytes at `p` with `v` on `stream`, asynchronously.
 fn memset(p: u64, v: u8, n: usize, stream: u64) {
-    // SAFETY: `p` is a live cudalloc allocation of at least `n` bytes; the
-    // driver made the context current in the allocation that returned it.
+    // SAFETY: `p` is a live cudalloc allocation of at least `n` bytes of
+    // device 0, whose context `gpu()` made current.
     check(unsafe { cu::cuMemsetD8Async(p, v, n, stream as usize as cu::CUstream) });
 }
 
