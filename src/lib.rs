@@ -31,7 +31,7 @@
 //! error      Error and the C result codes (base 42000)                       error.rs
 //! conformance the shared behaviour suite (tests and `cudalloc selftest`)     conformance.rs
 //! bench      the `cudalloc bench` workloads                                  bench.rs
-//! trace      RMM-format traces: parse, replay on sim, generate, SVG timeline  trace/
+//! trace      RMM-format traces: parse, replay, generate, SVG/HTML timeline    trace/
 //! ```
 //! Nothing above `driver` names CUDA; nothing below `ffi` knows about C.
 //!
