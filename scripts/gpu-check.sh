@@ -9,7 +9,10 @@
 #   (with the device tool: carry those paths).
 # On the GPU machine, from the repo root:
 #   bash scripts/gpu-check.sh [OUTDIR]
-set -euo pipefail
+# (scripts/gpu-all.sh --prep does the build-machine part for the device tool.)
+# Every step runs even when an earlier one fails; the exit code is the first
+# failing step's.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/cudalloc-gpu}}
 mkdir -p "$out"
@@ -20,8 +23,18 @@ gpu_test=$(ls -t target/release/deps/gpu-* 2>/dev/null | grep -v '\.d$' | head -
 [ -n "$gpu_test" ] || { echo "missing the gpu test binary: cargo test --release --no-run --test gpu" >&2; exit 2; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt" || true
-echo "== config";   "$bin" config | tee "$out/config.txt"
-echo "== selftest"; "$bin" selftest | tee "$out/selftest.txt"
-echo "== gpu suite"; "$gpu_test" --ignored --test-threads=1 2>&1 | tee "$out/gpu-suite.txt"
-echo "== bench";    "$bin" bench 2>&1 | tee "$out/bench.txt"
-echo "done: results in $out"
+rc=0
+step() { # name file command...
+    local name=$1 file=$2
+    shift 2
+    echo "== $name"
+    "$@" 2>&1 | tee "$out/$file"
+    local r=${PIPESTATUS[0]}
+    [ "$r" -eq 0 ] || { echo "== $name failed: exit $r"; [ "$rc" -ne 0 ] || rc=$r; }
+}
+step config config.txt "$bin" config
+step selftest selftest.txt "$bin" selftest
+step "gpu suite" gpu-suite.txt "$gpu_test" --ignored --test-threads=1
+step bench bench.txt "$bin" bench
+echo "done: results in $out (exit $rc)"
+exit "$rc"
