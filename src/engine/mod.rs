@@ -496,7 +496,7 @@ impl Allocator {
             return Ok(0);
         }
         let Some(rounded) = round_size(size) else {
-            return Err(self.oom(dev, size, "the size overflows"));
+            return Err(self.oom(dev, size, stream, "the size overflows"));
         };
         let arena = dev.arena(self.id, stream);
         {
@@ -517,7 +517,7 @@ impl Allocator {
     fn malloc_slow(&self, dev: &Device, arena: &Arena, rounded: u64, size: u64) -> Result<u64> {
         let pool = self.policy.pool(rounded);
         let Some(seg_size) = self.policy.segment_size(rounded) else {
-            return Err(self.oom(dev, size, "the size overflows"));
+            return Err(self.oom(dev, size, arena.stream, "the size overflows"));
         };
         if !dev.capture_seen.load(Ordering::Relaxed)
             && matches!(
@@ -533,6 +533,7 @@ impl Allocator {
             return Err(self.oom(
                 dev,
                 size,
+                arena.stream,
                 "the request is larger than the device or its limit",
             ));
         }
@@ -566,7 +567,7 @@ impl Allocator {
         drop(slow);
         last.map_err(|e| {
             if e.code == ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY {
-                self.oom(dev, size, &e.message)
+                self.oom(dev, size, arena.stream, &e.message)
             } else {
                 e
             }
@@ -634,15 +635,16 @@ impl Allocator {
 
     /// Count an OOM, log the diagnosis, and make the error carrying it.
     #[cold]
-    fn oom(&self, dev: &Device, size: u64, why: &str) -> Error {
+    fn oom(&self, dev: &Device, size: u64, stream: Stream, why: &str) -> Error {
         dev.core.counters.ooms.inc();
-        let diag = self.diagnose(dev.core.index, size, why);
+        let diag = self.diagnose(dev.core.index, size, stream, why);
         tracing::error!("{diag}");
         Error::new(ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY, diag)
     }
 
-    /// A one-screen explanation of an allocation failure on `device`.
-    pub fn diagnose(&self, device: usize, size: u64, why: &str) -> String {
+    /// A one-screen explanation of an allocation failure of `size` bytes on
+    /// `device` and `stream`.
+    pub fn diagnose(&self, device: usize, size: u64, stream: Stream, why: &str) -> String {
         use crate::config::format_size as fs;
         use std::fmt::Write as _;
         let Ok(st) = self.stats(device) else {
@@ -672,6 +674,34 @@ impl Allocator {
             fs(st.largest_free_block),
             frag * 100.0
         );
+        // What this request could have used: free blocks of its own stream and
+        // pool. Other streams' blocks move only as whole idle segments, and
+        // the two pools never lend to each other.
+        let rounded = round_size(size);
+        let here = rounded.map(|r| {
+            let pool = self.policy.pool(r);
+            let largest = dev
+                .arena_list()
+                .iter()
+                .find(|a| a.stream == stream)
+                .map_or(0, |a| {
+                    let inner = a.inner.lock();
+                    inner.index[pool as usize].largest(&inner.blocks)
+                });
+            (r, pool, largest)
+        });
+        if let Some((_, pool, largest)) = here {
+            let _ = writeln!(
+                s,
+                "  on stream {stream:#x}: largest free block of the {} pool {}",
+                if pool == Pool::Small {
+                    "small"
+                } else {
+                    "large"
+                },
+                fs(largest)
+            );
+        }
         let limit = dev.limit();
         let dinfo = match self.driver.mem_info(device) {
             Ok((free, total)) => format!("device free {} of {}", fs(free), fs(total)),
@@ -699,7 +729,23 @@ impl Allocator {
                 );
             }
         }
-        let _ = write!(s, "  hint: free tensors you no longer need, lower the batch size, or set max_memory/memory_fraction");
+        let cached = st.cached_free_bytes + st.pending_free_bytes;
+        match here {
+            Some((r, _, largest)) if cached >= r && largest < r => {
+                let _ = write!(
+                    s,
+                    "  hint: the cache holds {} free, but no free block of this stream and pool fits: \
+                     fragmentation, or memory freed on other streams (idle segments were already \
+                     released; the rest hold live blocks). Try huge_split:off or small_max:512 \
+                     (README, low-fragmentation profiles), free long-lived tensors, or free on \
+                     the stream that allocates",
+                    fs(cached)
+                );
+            }
+            _ => {
+                let _ = write!(s, "  hint: free tensors you no longer need, lower the batch size, or set max_memory/memory_fraction");
+            }
+        }
         s
     }
 
@@ -956,6 +1002,48 @@ mod tests {
         let c = Config::parse(conf).unwrap();
         let d = Arc::new(SimDriver::new(c.sim_devices, c.sim_memory));
         (Allocator::new(c, d.clone()), d)
+    }
+
+    /// An OOM with enough cached free bytes but no block that fits says so,
+    /// with the requesting stream's own largest block; a plain OOM does not.
+    #[test]
+    fn oom_diagnosis_tells_fragmentation_from_a_full_device() {
+        const M: u64 = 1 << 20;
+        let (a, _) = sim("sim_memory:40MiB");
+        let s = 0x10;
+        // Two 20 MiB large segments, four 5 MiB blocks each.
+        let blocks: Vec<u64> = (0..8).map(|_| a.malloc(5 * M, 0, s).unwrap()).collect();
+        assert_eq!(a.stats(0).unwrap().reserved_bytes, 40 * M);
+        let e = a.malloc(8 * M, 0, s).unwrap_err();
+        assert!(e.message.contains("hint: free tensors"), "{}", e.message);
+        assert!(!e.message.contains("fragmentation, or"), "{}", e.message);
+        // Free every other block: 20 MiB cached, no two free blocks adjacent.
+        for p in blocks.iter().step_by(2) {
+            a.free(*p, Some(0), s).unwrap();
+        }
+        let e = a.malloc(8 * M, 0, s).unwrap_err();
+        assert_eq!(e.code, ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY);
+        let m = &e.message;
+        assert!(
+            m.contains("on stream 0x10: largest free block of the large pool 5MiB"),
+            "{m}"
+        );
+        assert!(
+            m.contains("the cache holds 20MiB free, but no free block"),
+            "{m}"
+        );
+        // Another stream sees none of it: its own largest block is 0.
+        let e = a.malloc(8 * M, 0, 0x20).unwrap_err();
+        assert!(
+            e.message
+                .contains("on stream 0x20: largest free block of the large pool 0B"),
+            "{}",
+            e.message
+        );
+        a.check_invariants().unwrap();
+        for p in blocks.iter().skip(1).step_by(2) {
+            a.free(*p, Some(0), s).unwrap();
+        }
     }
 
     #[test]
