@@ -73,7 +73,12 @@ fn hit_rate(a: &Allocator) -> f64 {
     }
 }
 
-fn pairs_loop(a: &Allocator, stream: Stream, pairs: u64, size: u64) -> f64 {
+/// The timed alloc+free loop (after a warm-up), inlined into its two entry
+/// points below. They are separate so that callgrind's
+/// `--toggle-collect='cudalloc::bench::pairs_loop*'` (docs/BENCHMARKS.md)
+/// counts the hot-path loops and not the tracking rows.
+#[inline(always)]
+fn timed_pairs(a: &Allocator, stream: Stream, pairs: u64, size: u64) -> f64 {
     for _ in 0..1000 {
         let p = a.malloc(size, 0, stream).expect("warm-up allocation");
         a.free(p, Some(0), stream).expect("warm-up free");
@@ -87,6 +92,16 @@ fn pairs_loop(a: &Allocator, stream: Stream, pairs: u64, size: u64) -> f64 {
             .expect("hot-path free");
     }
     t.elapsed().as_secs_f64()
+}
+
+#[inline(never)]
+fn pairs_loop(a: &Allocator, stream: Stream, pairs: u64, size: u64) -> f64 {
+    timed_pairs(a, stream, pairs, size)
+}
+
+#[inline(never)]
+fn tracking_loop(a: &Allocator, stream: Stream, pairs: u64, size: u64) -> f64 {
+    timed_pairs(a, stream, pairs, size)
 }
 
 /// Hot path rows: 1 thread, 2 threads, C ABI, raw driver, floor.
@@ -215,7 +230,7 @@ pub fn tracking(config: &Config, o: &BenchOptions) -> crate::Result<Vec<Row>> {
     let mut rows: Vec<Row> = Vec::new();
     for (name, c, pairs) in runs {
         let a = make(&c)?;
-        let secs = pairs_loop(&a, 0, pairs, SIZE);
+        let secs = tracking_loop(&a, 0, pairs, SIZE);
         let mut r = row(name, pairs, secs, String::new());
         r.note = match rows.first() {
             Some(off) => format!("{:.2}x of backtraces off", r.ns_per_op / off.ns_per_op),
