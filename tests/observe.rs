@@ -199,6 +199,50 @@ fn growth_alarm_fires_on_a_leak_and_not_on_a_steady_loop() {
 
 // ---- trace log -> replay ----------------------------------------------------
 
+/// `replay --profiles` replays a trace under the defaults and each README
+/// profile, and names the configurations needing the least memory; on the
+/// committed KV-cache trace that is not the defaults (BENCHMARKS.md).
+#[test]
+fn replay_profiles_names_the_least_memory_configuration() {
+    let trace = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/kv_cache_seed3.csv");
+    let out = Command::new(env!("CARGO_BIN_EXE_cudalloc"))
+        .args(["replay", trace, "--profiles"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let head = text.lines().nth(1).unwrap_or_default();
+    for (c, _) in cudalloc::trace::cli::PROFILES.iter().skip(1) {
+        assert!(head.contains(c), "column {c} missing: {head}");
+    }
+    let pick = |label: &str| -> String {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("no '{label}' line:\n{text}"));
+        line[label.len()..]
+            .trim()
+            .split(',')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let least = pick("least device memory:");
+    let reserved = pick("lowest peak reserved:");
+    assert!(head.contains(&least) && head.contains(&reserved), "{text}");
+    assert_ne!(reserved, "defaults", "{text}");
+    // Conflicting options are a clear error, not a silent choice.
+    let out = Command::new(env!("CARGO_BIN_EXE_cudalloc"))
+        .args(["replay", trace, "--profiles", "--conf", "huge_split:off"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
 #[test]
 fn a_logged_trace_replays_to_the_same_peak_live_bytes() {
     let path = tmp("replay.csv");

@@ -7,6 +7,37 @@ use super::{parse, to_csv, Event};
 use crate::config::{format_size, parse_size};
 use clap::{value_parser, Arg, ArgAction, ArgMatches, Command};
 
+/// The configurations `replay --profiles` tries: the defaults and the
+/// low-fragmentation profiles the README documents, with what each costs.
+pub const PROFILES: &[(&str, &str)] = &[
+    ("", "torch's layout; the fastest"),
+    (
+        "huge_split:off",
+        "huge blocks handed out whole (training, variable sequence lengths)",
+    ),
+    (
+        "small_max:256KiB",
+        "blocks above 256 KiB share the large pool (KV caches); 256 KiB-1 MiB requests lose the stash",
+    ),
+    (
+        "small_max:512",
+        "one pool for every size (many mixed sizes); about 2x the cached-pair instructions",
+    ),
+];
+
+/// The configuration needing the least, as an index into `least` (each
+/// configuration's need: least capacity with no failure or peak reserved
+/// bytes; `None` when it needs more than was tried). Ties go to the
+/// earliest, so the defaults (first) win unless another is strictly smaller.
+pub fn recommend(least: &[Option<u64>]) -> Option<usize> {
+    least
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| m.map(|m| (m, i)))
+        .min()
+        .map(|(_, i)| i)
+}
+
 /// The subcommands, for `main.rs` to add.
 pub fn commands() -> Vec<Command> {
     let memory = || {
@@ -30,10 +61,17 @@ pub fn commands() -> Vec<Command> {
             .arg(
                 Arg::new("compare")
                     .long("compare")
-                    .num_args(2)
-                    .value_names(["CONF1", "CONF2"])
+                    .num_args(2..)
+                    .value_name("CONF")
                     .conflicts_with("conf")
-                    .help("replay under two configurations, side by side"),
+                    .help("replay under two or more configurations, side by side (\"\" is the defaults)"),
+            )
+            .arg(
+                Arg::new("profiles")
+                    .long("profiles")
+                    .action(ArgAction::SetTrue)
+                    .conflicts_with_all(["conf", "compare"])
+                    .help("compare the defaults with the README's low-fragmentation profiles, and name the one that needs the least device memory (implies --min-memory)"),
             )
             .arg(
                 Arg::new("min-memory")
@@ -122,8 +160,11 @@ fn rows(r: &ReplayResult) -> Vec<(&'static str, String)> {
 fn replay_cmd(m: &ArgMatches) -> Result<(), String> {
     let (path, ev) = load(m)?;
     let memory = size_arg(m, "memory")?;
+    let profiles = m.get_flag("profiles");
+    let min_memory = profiles || m.get_flag("min-memory");
     let confs: Vec<String> = match m.get_many::<String>("compare") {
         Some(v) => v.cloned().collect(),
+        None if profiles => PROFILES.iter().map(|(c, _)| c.to_string()).collect(),
         None => vec![m.get_one::<String>("conf").cloned().unwrap_or_default()],
     };
     println!(
@@ -131,12 +172,17 @@ fn replay_cmd(m: &ArgMatches) -> Result<(), String> {
         format_size(memory)
     );
     let mut table: Vec<Vec<(&'static str, String)>> = Vec::new();
+    let mut least: Vec<Option<u64>> = Vec::new();
+    let mut peaks: Vec<u64> = Vec::new();
     for conf in &confs {
         let c = replay_config(conf, memory).map_err(|e| e.to_string())?;
         let r = replay(&ev, &c, false);
+        peaks.push(r.peak_reserved);
         let mut t = rows(&r);
-        if m.get_flag("min-memory") {
-            match min_capacity(&ev, &c) {
+        if min_memory {
+            let found = min_capacity(&ev, &c);
+            least.push(found.as_ref().map(|(min, _)| *min));
+            match found {
                 Some((min, best)) => {
                     t.push(("least capacity with no failure", format_size(min)));
                     t.push((
@@ -173,6 +219,50 @@ fn replay_cmd(m: &ArgMatches) -> Result<(), String> {
             print!(" {:>24}", t[i].1);
         }
         println!();
+    }
+    if confs.len() > 1 && min_memory {
+        let pct = |v: u64, base: Option<u64>| {
+            base.filter(|b| *b > 0)
+                .map(|b| {
+                    format!(
+                        " ({:+.1}% against {})",
+                        (v as f64 / b as f64 - 1.0) * 100.0,
+                        head[0]
+                    )
+                })
+                .unwrap_or_default()
+        };
+        println!();
+        match recommend(&least) {
+            None => println!(
+                "no configuration replays this trace within {}; try a larger --memory",
+                format_size(memory)
+            ),
+            Some(best) => {
+                let need = least[best].unwrap_or(0);
+                println!(
+                    "least device memory:  {}, {}{}",
+                    head[best],
+                    format_size(need),
+                    pct(need, least[0])
+                );
+            }
+        }
+        let reserved: Vec<Option<u64>> = peaks.iter().map(|p| Some(*p)).collect();
+        if let Some(best) = recommend(&reserved) {
+            println!(
+                "lowest peak reserved: {}, {}{} at {}",
+                head[best],
+                format_size(peaks[best]),
+                pct(peaks[best], Some(peaks[0])),
+                format_size(memory)
+            );
+        }
+        for (c, why) in PROFILES {
+            if let Some(h) = confs.iter().position(|x| x == c) {
+                println!("  {}: {why}", head[h]);
+            }
+        }
     }
     Ok(())
 }
@@ -232,4 +322,29 @@ fn report_cmd(m: &ArgMatches) -> Result<(), String> {
     }
     println!("wrote {out}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recommend_takes_the_least_capacity_and_prefers_the_first_on_ties() {
+        assert_eq!(recommend(&[Some(10), Some(8), Some(9)]), Some(1));
+        assert_eq!(recommend(&[Some(8), Some(8)]), Some(0));
+        assert_eq!(recommend(&[None, Some(9)]), Some(1));
+        assert_eq!(recommend(&[None, None]), None);
+        assert_eq!(recommend(&[]), None);
+    }
+
+    #[test]
+    fn every_profile_is_a_valid_configuration() {
+        for (c, _) in PROFILES {
+            crate::config::Config::parse(c).unwrap();
+        }
+        assert_eq!(
+            PROFILES[0].0, "",
+            "the defaults come first (ties go to them)"
+        );
+    }
 }
