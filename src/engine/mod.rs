@@ -736,9 +736,9 @@ impl Allocator {
                     s,
                     "  hint: the cache holds {} free, but no free block of this stream and pool fits: \
                      fragmentation, or memory freed on other streams (idle segments were already \
-                     released; the rest hold live blocks). Try huge_split:off or small_max:512 \
-                     (README, low-fragmentation profiles), free long-lived tensors, or free on \
-                     the stream that allocates",
+                     released; the rest hold live blocks). Free long-lived tensors or free on \
+                     the stream that allocates; or try a low-fragmentation profile (README): \
+                     record a trace with log_file:PATH and run `cudalloc replay PATH --profiles`",
                     fs(cached)
                 );
             }
