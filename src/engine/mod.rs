@@ -677,29 +677,51 @@ impl Allocator {
         // What this request could have used: free blocks of its own stream and
         // pool. Other streams' blocks move only as whole idle segments, and
         // the two pools never lend to each other.
-        let rounded = round_size(size);
-        let here = rounded.map(|r| {
+        // What this request could have used: free blocks of its own stream and
+        // pool. Other streams' blocks move only as whole idle segments, the two
+        // pools never lend to each other, and quarantined blocks wait for
+        // empty_cache. `Here` also sums the free bytes of each pool over all
+        // streams, for the hint.
+        struct Here {
+            rounded: u64,
+            pool: Pool,
+            largest: u64,
+            pool_free: u64,
+            other_free: u64,
+        }
+        let here = round_size(size).map(|r| {
             let pool = self.policy.pool(r);
-            let largest = dev
-                .arena_list()
-                .iter()
-                .find(|a| a.stream == stream)
-                .map_or(0, |a| {
-                    let inner = a.inner.lock();
-                    inner.index[pool as usize].largest(&inner.blocks)
-                });
-            (r, pool, largest)
+            let mut h = Here {
+                rounded: r,
+                pool,
+                largest: 0,
+                pool_free: 0,
+                other_free: 0,
+            };
+            for a in dev.arena_list() {
+                let inner = a.inner.lock();
+                let stash = inner.stash.bytes;
+                let (small, large) = (inner.index[0].free_bytes + stash, inner.index[1].free_bytes);
+                let (mine, other) = if pool == Pool::Small {
+                    (small, large)
+                } else {
+                    (large, small)
+                };
+                h.pool_free += mine;
+                h.other_free += other;
+                if a.stream == stream {
+                    h.largest = inner.index[pool as usize].largest(&inner.blocks);
+                }
+            }
+            h
         });
-        if let Some((_, pool, largest)) = here {
+        let pool_name = |p: Pool| if p == Pool::Small { "small" } else { "large" };
+        if let Some(h) = &here {
             let _ = writeln!(
                 s,
                 "  on stream {stream:#x}: largest free block of the {} pool {}",
-                if pool == Pool::Small {
-                    "small"
-                } else {
-                    "large"
-                },
-                fs(largest)
+                pool_name(h.pool),
+                fs(h.largest)
             );
         }
         let limit = dev.limit();
@@ -729,17 +751,34 @@ impl Allocator {
                 );
             }
         }
-        let cached = st.cached_free_bytes + st.pending_free_bytes;
-        match here {
-            Some((r, _, largest)) if cached >= r && largest < r => {
+        match &here {
+            Some(h) if h.pool_free >= h.rounded && h.largest < h.rounded => {
                 let _ = write!(
                     s,
-                    "  hint: the cache holds {} free, but no free block of this stream and pool fits: \
+                    "  hint: the {} pool holds {} free, but no free block of this stream fits: \
                      fragmentation, or memory freed on other streams (idle segments were already \
                      released; the rest hold live blocks). Free long-lived tensors or free on \
                      the stream that allocates; or try a low-fragmentation profile (README): \
                      record a trace with log_file:PATH and run `cudalloc replay PATH --profiles`",
-                    fs(cached)
+                    pool_name(h.pool),
+                    fs(h.pool_free)
+                );
+            }
+            Some(h) if h.pool_free + h.other_free >= h.rounded && h.other_free > 0 => {
+                let _ = write!(
+                    s,
+                    "  hint: {} of the cache is free in the {} pool, which never serves {} \
+                     requests like this one. Free tensors you no longer need, or try a \
+                     profile that shares segments between sizes (small_max:256KiB or \
+                     small_max:512; README): record a trace with log_file:PATH and run \
+                     `cudalloc replay PATH --profiles`",
+                    fs(h.other_free),
+                    pool_name(if h.pool == Pool::Small {
+                        Pool::Large
+                    } else {
+                        Pool::Small
+                    }),
+                    pool_name(h.pool)
                 );
             }
             _ => {
@@ -1029,7 +1068,7 @@ mod tests {
             "{m}"
         );
         assert!(
-            m.contains("the cache holds 20MiB free, but no free block"),
+            m.contains("the large pool holds 20MiB free, but no free block of this stream fits"),
             "{m}"
         );
         // Another stream sees none of it: its own largest block is 0.
@@ -1043,6 +1082,39 @@ mod tests {
         a.check_invariants().unwrap();
         for p in blocks.iter().skip(1).step_by(2) {
             a.free(*p, Some(0), s).unwrap();
+        }
+    }
+
+    /// Free bytes in the other pool are not fragmentation of this one: the
+    /// hint says where they are (found in review: a full large pool with a
+    /// half-free small pool was called fragmentation).
+    #[test]
+    fn oom_diagnosis_names_free_bytes_in_the_other_pool() {
+        const M: u64 = 1 << 20;
+        let (a, _) = sim("sim_memory:40MiB");
+        let s = 0x10;
+        let small: Vec<u64> = (0..40)
+            .map(|_| a.malloc(512 << 10, 0, s).unwrap())
+            .collect();
+        for (i, p) in small.iter().enumerate() {
+            if i % 4 != 0 {
+                a.free(*p, Some(0), s).unwrap();
+            }
+        }
+        let mut large = Vec::new();
+        while let Ok(p) = a.malloc(4 * M, 0, s) {
+            large.push(p);
+        }
+        let e = a.malloc(8 * M, 0, s).unwrap_err();
+        let m = &e.message;
+        assert!(!m.contains("fragmentation, or"), "{m}");
+        assert!(
+            m.contains("free in the small pool, which never serves large"),
+            "{m}"
+        );
+        a.check_invariants().unwrap();
+        for p in large.into_iter().chain(small.into_iter().step_by(4)) {
+            a.free(p, Some(0), s).unwrap();
         }
     }
 
