@@ -76,7 +76,8 @@ typedef enum {
    */
   CUDALLOC_ERR_DRIVER_NOT_FOUND = 42008,
   /**
-   * The process is exiting or the driver has deinitialised; the call did nothing.
+   * The process is exiting, the driver has deinitialised, or this is a child
+   * forked after cudalloc started; the call did nothing.
    */
   CUDALLOC_ERR_SHUTTING_DOWN = 42009,
   /**

@@ -31,7 +31,8 @@ pub enum cudalloc_result {
     CUDALLOC_ERR_DRIVER = 42007,
     /// The CUDA driver library (libcuda.so) could not be loaded.
     CUDALLOC_ERR_DRIVER_NOT_FOUND = 42008,
-    /// The process is exiting or the driver has deinitialised; the call did nothing.
+    /// The process is exiting, the driver has deinitialised, or this is a child
+    /// forked after cudalloc started; the call did nothing.
     CUDALLOC_ERR_SHUTTING_DOWN = 42009,
     /// An internal panic was caught at the C boundary. Please report it.
     CUDALLOC_ERR_PANIC = 42010,
@@ -82,7 +83,9 @@ impl cudalloc_result {
             CUDALLOC_ERR_DRIVER_NOT_FOUND => {
                 "libcuda.so not found; is the NVIDIA driver installed?\0"
             }
-            CUDALLOC_ERR_SHUTTING_DOWN => "process exiting or driver deinitialised; call ignored\0",
+            CUDALLOC_ERR_SHUTTING_DOWN => {
+                "process exiting, driver deinitialised, or a forked child; call ignored\0"
+            }
             CUDALLOC_ERR_PANIC => "internal panic caught at the C boundary (a cudalloc bug)\0",
             CUDALLOC_ERR_BUFFER_TOO_SMALL => "buffer too small\0",
             CUDALLOC_ERR_UNKNOWN_POINTER => "pointer is not a live cudalloc allocation\0",

@@ -6,6 +6,14 @@
 //! string still succeeds. At process exit (an `atexit` hook) the allocator
 //! stops calling the driver (its driver is wrapped in an `ExitGuard`): frees
 //! are ignored quietly, and the exit-time reports of `observe::at_exit` run.
+//!
+//! A child process forked after the allocator started (a `fork` start method
+//! of Python's multiprocessing, a DataLoader worker) shares none of the
+//! parent's CUDA state, and a lock another parent thread held at the fork
+//! stays held forever in the child. A `pthread_atfork` child hook therefore
+//! stops the allocator there: every call that needs it returns
+//! `CUDALLOC_ERR_SHUTTING_DOWN` at once, without a lock or a driver call,
+//! frees are ignored, and the exit-time reports are the parent's alone.
 
 use crate::config::{Backend, Config, CONF_ENV};
 use crate::driver::cuda::CudaDriver;
@@ -23,6 +31,7 @@ static GLOBAL: OnceCell<Allocator> = OnceCell::new();
 static ENV_ERROR: OnceCell<Error> = OnceCell::new();
 static INIT_LOCK: Mutex<()> = Mutex::new(());
 static EXITING: AtomicBool = AtomicBool::new(false);
+static FORKED: AtomicBool = AtomicBool::new(false);
 
 /// Whether the process is exiting (after which the driver is not called).
 #[inline]
@@ -30,7 +39,38 @@ pub fn exiting() -> bool {
     EXITING.load(Ordering::Relaxed)
 }
 
+/// Whether this is a child forked after the allocator started (see the
+/// module docs); [`exiting`] is then true too.
+#[inline]
+pub fn forked() -> bool {
+    FORKED.load(Ordering::Relaxed)
+}
+
+/// The error every call gets once the allocator has stopped (exit or fork).
+pub fn stopped_error() -> Error {
+    let why = if forked() {
+        "this is a child process forked after cudalloc started: the parent's device memory \
+         and CUDA state are not usable here, so the call is ignored (give workers that need \
+         the GPU the 'spawn' start method)"
+    } else {
+        "process is exiting; call ignored"
+    };
+    Error::new(ErrorCode::CUDALLOC_ERR_SHUTTING_DOWN, why)
+}
+
+/// The `pthread_atfork` child hook: only atomic stores, which are
+/// async-signal-safe as a fork handler must be.
+extern "C" fn on_fork_child() {
+    FORKED.store(true, Ordering::SeqCst);
+    EXITING.store(true, Ordering::SeqCst);
+}
+
 extern "C" fn on_exit() {
+    if FORKED.load(Ordering::SeqCst) {
+        // The parent writes the reports; locks may be held by threads the
+        // child does not have.
+        return;
+    }
     EXITING.store(true, Ordering::SeqCst);
     // Exit-time reports (trace log flush, stats_file, leak_report:exit). The
     // driver is already fenced off by `ExitGuard`; nothing may unwind into C.
@@ -98,6 +138,8 @@ fn create(config: Config) -> Result<Allocator> {
     });
     // SAFETY: `on_exit` is an `extern "C" fn()` that catches every panic.
     unsafe { libc::atexit(on_exit) };
+    // SAFETY: `on_fork_child` only stores to atomics; no prepare or parent hook.
+    unsafe { libc::pthread_atfork(None, None, Some(on_fork_child)) };
     Ok(Allocator::new(config, driver))
 }
 
@@ -105,13 +147,18 @@ fn create(config: Config) -> Result<Allocator> {
 #[inline]
 pub fn get() -> Result<&'static Allocator> {
     if let Some(a) = GLOBAL.get() {
-        return Ok(a);
+        if !forked() {
+            return Ok(a);
+        }
     }
     get_slow()
 }
 
 #[cold]
 fn get_slow() -> Result<&'static Allocator> {
+    if forked() {
+        return Err(stopped_error());
+    }
     if let Some(e) = ENV_ERROR.get() {
         return Err(e.clone());
     }
@@ -136,6 +183,9 @@ pub fn init(conf: Option<&str>) -> Result<&'static Allocator> {
         Some(s) => Config::parse(s)?,
         None => Config::from_env()?,
     };
+    if forked() {
+        return Err(stopped_error());
+    }
     let _g = INIT_LOCK.lock();
     if let Some(a) = GLOBAL.get() {
         if *a.config() == config {

@@ -9,7 +9,8 @@
 //! ## The layers (data flows down once)
 //! ```text
 //! ffi        extern "C" exports, panic boundary, NULL rules, error codes,    ffi/, global.rs
-//!            thread-local last error, the process-wide allocator, exit guard
+//!            thread-local last error, the process-wide allocator, exit and
+//!            fork-child guards
 //! config     one options table; CUDALLOC_CONF parsing; effective-config print config.rs
 //! engine     per device: stream arenas -> segments -> blocks (TLSF free index) engine/
 //!            a per-arena stash of freed small blocks (deferred coalescing);

@@ -245,6 +245,29 @@ fn the_callers_context_is_current_again_after_every_call() {
 }
 
 #[test]
+fn a_forked_child_is_refused_cleanly_and_the_parent_carries_on() {
+    let r = run(
+        "fork",
+        &standin().join("scenarios"),
+        &["fork"],
+        &[("CUDALLOC_CONF", "backend:cuda,leak_report:exit".into())],
+    );
+    r.assert_ok();
+    let start = r.log.find("CHILD START").expect("start marker");
+    let end = r.log.find("CHILD END").expect("end marker");
+    let inside = r.log[start + "CHILD START".len()..end].trim();
+    assert!(inside.is_empty(), "the child called the driver:\n{inside}");
+    // One exit report, the parent's, with its one live 3 MiB allocation.
+    let err = r.stderr();
+    assert_eq!(
+        err.matches("cudalloc leak report").count(),
+        1,
+        "exactly one report:\n{err}"
+    );
+    assert!(err.contains("3145728"), "{err}");
+}
+
+#[test]
 fn deinitialised_driver_is_quiet_and_exit_calls_nothing() {
     let flag = standin().join("deinit.flag");
     let _ = std::fs::remove_file(&flag);

@@ -23,10 +23,7 @@ fn device_index(device: c_int) -> Option<usize> {
 }
 
 fn shutting_down() -> Error {
-    Error::new(
-        ErrorCode::CUDALLOC_ERR_SHUTTING_DOWN,
-        "process is exiting; call ignored",
-    )
+    global::stopped_error()
 }
 
 /// Allocate `size` bytes on `device` for use on `stream` (PyTorch's `alloc_fn`).

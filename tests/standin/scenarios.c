@@ -1,6 +1,6 @@
 /* Scenarios for the libcuda stand-in (tests/cuda_standin.rs). Each prints
  * "ok <name>" and exits 0, or prints what went wrong and exits 1.
- * Usage: scenarios oom|multidev|deinit|capture|unknown_error|ctx_restore */
+ * Usage: scenarios oom|multidev|deinit|capture|unknown_error|ctx_restore|fork */
 #define _POSIX_C_SOURCE 200809L /* unsetenv */
 #include "cudalloc.h"
 
@@ -8,6 +8,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #define MiB ((size_t)1 << 20)
 #define FAIL(...)                                                                   \
@@ -156,6 +158,51 @@ static int ctx_restore(void) {
     return 0;
 }
 
+/* A child forked after cudalloc started gets a clear error from every call
+ * that needs the allocator, makes no driver call (the log between the
+ * markers stays empty), takes no lock, and writes no exit report; the
+ * parent carries on. Run with leak_report:exit: the parent's one live
+ * allocation at exit must be reported once, by the parent. */
+static int fork_child(void) {
+    void *p = cudalloc_malloc(MiB, 0, NULL);
+    if (!p) FAIL("allocation failed");
+    cudalloc_free(p, 0, 0, NULL); /* cached */
+    void *q = cudalloc_malloc(MiB, 0, NULL);
+    if (!q) FAIL("allocation failed");
+    marker("CHILD START");
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid < 0) FAIL("fork failed");
+    if (pid == 0) {
+        int bad = 0;
+        void *r = cudalloc_malloc(MiB, 0, NULL);
+        if (r || cudalloc_last_error() != CUDALLOC_ERR_SHUTTING_DOWN ||
+            !strstr(cudalloc_last_error_message(), "forked"))
+            bad |= 1;
+        cudalloc_free(q, 0, 0, NULL);
+        if (cudalloc_last_error() != CUDALLOC_ERR_SHUTTING_DOWN) bad |= 2;
+        cudalloc_stats st;
+        if (cudalloc_get_stats(0, &st) != CUDALLOC_ERR_SHUTTING_DOWN) bad |= 4;
+        cudalloc_empty_cache();
+        cudalloc_record_stream(q, (void *)0x10);
+        if (cudalloc_init(NULL) != CUDALLOC_ERR_SHUTTING_DOWN) bad |= 8;
+        if (bad) fprintf(stderr, "child: bad %d (last error %d: %s)\n", bad, cudalloc_last_error(),
+                         cudalloc_last_error_message());
+        marker("CHILD END");
+        exit(bad ? 1 : 0); /* runs the atexit hooks: they must do nothing here */
+    }
+    int status = 0;
+    if (waitpid(pid, &status, 0) != pid) FAIL("waitpid");
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) FAIL("child failed (status %d)", status);
+    /* The parent is untouched: q is still live and its free still counts. */
+    cudalloc_free(q, 0, 0, NULL);
+    if (cudalloc_last_error() != CUDALLOC_OK) FAIL("free in the parent after the fork");
+    void *keep = cudalloc_malloc(3 * MiB, 0, NULL); /* live at exit: reported once */
+    if (!keep) FAIL("allocation in the parent after the fork");
+    if (cudalloc_check_invariants() != 0) FAIL("invariants");
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) return 2;
     int r = 2;
@@ -165,6 +212,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[1], "capture")) r = capture();
     else if (!strcmp(argv[1], "unknown_error")) r = unknown_error();
     else if (!strcmp(argv[1], "ctx_restore")) r = ctx_restore();
+    else if (!strcmp(argv[1], "fork")) r = fork_child();
     if (r == 0) printf("ok %s\n", argv[1]);
     return r;
 }
