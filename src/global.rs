@@ -7,11 +7,12 @@
 //! stops calling the driver (its driver is wrapped in an `ExitGuard`): frees
 //! are ignored quietly, and the exit-time reports of `observe::at_exit` run.
 //!
-//! A child process forked after the allocator started (a `fork` start method
-//! of Python's multiprocessing, a DataLoader worker) shares none of the
-//! parent's CUDA state, and a lock another parent thread held at the fork
-//! stays held forever in the child. A `pthread_atfork` child hook therefore
-//! stops the allocator there: every call that needs it returns
+//! A child process forked after the first call into cudalloc (a `fork` start
+//! method of Python's multiprocessing, a DataLoader worker) shares none of
+//! the parent's CUDA state, and a lock another parent thread held at the
+//! fork stays held forever in the child. A `pthread_atfork` child hook,
+//! registered before the start-up lock is first taken, therefore stops the
+//! allocator there: every call that needs it returns
 //! `CUDALLOC_ERR_SHUTTING_DOWN` at once, without a lock or a driver call,
 //! frees are ignored, and the exit-time reports are the parent's alone.
 
@@ -56,6 +57,17 @@ pub fn stopped_error() -> Error {
         "process is exiting; call ignored"
     };
     Error::new(ErrorCode::CUDALLOC_ERR_SHUTTING_DOWN, why)
+}
+
+/// Register [`on_fork_child`] once, before `INIT_LOCK` is first taken: a
+/// child forked while another thread starts the allocator (holding that
+/// lock, maybe inside CUDA's start-up) must refuse too, not wait on the lock.
+fn register_fork_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: `on_fork_child` only stores to atomics; no prepare or parent hook.
+        unsafe { libc::pthread_atfork(None, None, Some(on_fork_child)) };
+    });
 }
 
 /// The `pthread_atfork` child hook: only atomic stores, which are
@@ -138,8 +150,6 @@ fn create(config: Config) -> Result<Allocator> {
     });
     // SAFETY: `on_exit` is an `extern "C" fn()` that catches every panic.
     unsafe { libc::atexit(on_exit) };
-    // SAFETY: `on_fork_child` only stores to atomics; no prepare or parent hook.
-    unsafe { libc::pthread_atfork(None, None, Some(on_fork_child)) };
     Ok(Allocator::new(config, driver))
 }
 
@@ -162,6 +172,7 @@ fn get_slow() -> Result<&'static Allocator> {
     if let Some(e) = ENV_ERROR.get() {
         return Err(e.clone());
     }
+    register_fork_hook();
     let _g = INIT_LOCK.lock();
     if let Some(a) = GLOBAL.get() {
         return Ok(a);
@@ -179,13 +190,22 @@ fn get_slow() -> Result<&'static Allocator> {
 /// Initialise with `conf` (or `CUDALLOC_CONF` when `None`). Calling it again
 /// with the configuration in force is fine; with another one it is an error.
 pub fn init(conf: Option<&str>) -> Result<&'static Allocator> {
+    if forked() {
+        return Err(stopped_error());
+    }
     let config = match conf {
         Some(s) => Config::parse(s)?,
         None => Config::from_env()?,
     };
+    init_config(config)
+}
+
+/// [`init`] with a parsed configuration.
+pub fn init_config(config: Config) -> Result<&'static Allocator> {
     if forked() {
         return Err(stopped_error());
     }
+    register_fork_hook();
     let _g = INIT_LOCK.lock();
     if let Some(a) = GLOBAL.get() {
         if *a.config() == config {

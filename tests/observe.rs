@@ -235,6 +235,29 @@ fn replay_profiles_names_the_least_memory_configuration() {
     let reserved = pick("lowest peak reserved:");
     assert!(head.contains(&least) && head.contains(&reserved), "{text}");
     assert_ne!(reserved, "defaults", "{text}");
+    // A capacity some configurations do not fit in (huge_split:off needs
+    // 428 MiB on this trace): no panic, and a configuration that failed is
+    // never named (found in review).
+    let out = Command::new(env!("CARGO_BIN_EXE_cudalloc"))
+        .args(["replay", trace, "--profiles", "--memory", "420MiB"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("n/a"), "{text}");
+    let named: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("least device memory:") || l.starts_with("lowest peak reserved:"))
+        .collect();
+    assert_eq!(named.len(), 2, "{text}");
+    assert!(
+        named.iter().all(|l| !l.contains("huge_split:off")),
+        "{text}"
+    );
     // Conflicting options are a clear error, not a silent choice.
     let out = Command::new(env!("CARGO_BIN_EXE_cudalloc"))
         .args(["replay", trace, "--profiles", "--conf", "huge_split:off"])

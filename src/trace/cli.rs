@@ -173,11 +173,13 @@ fn replay_cmd(m: &ArgMatches) -> Result<(), String> {
     );
     let mut table: Vec<Vec<(&'static str, String)>> = Vec::new();
     let mut least: Vec<Option<u64>> = Vec::new();
-    let mut peaks: Vec<u64> = Vec::new();
+    // Peak reserved of each run with no failure (a run that failed reserved
+    // less only because its allocations failed).
+    let mut peaks: Vec<Option<u64>> = Vec::new();
     for conf in &confs {
         let c = replay_config(conf, memory).map_err(|e| e.to_string())?;
         let r = replay(&ev, &c, false);
-        peaks.push(r.peak_reserved);
+        peaks.push((r.failures == 0).then_some(r.peak_reserved));
         let mut t = rows(&r);
         if min_memory {
             let found = min_capacity(&ev, &c);
@@ -190,10 +192,13 @@ fn replay_cmd(m: &ArgMatches) -> Result<(), String> {
                         format!("{:.4}", best.peak_requested as f64 / min as f64),
                     ));
                 }
-                None => t.push((
-                    "least capacity with no failure",
-                    "more than --memory".into(),
-                )),
+                None => {
+                    t.push((
+                        "least capacity with no failure",
+                        "more than --memory".into(),
+                    ));
+                    t.push(("usable capacity (peak requested / least)", "n/a".into()));
+                }
             }
         }
         table.push(t);
@@ -221,16 +226,15 @@ fn replay_cmd(m: &ArgMatches) -> Result<(), String> {
         println!();
     }
     if confs.len() > 1 && min_memory {
-        let pct = |v: u64, base: Option<u64>| {
-            base.filter(|b| *b > 0)
-                .map(|b| {
-                    format!(
-                        " ({:+.1}% against {})",
-                        (v as f64 / b as f64 - 1.0) * 100.0,
-                        head[0]
-                    )
-                })
-                .unwrap_or_default()
+        // "(-3.0% against defaults)", or nothing when the first column won
+        // or has no figure.
+        let against = |best: usize, v: u64, base: Option<u64>| match base {
+            Some(b) if best != 0 && b > 0 => format!(
+                " ({:+.1}% against {})",
+                (v as f64 / b as f64 - 1.0) * 100.0,
+                head[0]
+            ),
+            _ => String::new(),
         };
         println!();
         match recommend(&least) {
@@ -244,17 +248,17 @@ fn replay_cmd(m: &ArgMatches) -> Result<(), String> {
                     "least device memory:  {}, {}{}",
                     head[best],
                     format_size(need),
-                    pct(need, least[0])
+                    against(best, need, least[0])
                 );
             }
         }
-        let reserved: Vec<Option<u64>> = peaks.iter().map(|p| Some(*p)).collect();
-        if let Some(best) = recommend(&reserved) {
+        if let Some(best) = recommend(&peaks) {
+            let peak = peaks[best].unwrap_or(0);
             println!(
                 "lowest peak reserved: {}, {}{} at {}",
                 head[best],
-                format_size(peaks[best]),
-                pct(peaks[best], Some(peaks[0])),
+                format_size(peak),
+                against(best, peak, peaks[0]),
                 format_size(memory)
             );
         }
