@@ -324,6 +324,21 @@ pub fn random_allocations(config: &Config, ops: u64, max: u64, seed: u64) -> cra
 
 /// Run every workload and print the table.
 pub fn run(config: &Config, o: &BenchOptions) -> crate::Result<()> {
+    // Each workload builds its own allocator, and each would truncate the
+    // trace log and rewrite the stats file: the bench writes neither.
+    let mut config = config.clone();
+    for (key, path) in [
+        ("log_file", &mut config.log_file),
+        ("stats_file", &mut config.stats_file),
+    ] {
+        if !path.is_empty() {
+            eprintln!(
+                "cudalloc bench: {key}:{path} is ignored (each workload builds its own allocator)"
+            );
+            path.clear();
+        }
+    }
+    let config = &config;
     let driver = global::make_driver(config)?;
     println!(
         "cudalloc bench: backend {} ({} device(s)); {} pairs per hot-path thread",
