@@ -208,3 +208,29 @@ def test_oom_diagnosis_can_be_filtered():
     r = run_py(code, env=child_env(CUDALLOC_LOG="off"))
     assert r.returncode == 0, r.stderr
     assert "out of memory" not in r.stderr
+
+
+def test_forked_child_gets_a_clear_error_and_the_parent_carries_on():
+    # As in a DataLoader worker forked after the allocator started: the
+    # child's calls raise CudallocError naming the fork (no hang, no crash),
+    # and the parent keeps working.
+    code = (
+        "import os, cudalloc\n"
+        "from cudalloc import _lib\n"
+        "_lib.init(%r)\n"
+        "assert cudalloc.memory_stats()['num_alloc_retries'] == 0\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    try:\n"
+        "        cudalloc.memory_stats()\n"
+        "        os._exit(2)\n"
+        "    except cudalloc.CudallocError as e:\n"
+        "        os._exit(0 if 'forked' in str(e) else 3)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "print('child', os.waitstatus_to_exitcode(status))\n"
+        "cudalloc.memory_stats()\n"
+        "print('parent ok')\n" % SIM_CONF
+    )
+    r = run_py(code, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "child 0" in r.stdout and "parent ok" in r.stdout, r.stdout + r.stderr
