@@ -246,6 +246,21 @@ extern "C" {
 void *cudalloc_malloc(size_t size, int device, void *stream);
 
 /**
+ * PyTorch's `alloc_fn` (what the Python package's `enable()` installs):
+ * [`cudalloc_malloc`], except that a failure with `size` > 0 throws a C++
+ * `std::runtime_error` instead of returning NULL. PyTorch does not check
+ * its pluggable allocator's NULL (a tensor with no memory behind it would
+ * reach kernels); it does turn a C++ exception into a Python
+ * `RuntimeError`. The message starts "CUDA out of memory." on an OOM (what
+ * Lightning and accelerate look for), followed by cudalloc's diagnosis.
+ * In a process without the C++ runtime (libstdc++), it returns NULL as
+ * `cudalloc_malloc` does. Not for C callers: wherever libstdc++ is loaded
+ * (a C++ library, a sanitizer runtime) it throws, and a C frame cannot
+ * pass a C++ exception on; C code uses `cudalloc_malloc`.
+ */
+void *cudalloc_malloc_torch(size_t size, int device, void *stream);
+
+/**
  * Free `ptr` (PyTorch's `free_fn`). `size`, `device` and `stream` are hints
  * only: cudalloc's own table decides. Freeing NULL is a no-op. An unknown or
  * double free changes nothing, counts `num_invalid_frees`, and sets

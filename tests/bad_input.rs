@@ -186,6 +186,28 @@ fn row_unknown_and_double_frees() {
     assert_unchanged(&before, |_, s| s.num_invalid_frees += 3);
 }
 
+/// `cudalloc_malloc_torch` refuses bad input as `cudalloc_malloc` does. In
+/// this Rust process there is no C++ runtime, so it returns NULL instead of
+/// throwing (the throwing side: tests/cxx_alloc_fn.rs).
+#[test]
+fn row_malloc_torch_bad_input_without_a_cxx_runtime() {
+    let _g = row();
+    if cudalloc::ffi::cxx_throw::available() {
+        eprintln!("libstdc++ is loaded in this test process; the C++ test covers it");
+        return;
+    }
+    let before = all_stats();
+    let stream = ptr(0x10);
+    assert!(cudalloc_malloc_torch(4096, -1, stream).is_null());
+    assert_eq!(last(), ErrorCode::CUDALLOC_ERR_INVALID_DEVICE);
+    assert!(cudalloc_malloc_torch(4096, 1 << 20, stream).is_null());
+    assert_eq!(last(), ErrorCode::CUDALLOC_ERR_INVALID_DEVICE);
+    assert!(cudalloc_malloc_torch(0, 0, stream).is_null());
+    assert_eq!(last(), ErrorCode::CUDALLOC_OK);
+    assert_unchanged(&before, |_, _| {});
+    check();
+}
+
 #[test]
 fn row_free_with_wrong_device_stream_or_size() {
     let _g = row();
@@ -736,6 +758,7 @@ fn row_observability_exports_with_bad_buffers_and_callbacks() {
 fn every_export_in_the_header_is_in_the_catalog() {
     const COVERED: &[&str] = &[
         "cudalloc_malloc",
+        "cudalloc_malloc_torch",
         "cudalloc_free",
         "cudalloc_record_stream",
         "cudalloc_empty_cache",

@@ -13,6 +13,7 @@ import warnings
 from . import _lib, _stats
 
 PATCH_ENV = "CUDALLOC_PATCH_TORCH"
+ALLOC_FN = "cudalloc_malloc_torch"
 CONF_ENV = "CUDALLOC_CONF"
 
 _TOO_LATE = (
@@ -113,9 +114,12 @@ def enable(conf=None, *, patch_torch=None):
                 "kernel may touch; use it only for tests",
                 stacklevel=2,
             )
-        alloc = mem.CUDAPluggableAllocator(
-            _lib.loaded_path(), "cudalloc_malloc", "cudalloc_free"
-        )
+        # cudalloc_malloc_torch throws a C++ exception where plain malloc
+        # would return NULL: PyTorch does not check its allocator's NULL,
+        # but it turns the exception into RuntimeError ("CUDA out of
+        # memory. ..." with the diagnosis). Older libraries lack it.
+        alloc_name = ALLOC_FN if _lib.has(ALLOC_FN) else "cudalloc_malloc"
+        alloc = mem.CUDAPluggableAllocator(_lib.loaded_path(), alloc_name, "cudalloc_free")
         inner = alloc.allocator()
         wired = []
         for setter, export in _HOOKS:

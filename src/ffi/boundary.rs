@@ -87,6 +87,16 @@ pub fn last_code() -> ErrorCode {
     .unwrap_or(ErrorCode::CUDALLOC_OK)
 }
 
+/// The thread's last error message, copied (empty when none).
+pub fn last_message() -> String {
+    LAST.try_with(|l| {
+        l.try_borrow()
+            .map(|l| l.message.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    })
+    .unwrap_or_default()
+}
+
 /// Pointer to the thread's last message; valid until the thread's next cudalloc call.
 pub fn last_message_ptr() -> *const libc::c_char {
     LAST.try_with(|l| match l.try_borrow() {

@@ -10,6 +10,7 @@
 //! - During process exit nothing reaches the driver: frees are ignored quietly.
 
 pub mod boundary;
+pub mod cxx_throw;
 
 use crate::error::{Error, ErrorCode};
 use crate::global;
@@ -53,6 +54,40 @@ pub extern "C" fn cudalloc_malloc(size: usize, device: c_int, stream: *mut c_voi
             }
         }
     })
+}
+
+/// PyTorch's `alloc_fn` (what the Python package's `enable()` installs):
+/// [`cudalloc_malloc`], except that a failure with `size` > 0 throws a C++
+/// `std::runtime_error` instead of returning NULL. PyTorch does not check
+/// its pluggable allocator's NULL (a tensor with no memory behind it would
+/// reach kernels); it does turn a C++ exception into a Python
+/// `RuntimeError`. The message starts "CUDA out of memory." on an OOM (what
+/// Lightning and accelerate look for), followed by cudalloc's diagnosis.
+/// In a process without the C++ runtime (libstdc++), it returns NULL as
+/// `cudalloc_malloc` does. Not for C callers: wherever libstdc++ is loaded
+/// (a C++ library, a sanitizer runtime) it throws, and a C frame cannot
+/// pass a C++ exception on; C code uses `cudalloc_malloc`.
+#[no_mangle]
+pub extern "C-unwind" fn cudalloc_malloc_torch(
+    size: usize,
+    device: c_int,
+    stream: *mut c_void,
+) -> *mut c_void {
+    let p = cudalloc_malloc(size, device, stream);
+    if p.is_null() && size > 0 {
+        let code = boundary::last_code();
+        if code != ErrorCode::CUDALLOC_OK {
+            let detail = boundary::last_message();
+            let message = if code == ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY {
+                format!("CUDA out of memory. Tried to allocate {size} bytes on device {device} (cudalloc).\n{detail}")
+            } else {
+                format!("cudalloc: allocation of {size} bytes on device {device} failed: {detail}")
+            };
+            // Outside the panic boundary, on purpose (see cxx_throw).
+            cxx_throw::throw_runtime_error(&message);
+        }
+    }
+    p
 }
 
 /// Free `ptr` (PyTorch's `free_fn`). `size`, `device` and `stream` are hints

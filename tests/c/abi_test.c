@@ -110,6 +110,12 @@ int main(void) {
     void *p = cudalloc_malloc(4096, 0, STREAM_A);
     CHECK(p != NULL && cudalloc_last_error() == CUDALLOC_OK, "service continues");
     CHECK(cudalloc_get_stats(0, &st) == CUDALLOC_OK && st.num_ooms == 2, "OOMs counted: %llu", (unsigned long long)st.num_ooms);
+    /* PyTorch's variant serves like malloc. (On failure it throws a C++
+     * exception wherever libstdc++ is loaded, as under ASan, so a C program
+     * must not call it for a size that may fail: tests/cxx_alloc_fn.rs.) */
+    void *q = cudalloc_malloc_torch(4096, 0, STREAM_A);
+    CHECK(q != NULL, "cudalloc_malloc_torch serves");
+    cudalloc_free(q, 0, 0, STREAM_A);
 
     /* Double and unknown frees are counted, change nothing, and do not crash. */
     cudalloc_free(p, 4096, 0, STREAM_A);

@@ -159,6 +159,8 @@ def test_oom_is_diagnosed_and_process_continues():
     assert "continued" in r.stdout
     diag = r.stderr.find("cudalloc: out of memory on device 0")
     assert 0 <= diag < r.stderr.find("TORCH-ERROR:"), r.stderr
+    # cudalloc_malloc_torch's C++ exception, as torch raised it.
+    assert "TORCH-ERROR: CUDA out of memory." in r.stderr, r.stderr
 
 
 SCRIPT = """

@@ -34,13 +34,13 @@ def test_enable_wires_allocator_and_hooks():
         alloc = cudalloc.enable({SIM_CONF!r})
         assert cudalloc.is_enabled() and cudalloc.is_patched()
         path, a, f = torch.cuda.memory.created[-1]
-        assert (a, f) == ("cudalloc_malloc", "cudalloc_free")
+        assert (a, f) == ("cudalloc_malloc_torch", "cudalloc_free")
         assert os.path.samefile(path, cudalloc.library_path())
         inner = torch.cuda.memory._current
         assert inner is alloc.allocator()
         lib = _lib.lib()
         addr = lambda n: ctypes.cast(getattr(lib, n), ctypes.c_void_p).value
-        assert inner._alloc_fn == addr("cudalloc_malloc")
+        assert inner._alloc_fn in (addr("cudalloc_malloc_torch"), addr("cudalloc_malloc"))
         assert inner._free_fn == addr("cudalloc_free")
         assert inner._init_fn == addr("cudalloc_init_devices")
         assert inner._reset_fn == addr("cudalloc_empty_cache")

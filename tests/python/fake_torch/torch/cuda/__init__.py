@@ -47,7 +47,14 @@ def _allocate(nbytes, dev, stream):
     f = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p)
     ptr = f(a._alloc_fn)(nbytes, dev, stream)
     if not ptr and nbytes:
-        # What real torch does with a NULL from a pluggable allocator.
+        if getattr(a, "_throws", False):
+            # What torch makes of cudalloc_malloc_torch's C++ exception.
+            lib = a._lib
+            lib.cudalloc_last_error_message.restype = ctypes.c_char_p
+            raise RuntimeError("CUDA out of memory. (fake torch) "
+                               + lib.cudalloc_last_error_message().decode())
+        # What real torch does with a NULL: nothing at once, and this error
+        # only from a typed data_ptr<T>() later (kernels may get address 0).
         raise RuntimeError(
             "The tensor has a non-zero number of elements, but its data is not allocated yet."
         )

@@ -44,6 +44,15 @@ class CUDAPluggableAllocator:
         free = ctypes.cast(getattr(lib, free_fn_name), ctypes.c_void_p).value
         created.append((path_to_so_file, alloc_fn_name, free_fn_name))
         self._allocator = _CUDAPluggableAllocator(alloc, free)
+        self._allocator._lib = lib
+        # Real torch calls alloc_fn from C++ and turns a C++ exception into
+        # RuntimeError. ctypes cannot carry one, so where the C++ runtime is
+        # loaded (and cudalloc_malloc_torch would throw) the fake calls the
+        # non-throwing twin and raises what torch would.
+        cxx = hasattr(ctypes.CDLL(None), "__cxa_throw")
+        if alloc_fn_name == "cudalloc_malloc_torch" and cxx:
+            self._allocator._alloc_fn = ctypes.cast(lib.cudalloc_malloc, ctypes.c_void_p).value
+        self._allocator._throws = alloc_fn_name == "cudalloc_malloc_torch"
 
     def allocator(self):
         return self._allocator

@@ -1,0 +1,101 @@
+//! Throwing a C++ `std::runtime_error` from Rust, for PyTorch's `alloc_fn`.
+//!
+//! PyTorch's `CUDAPluggableAllocator` does not check its allocator's NULL: it
+//! wraps the pointer in a `DataPtr`, `torch.empty` succeeds, and the first
+//! kernel given the untyped data pointer writes to address 0 (an illegal
+//! address that ruins the CUDA context). What PyTorch does handle is a C++
+//! exception from `alloc_fn`: it reaches Python as a `RuntimeError`.
+//!
+//! So [`throw_runtime_error`] throws one, with no C++ compiler involved: the
+//! C++ runtime's own entry points are looked up in the process
+//! (`dlsym(RTLD_DEFAULT)`, which finds libstdc++ wherever PyTorch runs):
+//! `__cxa_allocate_exception`, the `std::runtime_error(const char*)`
+//! constructor, its type info and destructor, and `__cxa_throw`. When any is
+//! missing (a process without libstdc++, such as a C program), it returns and
+//! the caller falls back to NULL.
+//!
+//! The exception unwinds through the `extern "C-unwind"` export that calls
+//! this, which holds nothing to drop at that point, and never through a
+//! `catch_unwind` (Rust aborts on a foreign exception there).
+
+use libc::{c_char, c_void};
+use once_cell::sync::OnceCell;
+use std::ffi::CString;
+
+type AllocateFn = unsafe extern "C" fn(usize) -> *mut c_void;
+type CtorFn = unsafe extern "C-unwind" fn(*mut c_void, *const c_char);
+type DtorFn = unsafe extern "C" fn(*mut c_void);
+type ThrowFn = unsafe extern "C-unwind" fn(*mut c_void, *const c_void, Option<DtorFn>) -> !;
+
+/// Bytes asked of `__cxa_allocate_exception` for the object: more than
+/// `sizeof(std::runtime_error)` (16 with libstdc++ on x86-64; the C++ test
+/// checks the bound), which costs nothing.
+const OBJECT_BYTES: usize = 64;
+
+struct Cxx {
+    allocate: AllocateFn,
+    ctor: CtorFn,
+    dtor: DtorFn,
+    type_info: *const c_void,
+    throw: ThrowFn,
+}
+
+// SAFETY: function pointers and a pointer to static type info, never written.
+unsafe impl Send for Cxx {}
+// SAFETY: as above.
+unsafe impl Sync for Cxx {}
+
+fn lookup(name: &std::ffi::CStr) -> Option<*mut c_void> {
+    // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only reads.
+    let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+    (!p.is_null()).then_some(p)
+}
+
+fn cxx() -> Option<&'static Cxx> {
+    static CXX: OnceCell<Option<Cxx>> = OnceCell::new();
+    CXX.get_or_init(|| {
+        let allocate = lookup(c"__cxa_allocate_exception")?;
+        let ctor = lookup(c"_ZNSt13runtime_errorC1EPKc")?;
+        let dtor = lookup(c"_ZNSt13runtime_errorD1Ev")?;
+        let type_info = lookup(c"_ZTISt13runtime_error")?;
+        let throw = lookup(c"__cxa_throw")?;
+        // SAFETY: each symbol is the C++ runtime's entry point of that name,
+        // whose C ABI is the type given (Itanium C++ ABI; the constructor
+        // and destructor take `this` first).
+        unsafe {
+            Some(Cxx {
+                allocate: std::mem::transmute::<*mut c_void, AllocateFn>(allocate),
+                ctor: std::mem::transmute::<*mut c_void, CtorFn>(ctor),
+                dtor: std::mem::transmute::<*mut c_void, DtorFn>(dtor),
+                type_info,
+                throw: std::mem::transmute::<*mut c_void, ThrowFn>(throw),
+            })
+        }
+    })
+    .as_ref()
+}
+
+/// Whether [`throw_runtime_error`] can throw in this process.
+pub fn available() -> bool {
+    cxx().is_some()
+}
+
+/// Throw `std::runtime_error(message)`; returns only when the C++ runtime is
+/// not in the process. Call it outside any `catch_unwind`, from an
+/// `extern "C-unwind"` function.
+pub fn throw_runtime_error(message: &str) {
+    let Some(c) = cxx() else { return };
+    let Ok(text) = CString::new(message.replace('\0', " ")) else {
+        return;
+    };
+    // SAFETY: the object buffer is OBJECT_BYTES >= sizeof(std::runtime_error)
+    // bytes from the C++ runtime; the constructor copies `text` (a
+    // NUL-terminated string), which is freed before the throw, so nothing of
+    // ours is live while the exception unwinds.
+    unsafe {
+        let obj = (c.allocate)(OBJECT_BYTES);
+        (c.ctor)(obj, text.as_ptr());
+        drop(text);
+        (c.throw)(obj, c.type_info, Some(c.dtor))
+    }
+}

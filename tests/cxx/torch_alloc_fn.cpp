@@ -1,0 +1,70 @@
+// PyTorch's view of cudalloc_malloc_torch (tests/cxx_alloc_fn.rs): torch keeps
+// the allocator in a std::function and lets exceptions from it reach Python
+// as RuntimeError. Here, as there, a failed allocation must arrive as a
+// std::exception carrying "CUDA out of memory." and cudalloc's diagnosis, and
+// the allocator must serve normally afterwards. Prints "ok" and exits 0.
+#include "cudalloc.h"
+
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <stdexcept>
+#include <string>
+
+static_assert(sizeof(std::runtime_error) <= 64,
+              "src/ffi/cxx_throw.rs allocates 64 bytes for the exception object");
+
+#define CHECK(cond, ...)                                                        \
+    do {                                                                        \
+        if (!(cond)) {                                                          \
+            std::fprintf(stderr, "FAILED %s:%d: ", __FILE__, __LINE__);         \
+            std::fprintf(stderr, __VA_ARGS__);                                  \
+            std::fprintf(stderr, "\n");                                         \
+            return 1;                                                           \
+        }                                                                       \
+    } while (0)
+
+int main() {
+    // As torch holds it: std::function<void*(size_t, int, cudaStream_t)>.
+    std::function<void*(size_t, int, void*)> alloc_fn = cudalloc_malloc_torch;
+    std::function<void(void*, size_t, int, void*)> free_fn = cudalloc_free;
+
+    void* keep = alloc_fn(1 << 20, 0, nullptr);
+    CHECK(keep != nullptr, "a small allocation failed: %s", cudalloc_last_error_message());
+
+    std::string what;
+    try {
+        void* p = alloc_fn(size_t(1) << 50, 0, nullptr);
+        CHECK(false, "1 PiB did not throw (returned %p)", p);
+    } catch (const std::exception& e) {
+        what = e.what();
+    }
+    CHECK(what.rfind("CUDA out of memory.", 0) == 0, "message: %s", what.c_str());
+    CHECK(what.find("cudalloc: out of memory on device 0") != std::string::npos,
+          "no diagnosis in: %s", what.c_str());
+
+    // A bad device is an error too, not a NULL tensor.
+    what.clear();
+    try {
+        alloc_fn(4096, 7, nullptr);
+    } catch (const std::runtime_error& e) {
+        what = e.what();
+    }
+    CHECK(what.find("device 7") != std::string::npos, "bad device message: %s", what.c_str());
+
+    // Size 0 is NULL without an exception, as for cudalloc_malloc.
+    CHECK(alloc_fn(0, 0, nullptr) == nullptr, "size 0");
+
+    // Service goes on.
+    void* again = alloc_fn(1 << 20, 0, nullptr);
+    CHECK(again != nullptr, "no service after the exception");
+    free_fn(again, 0, 0, nullptr);
+    free_fn(keep, 0, 0, nullptr);
+    cudalloc_stats st;
+    CHECK(cudalloc_get_stats(0, &st) == CUDALLOC_OK, "stats");
+    CHECK(st.num_ooms == 1 && st.allocated_bytes == 0, "ooms %llu allocated %llu",
+          (unsigned long long)st.num_ooms, (unsigned long long)st.allocated_bytes);
+    CHECK(cudalloc_check_invariants() == 0, "invariants");
+    std::printf("ok\n");
+    return 0;
+}
