@@ -124,11 +124,10 @@ fn config_starts_backend_cuda_on_the_standin() {
         "{}",
         r.stdout()
     );
-    assert!(
-        r.log.contains("cuInit") && r.log.contains("cuDevicePrimaryCtxRetain dev=1"),
-        "{}",
-        r.log
-    );
+    // Starting the backend initialises the driver and retains no context
+    // (each is retained on first use of its device).
+    assert!(r.log.contains("cuInit"), "{}", r.log);
+    assert!(!r.log.contains("cuDevicePrimaryCtxRetain"), "{}", r.log);
 }
 
 #[test]
@@ -265,6 +264,40 @@ fn a_forked_child_is_refused_cleanly_and_the_parent_carries_on() {
         "exactly one report:\n{err}"
     );
     assert!(err.contains("3145728"), "{err}");
+}
+
+/// A context costs hundreds of MiB of device memory: cudalloc retains a
+/// device's primary context only when it first works on that device, and
+/// its periodic pressure samples skip devices it never allocated on.
+#[test]
+fn only_the_devices_in_use_get_a_context() {
+    let r = run(
+        "one_device",
+        &standin().join("scenarios"),
+        &["one_device"],
+        &[("CUDALLOC_CONF", "backend:cuda,pressure_interval:1ms".into())],
+    );
+    r.assert_ok();
+    assert!(
+        r.log.contains("cuDevicePrimaryCtxRetain dev=0"),
+        "{}",
+        r.log
+    );
+    assert!(
+        !r.log.contains("dev=1"),
+        "device 1 got a context:\n{}",
+        tail(&r.log)
+    );
+    assert!(
+        !r.log.contains("ctx=1"),
+        "a call on device 1:\n{}",
+        tail(&r.log)
+    );
+    assert!(
+        r.log.contains("cuMemGetInfo_v2 ctx=0"),
+        "no pressure sample ran:\n{}",
+        tail(&r.log)
+    );
 }
 
 #[test]

@@ -13,9 +13,11 @@
 //!   table's pointers are typed with `u32` results and out-parameters instead
 //!   (the same C ABI), and codes are compared as numbers: an unknown code is
 //!   an ordinary [`DriverError::Other`] naming the number.
-//! - **Contexts.** The primary context of each device is retained once, at
-//!   construction, and made current (`cuCtxSetCurrent`) before every call on
-//!   that device: PyTorch's free sets no device guard, so the current context
+//! - **Contexts.** The primary context of each device is retained once, on
+//!   the first call for that device (not at construction: every process that
+//!   enables cudalloc would otherwise hold a context, hundreds of MiB, on
+//!   every GPU it can see), and made current (`cuCtxSetCurrent`) before every
+//!   call on that device: PyTorch's free sets no device guard, so the current context
 //!   may belong to another device. The caller's context (or none) is put back
 //!   when the call returns ([`CtxGuard`]), so a free of device 1's memory does
 //!   not move the host thread's current device, which the CUDA runtime and
@@ -62,8 +64,20 @@ pub const ENTRY_POINTS: &[&str] = &[
 pub const NOT_FOUND: &str = "libcuda.so not found; is the NVIDIA driver installed?";
 
 struct Device {
-    ctx: cu::CUcontext,
+    dev: cu::CUdevice,
+    /// The primary context, retained on the first call for this device
+    /// (a context costs hundreds of MiB of device memory, so a process
+    /// that never allocates on a GPU must not hold one there).
+    ctx: once_cell::sync::OnceCell<Ctx>,
 }
+
+/// A retained primary context (a driver handle, valid on any thread).
+#[derive(Clone, Copy)]
+struct Ctx(cu::CUcontext);
+// SAFETY: a CUcontext is a handle the driver lets any thread make current.
+unsafe impl Send for Ctx {}
+// SAFETY: as above; it is only passed to the driver.
+unsafe impl Sync for Ctx {}
 
 /// A driver result as the number the C function returns (see the module docs).
 type Raw = u32;
@@ -195,8 +209,8 @@ pub struct CudaDriver {
     devices: Vec<Device>,
 }
 
-// SAFETY: a CUcontext is a handle the driver lets any thread make current;
-// the struct holds nothing else but function pointers into the driver.
+// SAFETY: device ordinals, context handles (which the driver lets any thread
+// make current) and function pointers into the driver; nothing else.
 unsafe impl Send for CudaDriver {}
 // SAFETY: as above; every method only passes the handles to the driver,
 // which is thread-safe.
@@ -229,10 +243,10 @@ impl CudaDriver {
             let mut dev: cu::CUdevice = 0;
             // SAFETY: `ordinal` is below the device count; `dev` is a valid out-pointer.
             api.check(unsafe { (api.device_get)(&mut dev, ordinal) })?;
-            let mut ctx: cu::CUcontext = std::ptr::null_mut();
-            // SAFETY: `dev` came from cuDeviceGet; `ctx` is a valid out-pointer.
-            api.check(unsafe { (api.primary_ctx_retain)(&mut ctx, dev) })?;
-            devices.push(Device { ctx });
+            devices.push(Device {
+                dev,
+                ctx: once_cell::sync::OnceCell::new(),
+            });
         }
         Ok(CudaDriver { api, devices })
     }
@@ -244,16 +258,25 @@ impl CudaDriver {
             .devices
             .get(device)
             .ok_or(DriverError::InvalidDevice(device))?;
+        let ctx = d
+            .ctx
+            .get_or_try_init(|| {
+                let mut ctx: cu::CUcontext = std::ptr::null_mut();
+                // SAFETY: `dev` came from cuDeviceGet; `ctx` is a valid out-pointer.
+                self.api
+                    .check(unsafe { (self.api.primary_ctx_retain)(&mut ctx, d.dev) })
+                    .map(|()| Ctx(ctx))
+            })?
+            .0;
         let mut prev: cu::CUcontext = std::ptr::null_mut();
         // SAFETY: `prev` is a valid out-pointer.
         self.api
             .check(unsafe { (self.api.ctx_get_current)(&mut prev) })?;
-        if prev == d.ctx {
+        if prev == ctx {
             return Ok(CtxGuard { api: None, prev });
         }
-        // SAFETY: `ctx` is a primary context retained at construction and never released.
-        self.api
-            .check(unsafe { (self.api.ctx_set_current)(d.ctx) })?;
+        // SAFETY: `ctx` is a primary context retained once and never released.
+        self.api.check(unsafe { (self.api.ctx_set_current)(ctx) })?;
         Ok(CtxGuard {
             api: Some(&self.api),
             prev,

@@ -464,6 +464,15 @@ impl Allocator {
         self.devices.len()
     }
 
+    /// Whether cudalloc ever took memory from the driver on `device`. The
+    /// periodic pressure sample skips devices that it did not: asking the
+    /// driver about one would make the CUDA backend hold a context there.
+    pub fn device_used(&self, device: usize) -> bool {
+        self.devices
+            .get(device)
+            .is_some_and(|d| d.core.counters.driver_allocs.get() > 0)
+    }
+
     fn device(&self, device: usize) -> Result<&Device> {
         self.devices
             .get(device)

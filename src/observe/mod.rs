@@ -223,7 +223,7 @@ impl Observer {
     pub fn tick(&self, alloc: &Allocator) {
         let now = now_ms();
         for (d, w) in self.watches.iter().enumerate() {
-            if self.pressure_on {
+            if self.pressure_on && alloc.device_used(d) {
                 self.sample_pressure(alloc, d, w);
             }
             let Some(mut alarms) = w.alarms.try_lock() else {

@@ -205,6 +205,7 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
 CUresult cuMemGetInfo_v2(size_t *free_, size_t *total) {
     ENTER("cuMemGetInfo_v2");
     if (cur_dev < 0) LEAVE(INVALID_CONTEXT);
+    logf_("cuMemGetInfo_v2 ctx=%d", cur_dev);
     *free_ = capacity - used[cur_dev];
     *total = capacity;
     LEAVE(OK);

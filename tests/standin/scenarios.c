@@ -1,6 +1,6 @@
 /* Scenarios for the libcuda stand-in (tests/cuda_standin.rs). Each prints
  * "ok <name>" and exits 0, or prints what went wrong and exits 1.
- * Usage: scenarios oom|multidev|deinit|capture|unknown_error|ctx_restore|fork */
+ * Usage: scenarios oom|multidev|deinit|capture|unknown_error|ctx_restore|fork|one_device */
 #define _POSIX_C_SOURCE 200809L /* unsetenv */
 #include "cudalloc.h"
 
@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define MiB ((size_t)1 << 20)
@@ -203,6 +204,23 @@ static int fork_child(void) {
     return 0;
 }
 
+/* Work on device 0 only for about 60 ms, long enough for the periodic
+ * pressure samples (run with pressure_interval:1ms): device 1's context must
+ * never be retained. */
+static int one_device(void) {
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    do {
+        void *p = cudalloc_malloc(MiB, 0, NULL);
+        if (!p) FAIL("allocation failed");
+        cudalloc_free(p, 0, 0, NULL);
+        clock_gettime(CLOCK_MONOTONIC, &t);
+    } while ((t.tv_sec - t0.tv_sec) * 1000 + (t.tv_nsec - t0.tv_nsec) / 1000000 < 60);
+    cudalloc_stats st;
+    if (cudalloc_get_stats(1, &st) != CUDALLOC_OK) FAIL("stats of device 1");
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) return 2;
     int r = 2;
@@ -213,6 +231,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[1], "unknown_error")) r = unknown_error();
     else if (!strcmp(argv[1], "ctx_restore")) r = ctx_restore();
     else if (!strcmp(argv[1], "fork")) r = fork_child();
+    else if (!strcmp(argv[1], "one_device")) r = one_device();
     if (r == 0) printf("ok %s\n", argv[1]);
     return r;
 }
