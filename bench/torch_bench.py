@@ -180,6 +180,9 @@ def worker(mode, args):
     out = {"mode": mode, "torch": torch.__version__}
     out["alloc_us"] = bench_alloc(torch, args.alloc_iters, args.seed)
     torch.cuda.synchronize()
+    # Each allocator would carry its own leftovers from the alloc phase into
+    # the training peaks: start the training phase from an empty cache.
+    torch.cuda.empty_cache()
     out.update(bench_train(torch, args.steps, args.seed, peaks, reset))
     out["device"] = torch.cuda.get_device_name(0)
     print("RESULT " + json.dumps(out), flush=True)
@@ -192,6 +195,7 @@ def mode_env(mode):
     env = dict(os.environ)
     env.pop("CUDALLOC", None)  # modes other than cudalloc must stay native
     env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    env.pop("PYTORCH_ALLOC_CONF", None)  # the newer name, read too
     if mode == "cudaMallocAsync":
         env["PYTORCH_CUDA_ALLOC_CONF"] = "backend:cudaMallocAsync"
     if mode == "cudalloc" and "CUDALLOC_LIBRARY" in env:

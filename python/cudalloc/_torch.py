@@ -164,6 +164,20 @@ def _replacements():
     }
 
 
+# torch.accelerator (torch >= 2.9) asks the device allocator registry, where
+# a pluggable allocator is not registered: its figures would be torch's idle
+# native allocator's. These answer from cudalloc; the argument is named
+# device_index there.
+_ACCELERATOR = (
+    "memory_stats",
+    "memory_allocated",
+    "max_memory_allocated",
+    "memory_reserved",
+    "max_memory_reserved",
+    "reset_peak_memory_stats",
+)
+
+
 def _patch():
     torch = sys.modules.get("torch")
     if torch is None:
@@ -172,15 +186,22 @@ def _patch():
     mem = getattr(modules[0], "memory", None) if modules else None
     if mem is not None:
         modules.append(mem)
+    accel = getattr(torch, "accelerator", None)
+    if accel is not None:
+        modules.append(accel)
     for module in modules:
         for name, repl in _replacements().items():
             if (module, name) in _originals or not hasattr(module, name):
+                continue
+            if module is accel and name not in _ACCELERATOR:
                 continue
             original = getattr(module, name)
 
             def make(repl=repl, original=original):
                 @functools.wraps(original)
                 def patched(*args, **kwargs):
+                    if "device_index" in kwargs:
+                        kwargs["device"] = kwargs.pop("device_index")
                     return repl(*args, **kwargs)
 
                 patched.__cudalloc__ = True
@@ -194,7 +215,9 @@ def patch_torch():
     """Make ``torch.cuda.memory_stats``, ``memory_allocated``,
     ``max_memory_allocated``, ``memory_reserved``, ``max_memory_reserved``,
     ``reset_peak_memory_stats``, ``memory_summary`` (and aliases) answer from
-    cudalloc. Under a pluggable allocator torch's own versions raise. Needs
+    cudalloc, and the same statistics in ``torch.accelerator`` (torch >= 2.9).
+    Under a pluggable allocator torch's own versions raise (or, in
+    ``torch.accelerator``, describe the idle native allocator). Needs
     :func:`enable` first. Idempotent."""
     with _lock:
         if _allocator is None:

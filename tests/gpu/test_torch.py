@@ -27,11 +27,28 @@ def env(**extra):
     e = dict(os.environ)
     e.pop("CUDALLOC", None)
     e.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    e.pop("PYTORCH_ALLOC_CONF", None)
     if "CUDALLOC_LIBRARY" in e or not _installed():
-        e["PYTHONPATH"] = os.pathsep.join([os.path.join(REPO, "python"), e.get("PYTHONPATH", "")])
+        # Development mode. Python reads no .pth file from PYTHONPATH, so the
+        # start-up hook comes from a sitecustomize.py holding the same line.
+        e["PYTHONPATH"] = os.pathsep.join(
+            [_dev_hook_dir(), os.path.join(REPO, "python"), e.get("PYTHONPATH", "")]
+        )
         e.setdefault("CUDALLOC_LIBRARY", os.path.join(REPO, "target", "release", "libcudalloc.so"))
     e.update({k: v for k, v in extra.items() if v is not None})
     return e
+
+
+def _dev_hook_dir():
+    import tempfile
+
+    d = os.path.join(tempfile.gettempdir(), f"cudalloc-devhook-{os.getpid()}")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(REPO, "python", "cudalloc-autoenable.pth"), encoding="utf-8") as f:
+        line = f.read()
+    with open(os.path.join(d, "sitecustomize.py"), "w", encoding="utf-8") as f:
+        f.write(line)
+    return d
 
 
 def _installed():
@@ -169,8 +186,8 @@ t = torch.ones(1 << 20, device="cuda")
 s = torch.cuda.memory_stats()
 print("enabled", cudalloc.is_enabled(), cudalloc.is_patched())
 print("allocated", torch.cuda.memory_allocated(), s["allocated_bytes.all.current"])
-print("allocator", type(torch.cuda.memory.get_current_allocator()).__name__
-      if hasattr(torch.cuda.memory, "get_current_allocator") else "?")
+get = getattr(torch.cuda.memory, "_get_current_allocator", None)
+print("allocator", type(get()).__name__ if get else "?")
 """
 
 

@@ -79,6 +79,12 @@ def test_tensors_flow_through_cudalloc_and_torch_stats_are_patched():
         assert torch.cuda.memory_reserved() == cudalloc.memory_reserved(0) > live
         assert torch.cuda.memory_allocated(1) == 0
         assert "cudalloc memory summary" in torch.cuda.memory_summary()
+        # torch.accelerator (torch >= 2.9) would describe the idle native
+        # allocator; patched, it answers from cudalloc, device_index and all.
+        assert torch.accelerator.memory_allocated() == live
+        assert torch.accelerator.memory_allocated(device_index=0) == live
+        assert torch.accelerator.memory_stats(0)["allocated_bytes.all.current"] == live
+        assert torch.accelerator.max_memory_reserved() == cudalloc.max_memory_reserved(0)
         t1.free(); t2.free()
         assert torch.cuda.memory_allocated() == 0
         assert torch.cuda.max_memory_allocated() == live
@@ -101,6 +107,7 @@ def test_tensors_flow_through_cudalloc_and_torch_stats_are_patched():
         cudalloc.check_invariants()
         # unpatch_torch puts torch's functions back (which raise under a pluggable allocator).
         cudalloc.unpatch_torch()
+        assert torch.accelerator.memory_allocated() == 0
         try:
             torch.cuda.memory_stats()
             raise AssertionError("expected torch's own memory_stats")

@@ -18,6 +18,7 @@ IMPORTS = getattr(sys, "_fake_torch_imports", 0) + 1
 sys._fake_torch_imports = IMPORTS
 
 from . import cuda  # noqa: E402  (real torch imports torch.cuda at import time)
+from . import accelerator  # noqa: E402,F401  (torch >= 2.9)
 
 
 class device:
