@@ -83,8 +83,9 @@ pub fn available() -> bool {
 /// Throw `std::runtime_error(message)`; returns only when the C++ runtime is
 /// not in the process. Call it outside any `catch_unwind`, from an
 /// `extern "C-unwind"` function.
-pub fn throw_runtime_error(message: &str) {
+pub fn throw_runtime_error(message: String) {
     let Some(c) = cxx() else { return };
+    // `message` is consumed here, so nothing owned is live at the throw.
     let Ok(text) = CString::new(message.replace('\0', " ")) else {
         return;
     };

@@ -75,19 +75,28 @@ pub extern "C-unwind" fn cudalloc_malloc_torch(
 ) -> *mut c_void {
     let p = cudalloc_malloc(size, device, stream);
     if p.is_null() && size > 0 {
-        let code = boundary::last_code();
-        if code != ErrorCode::CUDALLOC_OK {
-            let detail = boundary::last_message();
-            let message = if code == ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY {
-                format!("CUDA out of memory. Tried to allocate {size} bytes on device {device} (cudalloc).\n{detail}")
-            } else {
-                format!("cudalloc: allocation of {size} bytes on device {device} failed: {detail}")
-            };
-            // Outside the panic boundary, on purpose (see cxx_throw).
-            cxx_throw::throw_runtime_error(&message);
+        if let Some(message) = torch_failure(size, device) {
+            // Outside the panic boundary, on purpose, and with nothing of
+            // ours left to drop in this frame (see cxx_throw).
+            cxx_throw::throw_runtime_error(message);
         }
     }
     p
+}
+
+/// The exception text for a failed `cudalloc_malloc_torch`, from the
+/// thread's last error; `None` when there is no error (size 0).
+fn torch_failure(size: usize, device: c_int) -> Option<String> {
+    let code = boundary::last_code();
+    if code == ErrorCode::CUDALLOC_OK {
+        return None;
+    }
+    let detail = boundary::last_message();
+    Some(if code == ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY {
+        format!("CUDA out of memory. Tried to allocate {size} bytes on device {device} (cudalloc).\n{detail}")
+    } else {
+        format!("cudalloc: allocation of {size} bytes on device {device} failed: {detail}")
+    })
 }
 
 /// Free `ptr` (PyTorch's `free_fn`). `size`, `device` and `stream` are hints
