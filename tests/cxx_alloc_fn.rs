@@ -1,52 +1,94 @@
 //! `cudalloc_malloc_torch` as PyTorch calls it: tests/cxx/torch_alloc_fn.cpp,
 //! built with `g++ -Wall -Wextra -Werror` against the committed header and
 //! linked to the cdylib, calls it through a `std::function` and catches the
-//! C++ exception a failed allocation throws. A C client (no libstdc++ in the
-//! process) gets NULL instead: tests/c/abi_test.c checks that side.
+//! C++ exception a failed allocation throws. Twice: as a program, and as a
+//! shared library that a C program opens with RTLD_LOCAL beside a separate
+//! RTLD_LOCAL load of libcudalloc.so (as Python opens PyTorch and PyTorch's
+//! `CUDAPluggableAllocator` opens cudalloc), so that libstdc++ is in neither
+//! the global scope nor cudalloc's.
 
 mod common;
 
 use std::process::Command;
 
+fn compile(compiler: &str, args: &[&str], sources: &[&str], out: &std::path::Path, link: bool) {
+    let lib = common::lib_dir();
+    let mut cmd = Command::new(compiler);
+    cmd.args(["-Wall", "-Wextra", "-Werror", "-O1", "-g", "-I"])
+        .arg(common::root().join("include"))
+        .args(args);
+    for s in sources {
+        cmd.arg(common::root().join(s));
+    }
+    if link {
+        cmd.arg("-L")
+            .arg(&lib)
+            .arg(format!("-Wl,-rpath,{}", lib.display()))
+            .arg("-lcudalloc");
+    }
+    let o = cmd
+        .arg("-o")
+        .arg(out)
+        .output()
+        .unwrap_or_else(|e| panic!("{compiler} runs (.ci/run installs it): {e}"));
+    assert!(
+        o.status.success(),
+        "{compiler} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn run_ok(program: &std::path::Path, args: &[&std::path::Path]) {
+    let run = Command::new(program)
+        .args(args)
+        .env("CUDALLOC_CONF", "backend:sim,sim_memory:1GiB")
+        .env("CUDALLOC_LOG", "off")
+        .output()
+        .expect("test program runs");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success() && stdout.contains("ok"),
+        "{} failed ({}):\n{stdout}\n{}",
+        program.display(),
+        run.status,
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
 #[test]
 fn a_failed_torch_allocation_is_a_cxx_exception() {
     let dir = common::temp_dir("cxx");
     let exe = dir.join("torch_alloc_fn");
-    let lib = common::lib_dir();
-    let out = Command::new("g++")
-        .args([
-            "-std=c++17",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-O1",
-            "-g",
-            "-I",
-        ])
-        .arg(common::root().join("include"))
-        .arg(common::root().join("tests/cxx/torch_alloc_fn.cpp"))
-        .arg("-L")
-        .arg(&lib)
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
-        .args(["-lcudalloc", "-o"])
-        .arg(&exe)
-        .output()
-        .expect("g++ runs (.ci/run installs it)");
-    assert!(
-        out.status.success(),
-        "C++ test did not compile:\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    compile(
+        "g++",
+        &["-std=c++17"],
+        &["tests/cxx/torch_alloc_fn.cpp"],
+        &exe,
+        true,
     );
-    let run = Command::new(&exe)
-        .env("CUDALLOC_CONF", "backend:sim,sim_memory:1GiB")
-        .env("CUDALLOC_LOG", "off")
-        .output()
-        .expect("C++ test runs");
+    run_ok(&exe, &[]);
     let _ = std::fs::remove_dir_all(&dir);
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success() && stdout.contains("ok"),
-        "C++ test failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&run.stderr)
+}
+
+#[test]
+fn it_throws_when_libstdcxx_is_loaded_locally_as_under_python() {
+    let dir = common::temp_dir("cxx-local");
+    let shim = dir.join("libtorch_like.so");
+    compile(
+        "g++",
+        &["-std=c++17", "-shared", "-fPIC", "-DCUDALLOC_CXX_LIBRARY"],
+        &["tests/cxx/torch_alloc_fn.cpp"],
+        &shim,
+        false,
     );
+    let loader = dir.join("load_local");
+    compile(
+        "gcc",
+        &["-std=c11"],
+        &["tests/cxx/load_local.c"],
+        &loader,
+        false,
+    );
+    run_ok(&loader, &[&common::lib_dir().join("libcudalloc.so"), &shim]);
+    let _ = std::fs::remove_dir_all(&dir);
 }

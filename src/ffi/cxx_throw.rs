@@ -7,8 +7,10 @@
 //! exception from `alloc_fn`: it reaches Python as a `RuntimeError`.
 //!
 //! So [`throw_runtime_error`] throws one, with no C++ compiler involved: the
-//! C++ runtime's own entry points are looked up in the process
-//! (`dlsym(RTLD_DEFAULT)`, which finds libstdc++ wherever PyTorch runs):
+//! C++ runtime's own entry points are looked up in the process, in the
+//! global scope or else in the libstdc++ already loaded with local scope
+//! (`dlopen(RTLD_NOLOAD)`; PyTorch's comes in through Python extension
+//! modules, which are loaded RTLD_LOCAL):
 //! `__cxa_allocate_exception`, the `std::runtime_error(const char*)`
 //! constructor, its type info and destructor, and `__cxa_throw`. When any is
 //! missing (a process without libstdc++, such as a C program), it returns and
@@ -45,20 +47,42 @@ unsafe impl Send for Cxx {}
 // SAFETY: as above.
 unsafe impl Sync for Cxx {}
 
-fn lookup(name: &std::ffi::CStr) -> Option<*mut c_void> {
+/// Where to look the C++ runtime up: the global scope, or else the
+/// libstdc++ already loaded into the process with local scope. (Python loads
+/// extension modules, PyTorch's among them, with RTLD_LOCAL, so their
+/// libstdc++ need not be in the global scope.) Never loads a new library.
+fn scope() -> Option<*mut c_void> {
     // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only reads.
-    let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+    if !unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"__cxa_throw".as_ptr()) }.is_null() {
+        return Some(libc::RTLD_DEFAULT);
+    }
+    // SAFETY: RTLD_NOLOAD returns a handle only to a library already loaded;
+    // the handle is kept for the life of the process (never dlclose'd).
+    let h = unsafe {
+        libc::dlopen(
+            c"libstdc++.so.6".as_ptr(),
+            libc::RTLD_NOW | libc::RTLD_NOLOAD,
+        )
+    };
+    (!h.is_null()).then_some(h)
+}
+
+fn lookup(scope: *mut c_void, name: &std::ffi::CStr) -> Option<*mut c_void> {
+    // SAFETY: dlsym with a valid handle (or RTLD_DEFAULT) and a
+    // NUL-terminated name only reads.
+    let p = unsafe { libc::dlsym(scope, name.as_ptr()) };
     (!p.is_null()).then_some(p)
 }
 
 fn cxx() -> Option<&'static Cxx> {
     static CXX: OnceCell<Option<Cxx>> = OnceCell::new();
     CXX.get_or_init(|| {
-        let allocate = lookup(c"__cxa_allocate_exception")?;
-        let ctor = lookup(c"_ZNSt13runtime_errorC1EPKc")?;
-        let dtor = lookup(c"_ZNSt13runtime_errorD1Ev")?;
-        let type_info = lookup(c"_ZTISt13runtime_error")?;
-        let throw = lookup(c"__cxa_throw")?;
+        let h = scope()?;
+        let allocate = lookup(h, c"__cxa_allocate_exception")?;
+        let ctor = lookup(h, c"_ZNSt13runtime_errorC1EPKc")?;
+        let dtor = lookup(h, c"_ZNSt13runtime_errorD1Ev")?;
+        let type_info = lookup(h, c"_ZTISt13runtime_error")?;
+        let throw = lookup(h, c"__cxa_throw")?;
         // SAFETY: each symbol is the C++ runtime's entry point of that name,
         // whose C ABI is the type given (Itanium C++ ABI; the constructor
         // and destructor take `this` first).

@@ -2,7 +2,14 @@
 // the allocator in a std::function and lets exceptions from it reach Python
 // as RuntimeError. Here, as there, a failed allocation must arrive as a
 // std::exception carrying "CUDA out of memory." and cudalloc's diagnosis, and
-// the allocator must serve normally afterwards. Prints "ok" and exits 0.
+// the allocator must serve normally afterwards.
+//
+// Built twice: as a program linked to the library (libstdc++ in the global
+// scope), and as a shared library, not linked to cudalloc, that
+// tests/cxx/load_local.c dlopen()s with RTLD_LOCAL and hands cudalloc's
+// functions, taken from a separate RTLD_LOCAL dlopen of libcudalloc.so. That
+// is PyTorch's situation under Python: libstdc++ is loaded, but neither in
+// the global scope nor in cudalloc's own. Returns 0 when every check passed.
 #include "cudalloc.h"
 
 #include <cstdio>
@@ -24,13 +31,21 @@ static_assert(sizeof(std::runtime_error) <= 64,
         }                                                                       \
     } while (0)
 
-int main() {
+struct Api {
+    void* (*alloc)(size_t, int, void*);
+    void (*free)(void*, size_t, int, void*);
+    int (*get_stats)(int, cudalloc_stats*);
+    int (*check_invariants)(void);
+    const char* (*last_error_message)(void);
+};
+
+static int checks(const Api& api) {
     // As torch holds it: std::function<void*(size_t, int, cudaStream_t)>.
-    std::function<void*(size_t, int, void*)> alloc_fn = cudalloc_malloc_torch;
-    std::function<void(void*, size_t, int, void*)> free_fn = cudalloc_free;
+    std::function<void*(size_t, int, void*)> alloc_fn = api.alloc;
+    std::function<void(void*, size_t, int, void*)> free_fn = api.free;
 
     void* keep = alloc_fn(1 << 20, 0, nullptr);
-    CHECK(keep != nullptr, "a small allocation failed: %s", cudalloc_last_error_message());
+    CHECK(keep != nullptr, "a small allocation failed: %s", api.last_error_message());
 
     std::string what;
     try {
@@ -61,10 +76,30 @@ int main() {
     free_fn(again, 0, 0, nullptr);
     free_fn(keep, 0, 0, nullptr);
     cudalloc_stats st;
-    CHECK(cudalloc_get_stats(0, &st) == CUDALLOC_OK, "stats");
+    CHECK(api.get_stats(0, &st) == CUDALLOC_OK, "stats");
     CHECK(st.num_ooms == 1 && st.allocated_bytes == 0, "ooms %llu allocated %llu",
           (unsigned long long)st.num_ooms, (unsigned long long)st.allocated_bytes);
-    CHECK(cudalloc_check_invariants() == 0, "invariants");
-    std::printf("ok\n");
+    CHECK(api.check_invariants() == 0, "invariants");
     return 0;
 }
+
+#ifdef CUDALLOC_CXX_LIBRARY
+// fns: cudalloc_malloc_torch, cudalloc_free, cudalloc_get_stats,
+// cudalloc_check_invariants, cudalloc_last_error_message, as raw addresses.
+extern "C" int cudalloc_cxx_checks(void* const* fns) {
+    Api api{};
+    std::memcpy(&api.alloc, &fns[0], sizeof(void*));
+    std::memcpy(&api.free, &fns[1], sizeof(void*));
+    std::memcpy(&api.get_stats, &fns[2], sizeof(void*));
+    std::memcpy(&api.check_invariants, &fns[3], sizeof(void*));
+    std::memcpy(&api.last_error_message, &fns[4], sizeof(void*));
+    return checks(api);
+}
+#else
+int main() {
+    int r = checks(Api{cudalloc_malloc_torch, cudalloc_free, cudalloc_get_stats,
+                       cudalloc_check_invariants, cudalloc_last_error_message});
+    if (r == 0) std::printf("ok\n");
+    return r;
+}
+#endif

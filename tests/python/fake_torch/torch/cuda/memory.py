@@ -46,11 +46,11 @@ class CUDAPluggableAllocator:
         self._allocator = _CUDAPluggableAllocator(alloc, free)
         self._allocator._lib = lib
         # Real torch calls alloc_fn from C++ and turns a C++ exception into
-        # RuntimeError. ctypes cannot carry one, so where the C++ runtime is
-        # loaded (and cudalloc_malloc_torch would throw) the fake calls the
-        # non-throwing twin and raises what torch would.
-        cxx = hasattr(ctypes.CDLL(None), "__cxa_throw")
-        if alloc_fn_name == "cudalloc_malloc_torch" and cxx:
+        # RuntimeError. ctypes cannot carry one (cudalloc_malloc_torch throws
+        # wherever libstdc++ is loaded), so the fake calls the non-throwing
+        # twin and raises what torch would (tests/cxx_alloc_fn.rs covers the
+        # throw itself).
+        if alloc_fn_name == "cudalloc_malloc_torch":
             self._allocator._alloc_fn = ctypes.cast(lib.cudalloc_malloc, ctypes.c_void_p).value
         self._allocator._throws = alloc_fn_name == "cudalloc_malloc_torch"
 
