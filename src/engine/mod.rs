@@ -895,6 +895,10 @@ impl Allocator {
     /// A statistics snapshot of `device`.
     pub fn stats(&self, device: usize) -> Result<cudalloc_stats> {
         let dev = self.device(device)?;
+        // Segments come and go only under `slow`: holding it makes the
+        // snapshot consistent (allocated <= reserved, every block counted
+        // inside a segment counted), while cache hits and frees go on.
+        let _slow = dev.slow.lock();
         let c = &dev.core.counters;
         let mut s = cudalloc_stats {
             allocated_bytes: dev.allocated(),
