@@ -170,6 +170,8 @@ def _replacements():
 # device_index there.
 _ACCELERATOR = (
     "memory_stats",
+    "memory_stats_as_nested_dict",
+    "empty_cache",
     "memory_allocated",
     "max_memory_allocated",
     "memory_reserved",
@@ -189,11 +191,14 @@ def _patch():
     accel = getattr(torch, "accelerator", None)
     if accel is not None:
         modules.append(accel)
+    everything = dict(_replacements(), empty_cache=_stats.empty_cache)
     for module in modules:
-        for name, repl in _replacements().items():
+        if module is accel:
+            repls = {n: everything[n] for n in _ACCELERATOR}
+        else:
+            repls = _replacements()  # torch.cuda.empty_cache reaches cudalloc by itself
+        for name, repl in repls.items():
             if (module, name) in _originals or not hasattr(module, name):
-                continue
-            if module is accel and name not in _ACCELERATOR:
                 continue
             original = getattr(module, name)
 

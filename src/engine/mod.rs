@@ -239,14 +239,13 @@ impl Device {
         self.arenas.read().values().cloned().collect()
     }
 
+    /// The device's total memory, read once. A failed read is not cached
+    /// (the next call asks again) and counts as no cap meanwhile.
     fn total(&self) -> u64 {
-        *self.total.get_or_init(|| {
-            self.core
-                .driver
-                .mem_info(self.core.index)
-                .map(|(_, t)| t)
-                .unwrap_or(u64::MAX)
-        })
+        self.total
+            .get_or_try_init(|| self.core.driver.mem_info(self.core.index).map(|(_, t)| t))
+            .copied()
+            .unwrap_or(u64::MAX)
     }
 
     fn fraction(&self) -> f64 {
@@ -255,14 +254,26 @@ impl Device {
 
     /// The cap on reserved bytes in force (`u64::MAX` when none).
     fn limit(&self) -> u64 {
+        self.limit_with(self.total())
+    }
+
+    /// The limit as far as it is known without asking the driver: a device
+    /// cudalloc never used has no total read yet, and reading it would make
+    /// the CUDA backend hold a context there (statistics of such a device
+    /// leave `memory_fraction` out).
+    fn known_limit(&self) -> u64 {
+        self.limit_with(self.total.get().copied().unwrap_or(u64::MAX))
+    }
+
+    fn limit_with(&self, total: u64) -> u64 {
         let mut limit = if self.max_memory == 0 {
             u64::MAX
         } else {
             self.max_memory
         };
         let f = self.fraction();
-        if f < 1.0 {
-            limit = limit.min((self.total() as f64 * f) as u64);
+        if f < 1.0 && total != u64::MAX {
+            limit = limit.min((total as f64 * f) as u64);
         }
         limit
     }
@@ -911,7 +922,11 @@ impl Allocator {
             num_alloc_retries: c.alloc_retries.get(),
             num_invalid_frees: c.invalid_frees.get(),
             num_segments_adopted: c.adopted.get(),
-            limit_bytes: match dev.limit() {
+            limit_bytes: match if c.driver_allocs.get() > 0 {
+                dev.limit()
+            } else {
+                dev.known_limit()
+            } {
                 u64::MAX => 0,
                 l => l,
             },
@@ -956,6 +971,12 @@ impl Allocator {
         }
         dev.fraction_bits
             .store(fraction.to_bits(), Ordering::Relaxed);
+        if fraction < 1.0 {
+            // The caller named this device, so reading its total (and, on
+            // CUDA, retaining its context) is expected; stats then report
+            // the cap at once.
+            dev.total();
+        }
         Ok(())
     }
 

@@ -47,24 +47,26 @@ unsafe impl Send for Cxx {}
 // SAFETY: as above.
 unsafe impl Sync for Cxx {}
 
-/// Where to look the C++ runtime up: the global scope, or else the
-/// libstdc++ already loaded into the process with local scope. (Python loads
-/// extension modules, PyTorch's among them, with RTLD_LOCAL, so their
-/// libstdc++ need not be in the global scope.) Never loads a new library.
+/// Where to look the C++ runtime up: the libstdc++ already loaded into the
+/// process, in whatever scope (Python loads extension modules, PyTorch's
+/// among them, with RTLD_LOCAL, so it need not be in the global scope), or
+/// else the global scope (a C++ runtime under another name). All five
+/// symbols come from the one place. Never loads a new library.
 fn scope() -> Option<*mut c_void> {
-    // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only reads.
-    if !unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"__cxa_throw".as_ptr()) }.is_null() {
-        return Some(libc::RTLD_DEFAULT);
-    }
     // SAFETY: RTLD_NOLOAD returns a handle only to a library already loaded;
     // the handle is kept for the life of the process (never dlclose'd).
     let h = unsafe {
         libc::dlopen(
             c"libstdc++.so.6".as_ptr(),
-            libc::RTLD_NOW | libc::RTLD_NOLOAD,
+            libc::RTLD_LAZY | libc::RTLD_NOLOAD,
         )
     };
-    (!h.is_null()).then_some(h)
+    if !h.is_null() {
+        return Some(h);
+    }
+    // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only reads.
+    let global = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"__cxa_throw".as_ptr()) };
+    (!global.is_null()).then_some(libc::RTLD_DEFAULT)
 }
 
 fn lookup(scope: *mut c_void, name: &std::ffi::CStr) -> Option<*mut c_void> {
@@ -74,29 +76,36 @@ fn lookup(scope: *mut c_void, name: &std::ffi::CStr) -> Option<*mut c_void> {
     (!p.is_null()).then_some(p)
 }
 
+fn resolve() -> Option<Cxx> {
+    let h = scope()?;
+    let allocate = lookup(h, c"__cxa_allocate_exception")?;
+    let ctor = lookup(h, c"_ZNSt13runtime_errorC1EPKc")?;
+    let dtor = lookup(h, c"_ZNSt13runtime_errorD1Ev")?;
+    let type_info = lookup(h, c"_ZTISt13runtime_error")?;
+    let throw = lookup(h, c"__cxa_throw")?;
+    // SAFETY: each symbol is the C++ runtime's entry point of that name,
+    // whose C ABI is the type given (Itanium C++ ABI; the constructor and
+    // destructor take `this` first).
+    unsafe {
+        Some(Cxx {
+            allocate: std::mem::transmute::<*mut c_void, AllocateFn>(allocate),
+            ctor: std::mem::transmute::<*mut c_void, CtorFn>(ctor),
+            dtor: std::mem::transmute::<*mut c_void, DtorFn>(dtor),
+            type_info,
+            throw: std::mem::transmute::<*mut c_void, ThrowFn>(throw),
+        })
+    }
+}
+
+/// The C++ runtime, once found. Not finding it is not remembered: the next
+/// failed allocation looks again (the runtime may be loaded later).
 fn cxx() -> Option<&'static Cxx> {
-    static CXX: OnceCell<Option<Cxx>> = OnceCell::new();
-    CXX.get_or_init(|| {
-        let h = scope()?;
-        let allocate = lookup(h, c"__cxa_allocate_exception")?;
-        let ctor = lookup(h, c"_ZNSt13runtime_errorC1EPKc")?;
-        let dtor = lookup(h, c"_ZNSt13runtime_errorD1Ev")?;
-        let type_info = lookup(h, c"_ZTISt13runtime_error")?;
-        let throw = lookup(h, c"__cxa_throw")?;
-        // SAFETY: each symbol is the C++ runtime's entry point of that name,
-        // whose C ABI is the type given (Itanium C++ ABI; the constructor
-        // and destructor take `this` first).
-        unsafe {
-            Some(Cxx {
-                allocate: std::mem::transmute::<*mut c_void, AllocateFn>(allocate),
-                ctor: std::mem::transmute::<*mut c_void, CtorFn>(ctor),
-                dtor: std::mem::transmute::<*mut c_void, DtorFn>(dtor),
-                type_info,
-                throw: std::mem::transmute::<*mut c_void, ThrowFn>(throw),
-            })
-        }
-    })
-    .as_ref()
+    static CXX: OnceCell<Cxx> = OnceCell::new();
+    if let Some(c) = CXX.get() {
+        return Some(c);
+    }
+    let c = resolve()?;
+    Some(CXX.get_or_init(|| c))
 }
 
 /// Whether [`throw_runtime_error`] can throw in this process.
@@ -108,7 +117,16 @@ pub fn available() -> bool {
 /// not in the process. Call it outside any `catch_unwind`, from an
 /// `extern "C-unwind"` function.
 pub fn throw_runtime_error(message: String) {
-    let Some(c) = cxx() else { return };
+    let Some(c) = cxx() else {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                "cudalloc_malloc_torch: no C++ runtime (libstdc++) in this process to \
+                 throw with; returning NULL, which PyTorch does not check"
+            )
+        });
+        return;
+    };
     // `message` is consumed here, so nothing owned is live at the throw.
     let Ok(text) = CString::new(message.replace('\0', " ")) else {
         return;

@@ -223,7 +223,12 @@ impl Observer {
     pub fn tick(&self, alloc: &Allocator) {
         let now = now_ms();
         for (d, w) in self.watches.iter().enumerate() {
-            if self.pressure_on && alloc.device_used(d) {
+            if !alloc.device_used(d) {
+                // Nothing to sample, trim or alarm about; and asking the
+                // driver would make the CUDA backend hold a context there.
+                continue;
+            }
+            if self.pressure_on {
                 self.sample_pressure(alloc, d, w);
             }
             let Some(mut alarms) = w.alarms.try_lock() else {

@@ -85,14 +85,20 @@ def test_tensors_flow_through_cudalloc_and_torch_stats_are_patched():
         assert torch.accelerator.memory_allocated(device_index=0) == live
         assert torch.accelerator.memory_stats(0)["allocated_bytes.all.current"] == live
         assert torch.accelerator.max_memory_reserved() == cudalloc.max_memory_reserved(0)
+        assert torch.accelerator.memory_stats_as_nested_dict()["allocated_bytes"]["all"]["current"] == live
         t1.free(); t2.free()
         assert torch.cuda.memory_allocated() == 0
         assert torch.cuda.max_memory_allocated() == live
         torch.cuda.reset_peak_memory_stats()
         assert torch.cuda.max_memory_allocated() == 0
-        # torch.cuda.empty_cache() reaches cudalloc through the reset hook.
+        # torch.cuda.empty_cache() reaches cudalloc through the reset hook,
+        # and torch.accelerator.empty_cache() (which would return early) once patched.
         assert torch.cuda.memory_reserved() > 0
         torch.cuda.empty_cache()
+        assert torch.cuda.memory_reserved() == 0
+        keep = torch.empty(4096, "cuda:0"); keep.free()
+        assert torch.cuda.memory_reserved() > 0
+        torch.accelerator.empty_cache()
         assert torch.cuda.memory_reserved() == 0
         # set_per_process_memory_fraction reaches cudalloc too.
         torch.cuda.set_per_process_memory_fraction(0.25, 0)
