@@ -253,7 +253,8 @@ void *cudalloc_malloc(size_t size, int device, void *stream);
  * reach kernels); it does turn a C++ exception into a Python
  * `RuntimeError`. The message starts "CUDA out of memory." on an OOM (what
  * Lightning and accelerate look for), followed by cudalloc's diagnosis.
- * In a process without the C++ runtime (libstdc++), it returns NULL as
+ * In a process without the C++ runtime (libstdc++), and while the process
+ * exits (a C++ destructor may be the caller), it returns NULL as
  * `cudalloc_malloc` does. Not for C callers: wherever libstdc++ is loaded
  * (a C++ library, a sanitizer runtime) it throws, and a C frame cannot
  * pass a C++ exception on; C code uses `cudalloc_malloc`.

@@ -63,7 +63,8 @@ pub extern "C" fn cudalloc_malloc(size: usize, device: c_int, stream: *mut c_voi
 /// reach kernels); it does turn a C++ exception into a Python
 /// `RuntimeError`. The message starts "CUDA out of memory." on an OOM (what
 /// Lightning and accelerate look for), followed by cudalloc's diagnosis.
-/// In a process without the C++ runtime (libstdc++), it returns NULL as
+/// In a process without the C++ runtime (libstdc++), and while the process
+/// exits (a C++ destructor may be the caller), it returns NULL as
 /// `cudalloc_malloc` does. Not for C callers: wherever libstdc++ is loaded
 /// (a C++ library, a sanitizer runtime) it throws, and a C frame cannot
 /// pass a C++ exception on; C code uses `cudalloc_malloc`.
@@ -88,7 +89,9 @@ pub extern "C-unwind" fn cudalloc_malloc_torch(
 /// thread's last error; `None` when there is no error (size 0).
 fn torch_failure(size: usize, device: c_int) -> Option<String> {
     let code = boundary::last_code();
-    if code == ErrorCode::CUDALLOC_OK {
+    if code == ErrorCode::CUDALLOC_OK || (global::exiting() && !global::forked()) {
+        // No error; or the process is exiting, where the caller may be a
+        // C++ destructor and an exception would end in std::terminate.
         return None;
     }
     let detail = boundary::last_message();
