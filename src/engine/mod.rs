@@ -197,8 +197,11 @@ impl Device {
             .sum()
     }
 
-    fn allocated_peak(&self) -> u64 {
-        (*self.peak.lock()).max(self.allocated())
+    /// The peak of allocated bytes, given a current value just read (so that
+    /// a snapshot never shows a peak below its own current value while
+    /// other threads allocate and free).
+    fn allocated_peak_with(&self, allocated: u64) -> u64 {
+        (*self.peak.lock()).max(allocated)
     }
 
     fn reset_allocated_peak(&self) {
@@ -911,9 +914,10 @@ impl Allocator {
         // inside a segment counted), while cache hits and frees go on.
         let _slow = dev.slow.lock();
         let c = &dev.core.counters;
+        let allocated = dev.allocated();
         let mut s = cudalloc_stats {
-            allocated_bytes: dev.allocated(),
-            allocated_bytes_peak: dev.allocated_peak(),
+            allocated_bytes: allocated,
+            allocated_bytes_peak: dev.allocated_peak_with(allocated),
             reserved_bytes: c.reserved.current(),
             reserved_bytes_peak: c.reserved.peak(),
             num_driver_allocs: c.driver_allocs.get(),
