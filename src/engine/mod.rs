@@ -958,6 +958,9 @@ impl Allocator {
     /// Reset the peaks of `device` to the current values.
     pub fn reset_peak(&self, device: usize) -> Result<()> {
         let dev = self.device(device)?;
+        // Reserved bytes change only under `slow`: resetting under it cannot
+        // store a peak below a current value raised meanwhile.
+        let _slow = dev.slow.lock();
         dev.reset_allocated_peak();
         dev.core.counters.reserved.reset_peak();
         Ok(())
