@@ -17,8 +17,8 @@
 //!   the first call for that device (not at construction: every process that
 //!   enables cudalloc would otherwise hold a context, hundreds of MiB, on
 //!   every GPU it can see), and made current (`cuCtxSetCurrent`) before every
-//!   call on that device: PyTorch's free sets no device guard, so the current context
-//!   may belong to another device. The caller's context (or none) is put back
+//!   call on that device: PyTorch's free sets no device guard, so the current
+//!   context may belong to another device. The caller's context (or none) is put back
 //!   when the call returns ([`CtxGuard`]), so a free of device 1's memory does
 //!   not move the host thread's current device, which the CUDA runtime and
 //!   torch read from it. Contexts are never released: nothing here runs at
@@ -217,8 +217,8 @@ unsafe impl Send for CudaDriver {}
 unsafe impl Sync for CudaDriver {}
 
 impl CudaDriver {
-    /// Load libcuda, initialise the driver and retain every device's primary
-    /// context. Never panics.
+    /// Load libcuda, initialise the driver and list the devices (their
+    /// primary contexts are retained on first use, in `enter`). Never panics.
     pub fn new() -> DriverResult<Self> {
         // SAFETY: is_culib_present only tries to dlopen the candidate names.
         if !unsafe { cu::is_culib_present() } {

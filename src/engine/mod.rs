@@ -200,6 +200,11 @@ impl Device {
     /// The peak of allocated bytes, given a current value just read (so that
     /// a snapshot never shows a peak below its own current value while
     /// other threads allocate and free).
+    /// Whether cudalloc ever took memory from the driver on this device.
+    fn used(&self) -> bool {
+        self.core.counters.driver_allocs.get() > 0
+    }
+
     fn allocated_peak_with(&self, allocated: u64) -> u64 {
         (*self.peak.lock()).max(allocated)
     }
@@ -482,9 +487,7 @@ impl Allocator {
     /// periodic pressure sample skips devices that it did not: asking the
     /// driver about one would make the CUDA backend hold a context there.
     pub fn device_used(&self, device: usize) -> bool {
-        self.devices
-            .get(device)
-            .is_some_and(|d| d.core.counters.driver_allocs.get() > 0)
+        self.devices.get(device).is_some_and(Device::used)
     }
 
     fn device(&self, device: usize) -> Result<&Device> {
@@ -697,9 +700,6 @@ impl Allocator {
             fs(st.largest_free_block),
             frag * 100.0
         );
-        // What this request could have used: free blocks of its own stream and
-        // pool. Other streams' blocks move only as whole idle segments, and
-        // the two pools never lend to each other.
         // What this request could have used: free blocks of its own stream and
         // pool. Other streams' blocks move only as whole idle segments, the two
         // pools never lend to each other, and quarantined blocks wait for
@@ -926,7 +926,7 @@ impl Allocator {
             num_alloc_retries: c.alloc_retries.get(),
             num_invalid_frees: c.invalid_frees.get(),
             num_segments_adopted: c.adopted.get(),
-            limit_bytes: match if c.driver_allocs.get() > 0 {
+            limit_bytes: match if dev.used() {
                 dev.limit()
             } else {
                 dev.known_limit()

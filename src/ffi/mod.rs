@@ -23,10 +23,6 @@ fn device_index(device: c_int) -> Option<usize> {
     usize::try_from(device).ok()
 }
 
-fn shutting_down() -> Error {
-    global::stopped_error()
-}
-
 /// Allocate `size` bytes on `device` for use on `stream` (PyTorch's `alloc_fn`).
 ///
 /// Returns a 512-byte-aligned device pointer, or NULL. NULL with last error
@@ -36,7 +32,7 @@ fn shutting_down() -> Error {
 pub extern "C" fn cudalloc_malloc(size: usize, device: c_int, stream: *mut c_void) -> *mut c_void {
     guard("cudalloc_malloc", || {
         if global::exiting() {
-            set_error(&shutting_down());
+            set_error(&global::stopped_error());
             return std::ptr::null_mut();
         }
         let r = global::get().and_then(|a| match device_index(device) {
@@ -115,7 +111,7 @@ pub extern "C" fn cudalloc_free(ptr: *mut c_void, size: usize, device: c_int, st
             return;
         }
         if global::exiting() {
-            set_error(&shutting_down());
+            set_error(&global::stopped_error());
             return;
         }
         match global::get().and_then(|a| a.free(ptr as u64, device_index(device), stream as u64)) {
@@ -155,7 +151,7 @@ pub extern "C" fn cudalloc_record_stream(ptr: *mut c_void, stream: *mut c_void) 
 pub extern "C" fn cudalloc_empty_cache() {
     guard("cudalloc_empty_cache", || {
         if global::exiting() {
-            set_error(&shutting_down());
+            set_error(&global::stopped_error());
             return;
         }
         match global::get() {

@@ -236,31 +236,29 @@ fn replay_cmd(m: &ArgMatches) -> Result<(), String> {
             ),
             _ => String::new(),
         };
+        // "<configuration>, <size>[ (<percent> against <first>)]" for the
+        // configuration needing the least of `needs`.
+        let leanest = |needs: &[Option<u64>]| {
+            recommend(needs).map(|best| {
+                let v = needs[best].unwrap_or(0);
+                format!(
+                    "{}, {}{}",
+                    head[best],
+                    format_size(v),
+                    against(best, v, needs[0])
+                )
+            })
+        };
         println!();
-        match recommend(&least) {
+        match leanest(&least) {
             None => println!(
                 "no configuration replays this trace within {}; try a larger --memory",
                 format_size(memory)
             ),
-            Some(best) => {
-                let need = least[best].unwrap_or(0);
-                println!(
-                    "least device memory:  {}, {}{}",
-                    head[best],
-                    format_size(need),
-                    against(best, need, least[0])
-                );
-            }
+            Some(line) => println!("least device memory:  {line}"),
         }
-        if let Some(best) = recommend(&peaks) {
-            let peak = peaks[best].unwrap_or(0);
-            println!(
-                "lowest peak reserved: {}, {}{} at {}",
-                head[best],
-                format_size(peak),
-                against(best, peak, peaks[0]),
-                format_size(memory)
-            );
+        if let Some(line) = leanest(&peaks) {
+            println!("lowest peak reserved: {line} at {}", format_size(memory));
         }
         for (c, why) in PROFILES {
             if let Some(h) = confs.iter().position(|x| x == c) {
