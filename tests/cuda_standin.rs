@@ -111,6 +111,14 @@ fn run(name: &str, program: &Path, args: &[&str], env: &[(&str, String)]) -> Run
     }
 }
 
+/// Run scenario `name` of tests/standin/scenarios.c and check it passed
+/// (`Run::assert_ok`); the caller checks the rest.
+fn scenario(name: &str, env: &[(&str, String)]) -> Run {
+    let r = run(name, &standin().join("scenarios"), &[name], env);
+    r.assert_ok();
+    r
+}
+
 fn cli() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_cudalloc"))
 }
@@ -159,13 +167,7 @@ fn c_client_passes_on_backend_cuda() {
 /// stand-in returns 4242 from cuMemAlloc and has no text for it.
 #[test]
 fn unknown_driver_error_codes_are_plain_errors() {
-    let r = run(
-        "unknown_error",
-        &standin().join("scenarios"),
-        &["unknown_error"],
-        &[("FAKE_CUDA_ALLOC_ERROR", "4242".into())],
-    );
-    r.assert_ok();
+    let r = scenario("unknown_error", &[("FAKE_CUDA_ALLOC_ERROR", "4242".into())]);
     assert!(r.stdout().contains("ok unknown_error"), "{}", r.stdout());
     assert!(
         r.log
@@ -177,13 +179,7 @@ fn unknown_driver_error_codes_are_plain_errors() {
 
 #[test]
 fn injected_oom_is_flushed_and_retried() {
-    let r = run(
-        "oom",
-        &standin().join("scenarios"),
-        &["oom"],
-        &[("FAKE_CUDA_OOM_AT", "2".into())],
-    );
-    r.assert_ok();
+    let r = scenario("oom", &[("FAKE_CUDA_OOM_AT", "2".into())]);
     assert!(r.stdout().contains("ok oom"), "{}", r.stdout());
     // The failed allocation, then the flush, then the successful retry.
     let oom = r.log.find("OOM").expect("the injected OOM happened");
@@ -200,8 +196,7 @@ fn injected_oom_is_flushed_and_retried() {
 
 #[test]
 fn each_device_is_served_under_its_own_context() {
-    let r = run("multidev", &standin().join("scenarios"), &["multidev"], &[]);
-    r.assert_ok();
+    let r = scenario("multidev", &[]);
     assert!(
         r.log.contains("cuMemAlloc_v2 ctx=1 size=31457280"),
         "{}",
@@ -221,13 +216,7 @@ fn each_device_is_served_under_its_own_context() {
 
 #[test]
 fn the_callers_context_is_current_again_after_every_call() {
-    let r = run(
-        "ctx_restore",
-        &standin().join("scenarios"),
-        &["ctx_restore"],
-        &[],
-    );
-    r.assert_ok();
+    let r = scenario("ctx_restore", &[]);
     // The segment really went through device 1's context.
     assert!(
         r.log.contains("cuMemAlloc_v2 ctx=1 size=31457280"),
@@ -245,13 +234,10 @@ fn the_callers_context_is_current_again_after_every_call() {
 
 #[test]
 fn a_forked_child_is_refused_cleanly_and_the_parent_carries_on() {
-    let r = run(
+    let r = scenario(
         "fork",
-        &standin().join("scenarios"),
-        &["fork"],
         &[("CUDALLOC_CONF", "backend:cuda,leak_report:exit".into())],
     );
-    r.assert_ok();
     let start = r.log.find("CHILD START").expect("start marker");
     let end = r.log.find("CHILD END").expect("end marker");
     let inside = r.log[start + "CHILD START".len()..end].trim();
@@ -273,16 +259,13 @@ fn a_forked_child_is_refused_cleanly_and_the_parent_carries_on() {
 /// (found in review: the growth alarm's stats read device 1's total).
 #[test]
 fn only_the_devices_in_use_get_a_context() {
-    let r = run(
+    let r = scenario(
         "one_device",
-        &standin().join("scenarios"),
-        &["one_device"],
         &[(
             "CUDALLOC_CONF",
             "backend:cuda,pressure_interval:1ms,memory_fraction:0.5".into(),
         )],
     );
-    r.assert_ok();
     assert!(
         r.log.contains("cuDevicePrimaryCtxRetain dev=0"),
         "{}",
@@ -309,16 +292,13 @@ fn only_the_devices_in_use_get_a_context() {
 fn deinitialised_driver_is_quiet_and_exit_calls_nothing() {
     let flag = standin().join("deinit.flag");
     let _ = std::fs::remove_file(&flag);
-    let r = run(
+    let r = scenario(
         "deinit",
-        &standin().join("scenarios"),
-        &["deinit"],
         &[
             ("FAKE_CUDA_DEINIT_FILE", flag.display().to_string()),
             ("CUDALLOC_LOG", "warn".into()),
         ],
     );
-    r.assert_ok();
     assert!(r.stdout().contains("ok deinit"), "{}", r.stdout());
     assert!(
         r.log.contains("DEINITIALIZED"),
@@ -339,13 +319,7 @@ fn deinitialised_driver_is_quiet_and_exit_calls_nothing() {
 
 #[test]
 fn capture_uses_relaxed_mode_and_quarantines_frees() {
-    let r = run(
-        "capture",
-        &standin().join("scenarios"),
-        &["capture"],
-        &[("FAKE_CUDA_CAPTURING", "0x7777".into())],
-    );
-    r.assert_ok();
+    let r = scenario("capture", &[("FAKE_CUDA_CAPTURING", "0x7777".into())]);
     assert!(r.stdout().contains("ok capture"), "{}", r.stdout());
     assert!(
         !r.log.contains("CAPTURE_UNSUPPORTED"),

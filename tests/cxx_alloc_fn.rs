@@ -11,31 +11,11 @@ mod common;
 
 use std::process::Command;
 
-fn compile(compiler: &str, args: &[&str], sources: &[&str], out: &std::path::Path, link: bool) {
-    let lib = common::lib_dir();
-    let mut cmd = Command::new(compiler);
-    cmd.args(["-Wall", "-Wextra", "-Werror", "-O1", "-g", "-I"])
-        .arg(common::root().join("include"))
-        .args(args);
-    for s in sources {
-        cmd.arg(common::root().join(s));
+/// Build with `common::build`, or fail the test with the compiler's output.
+fn compile(compiler: &str, flags: &[&str], source: &str, out: &std::path::Path, link: bool) {
+    if let Err(e) = common::build(compiler, flags, &[&common::root().join(source)], out, link) {
+        panic!("{compiler} failed on {source}:\n{e}");
     }
-    if link {
-        cmd.arg("-L")
-            .arg(&lib)
-            .arg(format!("-Wl,-rpath,{}", lib.display()))
-            .arg("-lcudalloc");
-    }
-    let o = cmd
-        .arg("-o")
-        .arg(out)
-        .output()
-        .unwrap_or_else(|e| panic!("{compiler} runs (.ci/run installs it): {e}"));
-    assert!(
-        o.status.success(),
-        "{compiler} failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 fn run_ok(program: &std::path::Path, args: &[&std::path::Path]) {
@@ -62,7 +42,7 @@ fn a_failed_torch_allocation_is_a_cxx_exception() {
     compile(
         "g++",
         &["-std=c++17"],
-        &["tests/cxx/torch_alloc_fn.cpp"],
+        "tests/cxx/torch_alloc_fn.cpp",
         &exe,
         true,
     );
@@ -77,7 +57,7 @@ fn it_throws_when_libstdcxx_is_loaded_locally_as_under_python() {
     compile(
         "g++",
         &["-std=c++17", "-shared", "-fPIC", "-DCUDALLOC_CXX_LIBRARY"],
-        &["tests/cxx/torch_alloc_fn.cpp"],
+        "tests/cxx/torch_alloc_fn.cpp",
         &shim,
         false,
     );
@@ -85,7 +65,7 @@ fn it_throws_when_libstdcxx_is_loaded_locally_as_under_python() {
     compile(
         "gcc",
         &["-std=c11"],
-        &["tests/cxx/load_local.c"],
+        "tests/cxx/load_local.c",
         &loader,
         false,
     );

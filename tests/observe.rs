@@ -205,16 +205,22 @@ fn growth_alarm_fires_on_a_leak_and_not_on_a_steady_loop() {
 #[test]
 fn replay_profiles_names_the_least_memory_configuration() {
     let trace = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/kv_cache_seed3.csv");
-    let out = Command::new(env!("CARGO_BIN_EXE_cudalloc"))
-        .args(["replay", trace, "--profiles"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // `cudalloc replay TRACE ARGS...`, which must succeed; its stdout.
+    let replay = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_cudalloc"))
+            .args(["replay", trace])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let text = replay(&["--profiles"]);
     let head = text.lines().nth(1).unwrap_or_default();
     for (c, _) in cudalloc::trace::cli::PROFILES.iter().skip(1) {
         assert!(head.contains(c), "column {c} missing: {head}");
@@ -238,16 +244,7 @@ fn replay_profiles_names_the_least_memory_configuration() {
     // A capacity some configurations do not fit in (huge_split:off needs
     // 428 MiB on this trace): no panic, and a configuration that failed is
     // never named (found in review).
-    let out = Command::new(env!("CARGO_BIN_EXE_cudalloc"))
-        .args(["replay", trace, "--profiles", "--memory", "420MiB"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = replay(&["--profiles", "--memory", "420MiB"]);
     assert!(text.contains("n/a"), "{text}");
     let named: Vec<&str> = text
         .lines()

@@ -43,26 +43,45 @@ pub fn temp_dir(name: &str) -> PathBuf {
     d
 }
 
-/// Compile `source` with `gcc -Wall -Wextra -Werror` against the committed
-/// header, linked to the cdylib. `Err` carries the compiler's output.
-pub fn build_c_client(source: &Path, out: &Path, extra: &[&str]) -> Result<PathBuf, String> {
-    let lib = lib_dir();
-    let st = Command::new("gcc")
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1", "-g"])
-        .args(extra)
+/// Compile `sources` with `compiler -Wall -Wextra -Werror -O1 -g` and
+/// `flags` against the committed header; with `link`, link them to the
+/// cdylib (rpath included). `Err` carries the compiler's output.
+pub fn build(
+    compiler: &str,
+    flags: &[&str],
+    sources: &[&Path],
+    out: &Path,
+    link: bool,
+) -> Result<PathBuf, String> {
+    let mut cmd = Command::new(compiler);
+    cmd.args(["-Wall", "-Wextra", "-Werror", "-O1", "-g"])
+        .args(flags)
         .arg("-I")
         .arg(root().join("include"))
-        .arg(source)
-        .arg("-L")
-        .arg(&lib)
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
-        .args(["-lcudalloc", "-o"])
+        .args(sources);
+    if link {
+        let lib = lib_dir();
+        cmd.arg("-L")
+            .arg(&lib)
+            .arg(format!("-Wl,-rpath,{}", lib.display()))
+            .arg("-lcudalloc");
+    }
+    let st = cmd
+        .arg("-o")
         .arg(out)
         .output()
-        .expect("gcc runs");
+        .unwrap_or_else(|e| panic!("{compiler} runs (.ci/run installs it): {e}"));
     if st.status.success() {
         Ok(out.to_path_buf())
     } else {
         Err(String::from_utf8_lossy(&st.stderr).into_owned())
     }
+}
+
+/// Compile the C program `source` with gcc (C11) against the committed
+/// header, linked to the cdylib; `extra` are further compiler flags.
+pub fn build_c_client(source: &Path, out: &Path, extra: &[&str]) -> Result<PathBuf, String> {
+    let mut flags = vec!["-std=c11"];
+    flags.extend_from_slice(extra);
+    build("gcc", &flags, &[source], out, true)
 }
