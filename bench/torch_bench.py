@@ -305,7 +305,10 @@ def main():
         ]
     )
     print(body)
-    if not args.no_doc:
+    if not ok and not args.no_doc:
+        # Nothing was measured (no GPU, say): keep the figures already there.
+        print(f"no allocator ran: {args.doc} left unchanged", file=sys.stderr)
+    elif not args.no_doc:
         with open(args.doc, encoding="utf-8") as f:
             text = f.read()
         with open(args.doc, "w", encoding="utf-8") as f:

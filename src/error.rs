@@ -118,7 +118,14 @@ impl Error {
     pub fn invalid_device(device: i64, count: usize) -> Self {
         Self::new(
             ErrorCode::CUDALLOC_ERR_INVALID_DEVICE,
-            format!("device {device} is not valid: {count} device(s), indices 0..{count}"),
+            match count {
+                0 => format!("device {device} is not valid: no CUDA device is visible"),
+                1 => format!("device {device} is not valid: 1 device, index 0"),
+                n => format!(
+                    "device {device} is not valid: {n} devices, indices 0 to {}",
+                    n - 1
+                ),
+            },
         )
     }
 }
@@ -149,6 +156,20 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bad_device_message_names_the_valid_indices() {
+        let msg = |d, n| Error::invalid_device(d, n).message;
+        assert_eq!(
+            msg(2, 2),
+            "device 2 is not valid: 2 devices, indices 0 to 1"
+        );
+        assert_eq!(msg(-1, 1), "device -1 is not valid: 1 device, index 0");
+        assert_eq!(
+            msg(0, 0),
+            "device 0 is not valid: no CUDA device is visible"
+        );
+    }
 
     #[test]
     fn codes_are_distinct_and_described() {

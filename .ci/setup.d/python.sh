@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what the Python package tests need (scripts/test.d/python.sh):
-# pytest. No torch: the tests use a fake torch module and the sim backend.
+# pytest. The tests use a fake torch module and the sim backend (the real
+# torch, for test_real_torch.py, is torch.sh's).
 # The fresh-venv `pip install .` check fetches setuptools/wheel itself.
 set -euo pipefail
 PY=${PYTHON:-python3}

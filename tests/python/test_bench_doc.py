@@ -53,3 +53,20 @@ def test_table_ratios():
     t = tb.table(rows).splitlines()
     assert "| cudalloc | 1.00 | 80.0 | 1.25× | 850 | 0.85× | 800 |" in t
     assert t[-1].startswith("| rmm | failed: boom")
+
+
+def test_a_run_that_measures_nothing_leaves_the_doc_alone(tmp_path):
+    # A torch that cannot be imported (also where a real one is installed):
+    # every worker fails, so there is nothing to write.
+    from conftest import child_env, run_py
+
+    (tmp_path / "torch.py").write_text("raise ImportError('no torch here')\n")
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text(f"# B\n\n{H}\n\nearlier figures\n", encoding="utf-8")
+    r = run_py(
+        args=[os.path.join(REPO, "bench", "torch_bench.py"), "--modes", "native", "--doc", str(doc)],
+        env=child_env(extra_path=[str(tmp_path)]),
+    )
+    assert r.returncode == 1, r.stderr
+    assert "left unchanged" in r.stderr
+    assert doc.read_text(encoding="utf-8") == f"# B\n\n{H}\n\nearlier figures\n"

@@ -1,0 +1,177 @@
+"""enable() / patch_torch() / CUDALLOC=1 against a real PyTorch, with no GPU.
+
+The rest of this suite uses the fake torch in tests/python/fake_torch, which
+can drift from the real API. These tests run the same entry points in a real
+PyTorch built with CUDA (the PyPI wheel imports fine on a machine without a
+GPU): the CUDAPluggableAllocator is built from cudalloc's exports, every hook
+is wired, torch's own statistics functions are replaced, and CUDA is never
+initialised by any of it. They use the sim backend, since no tensor can be
+allocated without a driver; tests/gpu/test_torch.py does that on a GPU.
+
+The interpreter is $CUDALLOC_TORCH_PYTHON (scripts/test.d/real_torch.sh makes a
+venv with torch and sets it); the tests are skipped when it is unset.
+"""
+
+import os
+import subprocess
+import textwrap
+
+import pytest
+
+from conftest import INSTALLED, PYTHON_SRC, SIM_CONF, child_env as _child_env
+
+PY = os.environ.get("CUDALLOC_TORCH_PYTHON")
+pytestmark = pytest.mark.skipif(
+    not PY, reason="CUDALLOC_TORCH_PYTHON is unset (scripts/test.d/real_torch.sh sets it)"
+)
+
+
+
+def child_env(**extra):
+    """The torch venv lacks cudalloc: against an installed copy (the pip check),
+    point the child at the site-packages that holds it (and its library)."""
+    if INSTALLED:
+        import cudalloc
+
+        site = os.path.dirname(os.path.dirname(os.path.abspath(cudalloc.__file__)))
+        extra["extra_path"] = [*extra.get("extra_path", []), site]
+    return _child_env(**extra)
+
+
+PRELUDE = textwrap.dedent(
+    """
+    import os, sys, warnings
+    warnings.simplefilter("ignore")
+    import torch
+    assert not getattr(torch, "__fake__", False) and torch.version.cuda, torch.__file__
+    assert not torch.cuda.is_initialized()
+    import cudalloc
+    if os.environ.get("CUDALLOC_TEST_INSTALLED") == "1":  # the wheel's copy
+        assert "site-packages" in cudalloc.__file__ and "CUDALLOC_LIBRARY" not in os.environ
+    """
+)
+
+
+def run(body, args=(), **env):
+    code = PRELUDE + textwrap.dedent(body)
+    r = subprocess.run(
+        [PY, "-c", code, *args],
+        env=child_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    return r
+
+
+def test_the_wheel_is_the_real_torch():
+    r = run("print(torch.__version__, torch.version.cuda)")
+    print(r.stdout)
+
+
+def test_enable_installs_a_pluggable_allocator_with_every_hook():
+    run(
+        f"""
+        assert torch.cuda.get_allocator_backend() == "native"
+        alloc = cudalloc.enable({SIM_CONF!r})
+        assert isinstance(alloc, torch.cuda.memory.CUDAPluggableAllocator)
+        assert torch.cuda.get_allocator_backend() == "pluggable"
+        # Every optional hook this torch offers is wired, the essential two included.
+        assert set(cudalloc.enabled_hooks()) == {{
+            "set_init_fn", "set_reset_fn", "set_record_stream_fn", "set_memory_fraction_fn"
+        }}, cudalloc.enabled_hooks()
+        assert cudalloc.enable({SIM_CONF!r}) is alloc  # idempotent
+        assert not torch.cuda.is_initialized()  # enabling never starts CUDA
+        """
+    )
+
+
+def test_torch_statistics_answer_from_cudalloc_and_unpatch_restores_them():
+    run(
+        f"""
+        originals = {{n: getattr(torch.cuda, n) for n in ("memory_stats", "memory_allocated")}}
+        cudalloc.enable({SIM_CONF!r})
+        from cudalloc import _lib
+        p = _lib.lib().cudalloc_malloc(3 << 20, 1, None)
+        assert p
+        for stats in (
+            torch.cuda.memory_stats(1),
+            torch.cuda.memory.memory_stats("cuda:1"),
+            torch.accelerator.memory_stats(device_index=1),
+            torch.cuda.memory_stats(torch.device("cuda", 1)),
+        ):
+            assert stats["allocated_bytes.all.current"] == 3 << 20, stats
+            assert "cudalloc.reserved_bytes" in stats
+        assert torch.cuda.memory_allocated(1) == 3 << 20
+        assert torch.cuda.max_memory_allocated(1) == 3 << 20
+        assert torch.accelerator.memory_allocated(1) == 3 << 20
+        assert torch.cuda.memory_reserved(1) >= 3 << 20
+        assert torch.cuda.memory_allocated() == 0  # device 0: CUDA not initialised
+        assert "cudalloc" in torch.cuda.memory_summary(1)
+        assert torch.cuda.memory_stats.__name__ == "memory_stats"  # functools.wraps
+        _lib.lib().cudalloc_free(p, 0, 1, None)
+        torch.cuda.reset_peak_memory_stats(1)
+        assert torch.cuda.max_memory_allocated(1) == 0
+        try:
+            torch.cuda.memory_allocated(5)
+        except ValueError as e:
+            assert "device 5 is not valid" in str(e), e
+        else:
+            raise AssertionError("device 5 accepted")
+        cudalloc.unpatch_torch()
+        for n, f in originals.items():
+            assert getattr(torch.cuda, n) is f
+        assert not torch.cuda.is_initialized()
+        """
+    )
+
+
+def test_a_bad_configuration_names_the_key_and_leaves_torch_alone():
+    run(
+        """
+        try:
+            cudalloc.enable("backend:sim,small_max:lots")
+        except ValueError as e:
+            assert "small_max" in str(e) and "lots" in str(e), e
+        else:
+            raise AssertionError("bad conf accepted")
+        assert not cudalloc.is_enabled() and not cudalloc.is_patched()
+        assert torch.cuda.get_allocator_backend() == "native"
+        """
+    )
+
+
+def test_cudalloc_1_enables_at_import_torch(tmp_path):
+    # The .pth hook runs only from site-packages; in development mode a
+    # sitecustomize holding the same line stands in (as in tests/gpu).
+    with open(os.path.join(PYTHON_SRC, "cudalloc-autoenable.pth"), encoding="utf-8") as f:
+        line = f.read()
+    (tmp_path / "sitecustomize.py").write_text(line, encoding="utf-8")
+    shim = str(tmp_path)
+    body = """
+        assert cudalloc.is_enabled() == (os.environ["CUDALLOC"] == "1")
+        assert torch.cuda.get_allocator_backend() == (
+            "pluggable" if os.environ["CUDALLOC"] == "1" else "native")
+        """
+    run(body, extra_path=[shim], CUDALLOC="1", CUDALLOC_CONF=SIM_CONF)
+    run(body, extra_path=[shim], CUDALLOC="0", CUDALLOC_CONF=SIM_CONF)
+
+
+def test_python_m_cudalloc_runs_a_script_with_cudalloc_enabled(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys, torch, cudalloc\n"
+        "assert cudalloc.is_enabled(), 'not enabled'\n"
+        "assert torch.cuda.get_allocator_backend() == 'pluggable'\n"
+        "print('args', sys.argv[1:])\n"
+    )
+    r = subprocess.run(
+        [PY, "-m", "cudalloc", str(script), "--lr", "3"],
+        env=child_env(CUDALLOC_CONF=SIM_CONF),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "args ['--lr', '3']" in r.stdout
