@@ -73,7 +73,7 @@ impl Run {
             "a panic:\n{}",
             self.stderr()
         );
-        for bad in ["WRONG_CTX", "BAD_FREE"] {
+        for bad in ["WRONG_CTX", "BAD_FREE", "BAD_STREAM"] {
             assert!(
                 !self.log.contains(bad),
                 "the stand-in saw {bad}:\n{}",
@@ -100,7 +100,9 @@ fn run(name: &str, program: &Path, args: &[&str], env: &[(&str, String)]) -> Run
         .env("CUDALLOC_LOG", "error")
         .env("FAKE_CUDA_LOG", &log)
         .env("FAKE_CUDA_DEVICES", "2")
-        .env("FAKE_CUDA_MEMORY", (1u64 << 30).to_string());
+        .env("FAKE_CUDA_MEMORY", (1u64 << 30).to_string())
+        // The streams the C programs pass stand for streams their host made.
+        .env("FAKE_CUDA_HOST_STREAMS", "0x10,0x20,0x1000,0x2000");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -379,4 +381,28 @@ fn missing_libcuda_is_a_clear_error_not_a_panic() {
     assert!(stdout.contains("backend sim"), "{stdout}");
     // The tracking-cost rows ran and compared themselves with backtraces off.
     assert_eq!(stdout.matches("x of backtraces off").count(), 2, "{stdout}");
+}
+
+#[test]
+fn bench_runs_on_backend_cuda_with_real_streams() {
+    // The bench must hand the driver only streams it created: a made-up
+    // handle is a wild pointer to a real driver (the stand-in logs BAD_STREAM).
+    let r = run(
+        "bench",
+        cli(),
+        &["bench", "--pairs", "2000", "--quick"],
+        &[],
+    );
+    r.assert_ok();
+    let out = r.stdout();
+    assert!(out.contains("backend cuda"), "{out}");
+    assert!(out.contains("hot path, 2 threads"), "{out}");
+    assert!(out.contains("hot path via the C ABI"), "{out}");
+    assert!(
+        out.contains("raw driver mem_alloc+mem_free (cuda)") && out.contains("cache hit is"),
+        "{out}"
+    );
+    // Its streams were created and the 2-thread ones destroyed again.
+    assert_eq!(r.log.matches("cuStreamCreate").count(), 3, "{}", r.log);
+    assert_eq!(r.log.matches("cuStreamDestroy_v2").count(), 2, "{}", r.log);
 }

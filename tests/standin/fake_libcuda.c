@@ -11,6 +11,10 @@
  *   FAKE_CUDA_DEINIT_FILE=PATH   once PATH exists, every call returns CUDA_ERROR_DEINITIALIZED
  *   FAKE_CUDA_CAPTURING=HANDLE   this stream handle (hex or decimal) reports an active capture;
  *                                cuMemAlloc then fails unless the thread is in relaxed mode
+ *   FAKE_CUDA_HOST_STREAMS=H,... stream handles the host program "created" (hex or decimal);
+ *                                with NULL, CU_STREAM_LEGACY (1), CU_STREAM_PER_THREAD (2),
+ *                                the FAKE_CUDA_CAPTURING handle and the live streams of
+ *                                cuStreamCreate, the only handles a stream argument may hold
  *   FAKE_CUDA_LOG=PATH           append one line per call: "<name> ctx=<device> ..."
  *   FAKE_CUDA_ALLOC_ERROR=CODE   every cuMemAlloc fails with this raw CUresult, e.g. one no
  *                                CUDA release defines (a newer driver's code, to cudalloc)
@@ -18,7 +22,10 @@
  * ones: CUDA_ERROR_INVALID_VALUE, and the string pointer set to NULL.
  * Strictness: memory calls need a current context; a free or record on another
  * device's context is logged as WRONG_CTX (a real driver would accept some of
- * these; cudalloc must never make them). */
+ * these; cudalloc must never make them). A stream argument that is no stream
+ * (see FAKE_CUDA_HOST_STREAMS; destroyed ones included) is logged as BAD_STREAM
+ * and fails with CUDA_ERROR_INVALID_HANDLE: a real driver takes the handle for
+ * a pointer and may crash on it. */
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -41,6 +48,7 @@ enum {
     DEINITIALIZED = 4,
     INVALID_DEVICE = 101,
     INVALID_CONTEXT = 201,
+    INVALID_HANDLE = 400,
     CAPTURE_UNSUPPORTED = 900,
 };
 
@@ -111,6 +119,34 @@ static int capturing(CUstream s) {
     const char *c = getenv("FAKE_CUDA_CAPTURING");
     return c && (uintptr_t)strtoull(c, NULL, 0) == (uintptr_t)s;
 }
+
+#define MAX_STREAMS 1024
+static CUstream created[MAX_STREAMS]; /* live streams of cuStreamCreate */
+
+static int host_stream(CUstream s) {
+    const char *c = getenv("FAKE_CUDA_HOST_STREAMS");
+    while (c && *c) {
+        char *end;
+        if ((uintptr_t)strtoull(c, &end, 0) == (uintptr_t)s) return 1;
+        if (end == c) break;
+        c = *end == ',' ? end + 1 : end;
+    }
+    return 0;
+}
+
+static int stream_ok(CUstream s) {
+    if ((uintptr_t)s <= 2 || capturing(s) || host_stream(s)) return 1;
+    for (int i = 0; i < MAX_STREAMS; i++)
+        if (created[i] == s) return 1;
+    return 0;
+}
+
+/* Call with the lock held. */
+#define CHECK_STREAM(name, s)                                            \
+    if (!stream_ok(s)) {                                                 \
+        logf_("BAD_STREAM %s stream=%p", name, s);                       \
+        LEAVE(INVALID_HANDLE);                                           \
+    }
 
 CUresult cuInit(unsigned flags) {
     ENTER("cuInit");
@@ -223,6 +259,7 @@ CUresult cuEventCreate(CUevent *e, unsigned flags) {
 
 CUresult cuEventRecord(CUevent e, CUstream s) {
     ENTER("cuEventRecord");
+    CHECK_STREAM("cuEventRecord", s);
     if ((int)((uintptr_t)e & 0xff) != cur_dev) logf_("WRONG_CTX cuEventRecord event of device %d in ctx %d", (int)((uintptr_t)e & 0xff), cur_dev);
     logf_("cuEventRecord ctx=%d stream=%p", cur_dev, s);
     LEAVE(OK);
@@ -248,12 +285,14 @@ CUresult cuEventDestroy_v2(CUevent e) {
 
 CUresult cuStreamSynchronize(CUstream s) {
     ENTER("cuStreamSynchronize");
+    CHECK_STREAM("cuStreamSynchronize", s);
     logf_("cuStreamSynchronize ctx=%d stream=%p", cur_dev, s);
     LEAVE(OK);
 }
 
 CUresult cuStreamIsCapturing(CUstream s, int *status) {
     ENTER("cuStreamIsCapturing");
+    CHECK_STREAM("cuStreamIsCapturing", s);
     *status = capturing(s) ? 1 : 0;
     LEAVE(OK);
 }
@@ -261,15 +300,27 @@ CUresult cuStreamIsCapturing(CUstream s, int *status) {
 CUresult cuStreamCreate(CUstream *s, unsigned flags) {
     ENTER("cuStreamCreate");
     (void)flags;
+    int slot = 0;
+    while (slot < MAX_STREAMS && created[slot]) slot++;
+    if (slot == MAX_STREAMS) LEAVE(OUT_OF_MEMORY);
     next_handle += 0x100;
     *s = (CUstream)next_handle;
+    created[slot] = *s;
+    logf_("cuStreamCreate ctx=%d stream=%p", cur_dev, *s);
     LEAVE(OK);
 }
 
 CUresult cuStreamDestroy_v2(CUstream s) {
     ENTER("cuStreamDestroy_v2");
-    (void)s;
-    LEAVE(OK);
+    for (int i = 0; i < MAX_STREAMS; i++) {
+        if (s && created[i] == s) {
+            created[i] = NULL;
+            logf_("cuStreamDestroy_v2 ctx=%d stream=%p", cur_dev, s);
+            LEAVE(OK);
+        }
+    }
+    logf_("BAD_STREAM cuStreamDestroy_v2 stream=%p", s);
+    LEAVE(INVALID_HANDLE);
 }
 
 CUresult cuThreadExchangeStreamCaptureMode(int *mode) {
