@@ -92,7 +92,22 @@ typedef enum {
    * The pointer is not a live cudalloc allocation (e.g. in `record_stream`).
    */
   CUDALLOC_ERR_UNKNOWN_POINTER = 42012,
+  /**
+   * Something cudalloc does not do yet (PyTorch's private memory pools,
+   * which CUDA graph capture needs); refused, nothing changed.
+   */
+  CUDALLOC_ERR_UNSUPPORTED = 42013,
 } cudalloc_result;
+
+/**
+ * PyTorch's memory-pool id (`c10::cuda::MempoolId_t`, a
+ * `std::pair<unsigned long long, unsigned long long>`), which PyTorch
+ * passes by value: in two registers, as this struct.
+ */
+typedef struct {
+  uint64_t first;
+  uint64_t second;
+} cudalloc_mempool_id;
 
 /**
  * A snapshot of one device's statistics. Fields are only ever appended.
@@ -260,6 +275,24 @@ void *cudalloc_malloc(size_t size, int device, void *stream);
  * pass a C++ exception on; C code uses `cudalloc_malloc`.
  */
 void *cudalloc_malloc_torch(size_t size, int device, void *stream);
+
+/**
+ * PyTorch's `begin_allocate_to_pool` hook (`enable()` installs it with
+ * `set_begin_allocate_to_pool`). PyTorch calls it when CUDA graph capture
+ * (`torch.cuda.graph`, `make_graphed_callables`, `torch.compile`'s
+ * cudagraphs) or `torch.cuda.use_mem_pool` starts sending allocations to a
+ * private pool, before the capture begins. cudalloc has no private pools
+ * yet, and without one the memory a graph replays into could be handed out
+ * again (PyTorch empties the cache before each capture), so this refuses:
+ * it throws a C++ `std::runtime_error`, which PyTorch turns into a
+ * `RuntimeError` before any capture starts, and sets
+ * `CUDALLOC_ERR_UNSUPPORTED`. `filter` (a `std::function<bool(cudaStream_t)>*`
+ * that PyTorch owns) is never touched. Without a C++ runtime in the
+ * process, or while the process exits, it logs the refusal and returns.
+ * Only for PyTorch: like `cudalloc_malloc_torch` it throws, and C code
+ * cannot pass an exception on.
+ */
+void cudalloc_begin_allocate_to_pool(int device, cudalloc_mempool_id pool, void *filter);
 
 /**
  * Free `ptr` (PyTorch's `free_fn`). `size`, `device` and `stream` are hints

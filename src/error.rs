@@ -40,13 +40,16 @@ pub enum cudalloc_result {
     CUDALLOC_ERR_BUFFER_TOO_SMALL = 42011,
     /// The pointer is not a live cudalloc allocation (e.g. in `record_stream`).
     CUDALLOC_ERR_UNKNOWN_POINTER = 42012,
+    /// Something cudalloc does not do yet (PyTorch's private memory pools,
+    /// which CUDA graph capture needs); refused, nothing changed.
+    CUDALLOC_ERR_UNSUPPORTED = 42013,
 }
 
 pub use cudalloc_result as ErrorCode;
 
 impl cudalloc_result {
     /// Every code, in numeric order.
-    pub const ALL: [cudalloc_result; 13] = [
+    pub const ALL: [cudalloc_result; 14] = [
         Self::CUDALLOC_OK,
         Self::CUDALLOC_ERR_INVALID_ARGUMENT,
         Self::CUDALLOC_ERR_INVALID_DEVICE,
@@ -60,6 +63,7 @@ impl cudalloc_result {
         Self::CUDALLOC_ERR_PANIC,
         Self::CUDALLOC_ERR_BUFFER_TOO_SMALL,
         Self::CUDALLOC_ERR_UNKNOWN_POINTER,
+        Self::CUDALLOC_ERR_UNSUPPORTED,
     ];
 
     /// A static, NUL-terminated description of the code.
@@ -89,6 +93,7 @@ impl cudalloc_result {
             CUDALLOC_ERR_PANIC => "internal panic caught at the C boundary (a cudalloc bug)\0",
             CUDALLOC_ERR_BUFFER_TOO_SMALL => "buffer too small\0",
             CUDALLOC_ERR_UNKNOWN_POINTER => "pointer is not a live cudalloc allocation\0",
+            CUDALLOC_ERR_UNSUPPORTED => "not supported by cudalloc (yet); nothing changed\0",
         }
     }
 

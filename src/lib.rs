@@ -10,8 +10,8 @@
 //! ```text
 //! ffi        extern "C" exports, panic boundary, NULL rules, error codes,    ffi/, global.rs
 //!            thread-local last error, the process-wide allocator, exit and
-//!            fork-child guards; a C++ exception for PyTorch's alloc_fn
-//!            (ffi/cxx_throw.rs)
+//!            fork-child guards; a C++ exception for PyTorch's alloc_fn and
+//!            for its graph-pool hook, which refuses (ffi/cxx_throw.rs)
 //! config     one options table; CUDALLOC_CONF parsing; effective-config print config.rs
 //! engine     per device: stream arenas -> segments -> blocks (TLSF free index) engine/
 //!            a per-arena stash of freed small blocks (deferred coalescing);

@@ -142,7 +142,7 @@ fn row_garbage_pointers_to_every_export() {
         assert_eq!(last(), ErrorCode::CUDALLOC_ERR_UNKNOWN_POINTER);
     }
     // Garbage codes still give a static, non-NULL string.
-    for code in [-1, 1, 41999, 42013, 42099, c_int::MAX, c_int::MIN] {
+    for code in [-1, 1, 41999, 42014, 42099, c_int::MAX, c_int::MIN] {
         let s = cudalloc_error_string(code);
         assert!(!s.is_null());
         // SAFETY: static NUL-terminated strings.
@@ -204,6 +204,27 @@ fn row_malloc_torch_bad_input_without_a_cxx_runtime() {
     assert_eq!(last(), ErrorCode::CUDALLOC_ERR_INVALID_DEVICE);
     assert!(cudalloc_malloc_torch(0, 0, stream).is_null());
     assert_eq!(last(), ErrorCode::CUDALLOC_OK);
+    assert_unchanged(&before, |_, _| {});
+    check();
+}
+
+/// `cudalloc_begin_allocate_to_pool` (PyTorch's graph-pool hook) refuses
+/// and changes nothing, whatever the device or pool id. Without a C++
+/// runtime it cannot throw, so it sets the error and returns (the throwing
+/// side: tests/cxx_alloc_fn.rs).
+#[test]
+fn row_begin_allocate_to_pool_refuses() {
+    let _g = row();
+    if cudalloc::ffi::cxx_throw::available() {
+        eprintln!("libstdc++ is loaded in this test process; the C++ test covers it");
+        return;
+    }
+    let before = all_stats();
+    for (device, first, second) in [(0, 1, 0), (-1, 0, 0), (1 << 20, u64::MAX, 7)] {
+        let pool = cudalloc::ffi::cudalloc_mempool_id { first, second };
+        cudalloc::ffi::cudalloc_begin_allocate_to_pool(device, pool, std::ptr::null_mut());
+        assert_eq!(last(), ErrorCode::CUDALLOC_ERR_UNSUPPORTED);
+    }
     assert_unchanged(&before, |_, _| {});
     check();
 }
@@ -773,6 +794,7 @@ fn every_export_in_the_header_is_in_the_catalog() {
     const COVERED: &[&str] = &[
         "cudalloc_malloc",
         "cudalloc_malloc_torch",
+        "cudalloc_begin_allocate_to_pool",
         "cudalloc_free",
         "cudalloc_record_stream",
         "cudalloc_empty_cache",

@@ -25,12 +25,17 @@ _TOO_LATE = (
 
 # torch's optional hooks on _CUDAPluggableAllocator, and the export each takes
 # (signatures from torch/csrc/cuda/Module.cpp: void(int), void(),
-# void(void*, cudaStream_t), void(double, int)).
+# void(void*, cudaStream_t), void(double, int), and
+# void(int, MempoolId_t, std::function<bool(cudaStream_t)>)).
+# set_begin_allocate_to_pool: CUDA graph capture and use_mem_pool call it
+# before they start; cudalloc has no private pools yet and refuses there with
+# a RuntimeError, rather than let a graph's memory be handed out again.
 _HOOKS = (
     ("set_init_fn", "cudalloc_init_devices"),
     ("set_reset_fn", "cudalloc_empty_cache"),
     ("set_record_stream_fn", "cudalloc_record_stream"),
     ("set_memory_fraction_fn", "cudalloc_set_memory_fraction"),
+    ("set_begin_allocate_to_pool", "cudalloc_begin_allocate_to_pool"),
 )
 # Without these, empty_cache() is a silent no-op and record_stream is ignored.
 _ESSENTIAL_HOOKS = ("set_reset_fn", "set_record_stream_fn")
@@ -124,7 +129,7 @@ def enable(conf=None, *, patch_torch=None):
         wired = []
         for setter, export in _HOOKS:
             fn = getattr(inner, setter, None)
-            if fn is not None:
+            if fn is not None and _lib.has(export):  # an older library may lack it
                 fn(_lib.address(export))
                 wired.append(setter)
         missing = [h for h in _ESSENTIAL_HOOKS if h not in wired]

@@ -30,6 +30,12 @@ impl<T> PanicDefault for *const T {
     }
 }
 
+impl<T> PanicDefault for Option<T> {
+    fn panic_default() -> Self {
+        None
+    }
+}
+
 impl PanicDefault for i32 {
     fn panic_default() -> Self {
         ErrorCode::CUDALLOC_ERR_PANIC as i32

@@ -121,8 +121,8 @@ pub fn throw_runtime_error(message: String) {
         static WARNED: std::sync::Once = std::sync::Once::new();
         WARNED.call_once(|| {
             tracing::warn!(
-                "cudalloc_malloc_torch: no C++ runtime (libstdc++) in this process to \
-                 throw with; returning NULL, which PyTorch does not check"
+                "cudalloc: no C++ runtime (libstdc++) in this process to throw with; \
+                 cudalloc_malloc_torch returns NULL, which PyTorch does not check"
             )
         });
         return;

@@ -81,6 +81,65 @@ pub extern "C-unwind" fn cudalloc_malloc_torch(
     p
 }
 
+/// PyTorch's memory-pool id (`c10::cuda::MempoolId_t`, a
+/// `std::pair<unsigned long long, unsigned long long>`), which PyTorch
+/// passes by value: in two registers, as this struct.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct cudalloc_mempool_id {
+    pub first: u64,
+    pub second: u64,
+}
+
+/// PyTorch's `begin_allocate_to_pool` hook (`enable()` installs it with
+/// `set_begin_allocate_to_pool`). PyTorch calls it when CUDA graph capture
+/// (`torch.cuda.graph`, `make_graphed_callables`, `torch.compile`'s
+/// cudagraphs) or `torch.cuda.use_mem_pool` starts sending allocations to a
+/// private pool, before the capture begins. cudalloc has no private pools
+/// yet, and without one the memory a graph replays into could be handed out
+/// again (PyTorch empties the cache before each capture), so this refuses:
+/// it throws a C++ `std::runtime_error`, which PyTorch turns into a
+/// `RuntimeError` before any capture starts, and sets
+/// `CUDALLOC_ERR_UNSUPPORTED`. `filter` (a `std::function<bool(cudaStream_t)>*`
+/// that PyTorch owns) is never touched. Without a C++ runtime in the
+/// process, or while the process exits, it logs the refusal and returns.
+/// Only for PyTorch: like `cudalloc_malloc_torch` it throws, and C code
+/// cannot pass an exception on.
+#[no_mangle]
+pub extern "C-unwind" fn cudalloc_begin_allocate_to_pool(
+    device: c_int,
+    pool: cudalloc_mempool_id,
+    filter: *mut c_void,
+) {
+    let _ = filter;
+    let message = guard("cudalloc_begin_allocate_to_pool", || {
+        let message = format!(
+            "cudalloc does not support PyTorch's private memory pools yet (device {device}, \
+             pool ({}, {})). CUDA graph capture (torch.cuda.graph, make_graphed_callables, \
+             torch.compile's cudagraphs) and torch.cuda.use_mem_pool need one, so that memory \
+             a graph replays into is never handed out again. Run this code with PyTorch's own \
+             allocator (without CUDALLOC=1 or cudalloc.enable()).",
+            pool.first, pool.second
+        );
+        set_error(&Error::new(
+            ErrorCode::CUDALLOC_ERR_UNSUPPORTED,
+            message.clone(),
+        ));
+        Some(message)
+    })
+    // Even a panic above refuses.
+    .unwrap_or_else(|| "cudalloc does not support PyTorch's private memory pools yet".into());
+    if (global::exiting() && !global::forked()) || !cxx_throw::available() {
+        // The caller may be a C++ destructor (no exception now), or there is
+        // no C++ runtime to throw with: say it, at least.
+        tracing::error!("{message}");
+        return;
+    }
+    // Outside the panic boundary, with nothing of ours left to drop.
+    cxx_throw::throw_runtime_error(message);
+}
+
 /// The exception text for a failed `cudalloc_malloc_torch`, from the
 /// thread's last error; `None` when there is no error (size 0).
 fn torch_failure(size: usize, device: c_int) -> Option<String> {

@@ -15,9 +15,10 @@ int main(int argc, char **argv) {
         return 4;
     }
     const char *names[] = {"cudalloc_malloc_torch", "cudalloc_free", "cudalloc_get_stats",
-                           "cudalloc_check_invariants", "cudalloc_last_error_message"};
-    void *fns[5];
-    for (int i = 0; i < 5; i++)
+                           "cudalloc_check_invariants", "cudalloc_last_error_message",
+                           "cudalloc_begin_allocate_to_pool"};
+    void *fns[6];
+    for (int i = 0; i < 6; i++)
         if (!(fns[i] = dlsym(cudalloc, names[i]))) {
             fprintf(stderr, "dlsym %s\n", names[i]);
             return 5;

@@ -12,11 +12,13 @@
 // the global scope nor in cudalloc's own. Returns 0 when every check passed.
 #include "cudalloc.h"
 
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <functional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 static_assert(sizeof(std::runtime_error) <= 64,
               "src/ffi/cxx_throw.rs allocates 64 bytes for the exception object");
@@ -37,7 +39,37 @@ struct Api {
     int (*get_stats)(int, cudalloc_stats*);
     int (*check_invariants)(void);
     const char* (*last_error_message)(void);
+    uintptr_t begin_allocate_to_pool;  // a raw address, as torch gets it from Python
 };
+
+// torch's c10::cuda::MempoolId_t, and the hook as CUDAPluggableAllocator
+// holds it after set_begin_allocate_to_pool(address).
+using MempoolId = std::pair<unsigned long long, unsigned long long>;
+using BeginFn = void (*)(int, MempoolId, std::function<bool(void*)>);
+
+static int pool_checks(const Api& api) {
+    std::function<void(int, MempoolId, std::function<bool(void*)>)> begin_fn =
+        reinterpret_cast<BeginFn>(api.begin_allocate_to_pool);
+    bool filter_called = false;
+    std::string what;
+    try {
+        begin_fn(1, MempoolId{7, 3}, [&](void*) {
+            filter_called = true;
+            return true;
+        });
+        CHECK(false, "begin_allocate_to_pool did not refuse");
+    } catch (const std::runtime_error& e) {
+        what = e.what();
+    }
+    // The id arrives intact: std::pair by value is two registers, as the struct.
+    CHECK(what.find("private memory pools") != std::string::npos &&
+              what.find("device 1, pool (7, 3)") != std::string::npos,
+          "refusal message: %s", what.c_str());
+    CHECK(!filter_called, "the filter was called");
+    CHECK(std::strstr(api.last_error_message(), "pool (7, 3)") != nullptr, "last error: %s",
+          api.last_error_message());
+    return 0;
+}
 
 static int checks(const Api& api) {
     // As torch holds it: std::function<void*(size_t, int, cudaStream_t)>.
@@ -80,12 +112,13 @@ static int checks(const Api& api) {
     CHECK(st.num_ooms == 1 && st.allocated_bytes == 0, "ooms %llu allocated %llu",
           (unsigned long long)st.num_ooms, (unsigned long long)st.allocated_bytes);
     CHECK(api.check_invariants() == 0, "invariants");
-    return 0;
+    return pool_checks(api);
 }
 
 #ifdef CUDALLOC_CXX_LIBRARY
 // fns: cudalloc_malloc_torch, cudalloc_free, cudalloc_get_stats,
-// cudalloc_check_invariants, cudalloc_last_error_message, as raw addresses.
+// cudalloc_check_invariants, cudalloc_last_error_message,
+// cudalloc_begin_allocate_to_pool, as raw addresses.
 extern "C" int cudalloc_cxx_checks(void* const* fns) {
     Api api{};
     std::memcpy(&api.alloc, &fns[0], sizeof(void*));
@@ -93,12 +126,14 @@ extern "C" int cudalloc_cxx_checks(void* const* fns) {
     std::memcpy(&api.get_stats, &fns[2], sizeof(void*));
     std::memcpy(&api.check_invariants, &fns[3], sizeof(void*));
     std::memcpy(&api.last_error_message, &fns[4], sizeof(void*));
+    std::memcpy(&api.begin_allocate_to_pool, &fns[5], sizeof(void*));
     return checks(api);
 }
 #else
 int main() {
     int r = checks(Api{cudalloc_malloc_torch, cudalloc_free, cudalloc_get_stats,
-                       cudalloc_check_invariants, cudalloc_last_error_message});
+                       cudalloc_check_invariants, cudalloc_last_error_message,
+                       reinterpret_cast<uintptr_t>(&cudalloc_begin_allocate_to_pool)});
     if (r == 0) std::printf("ok\n");
     return r;
 }

@@ -58,7 +58,7 @@ def _installed():
     return r.stdout.strip() == "True"
 
 
-def run(code, timeout=300, check=True, args=(), **extra):
+def run(code, timeout=90, check=True, args=(), **extra):
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], env=env(**extra),
                        capture_output=True, text=True, timeout=timeout)
     if check:
@@ -191,6 +191,33 @@ print("allocator", type(get()).__name__ if get else "?")
 """
 
 
+def test_cuda_graph_capture_is_refused_cleanly():
+    # cudalloc has no private pools: torch.cuda.graph must fail before the
+    # capture starts (not capture into shared memory), and CUDA goes on.
+    r = run(
+        """
+        import torch, cudalloc
+        cudalloc.enable()
+        x = torch.ones(1 << 20, device="cuda")
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g):
+                y = x * 2
+        except RuntimeError as e:
+            assert "private memory pools" in str(e), e
+        else:
+            raise AssertionError("the capture ran")
+        # torch.cuda.graph made its capture stream current before refusing.
+        torch.cuda.set_stream(torch.cuda.default_stream())
+        z = x + 1
+        torch.cuda.synchronize()
+        assert z.sum().item() == 2 * (1 << 20)
+        print("refused, and CUDA works")
+        """
+    )
+    assert "refused, and CUDA works" in r.stdout
+
+
 def test_cudalloc_env_enables_and_patches_stats():
     r = run(SCRIPT, CUDALLOC="1")
     assert "enabled True True" in r.stdout
@@ -201,7 +228,7 @@ def test_python_m_cudalloc(tmp_path):
     script = tmp_path / "s.py"
     script.write_text(SCRIPT)
     r = subprocess.run([sys.executable, "-m", "cudalloc", str(script)], env=env(),
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=90)
     assert r.returncode == 0, r.stderr
     assert "enabled True True" in r.stdout
 
@@ -241,7 +268,7 @@ def test_two_ranks_share_one_gpu_with_gloo(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
          "--master_port=29517", str(script)],
-        env=env(CUDALLOC="1"), capture_output=True, text=True, timeout=300,
+        env=env(CUDALLOC="1"), capture_output=True, text=True, timeout=120,
     )
     assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
     assert "rank 0 ok" in r.stdout and "rank 1 ok" in r.stdout

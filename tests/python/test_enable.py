@@ -46,8 +46,9 @@ def test_enable_wires_allocator_and_hooks():
         assert inner._reset_fn == addr("cudalloc_empty_cache")
         assert inner._record_stream_fn == addr("cudalloc_record_stream")
         assert inner._memory_fraction_fn == addr("cudalloc_set_memory_fraction")
+        assert inner._begin_allocate_to_pool_fn == addr("cudalloc_begin_allocate_to_pool")
         assert set(cudalloc.enabled_hooks()) == {{"set_init_fn", "set_reset_fn",
-            "set_record_stream_fn", "set_memory_fraction_fn"}}
+            "set_record_stream_fn", "set_memory_fraction_fn", "set_begin_allocate_to_pool"}}
         # Calling again with the same configuration is a no-op.
         assert cudalloc.enable({SIM_CONF!r}) is alloc
         try:

@@ -25,7 +25,7 @@ def header():
 
 
 def test_stats_fields_mirror_header():
-    body = re.search(r"typedef struct \{(.*?)\} cudalloc_stats;", header(), re.S).group(1)
+    body = re.search(r"typedef struct \{([^{}]*)\} cudalloc_stats;", header()).group(1)
     fields = re.findall(r"uint64_t (\w+);", body)
     assert tuple(fields) == _lib.STATS_FIELDS
 

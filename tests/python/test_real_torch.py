@@ -79,7 +79,8 @@ def test_enable_installs_a_pluggable_allocator_with_every_hook():
         assert torch.cuda.get_allocator_backend() == "pluggable"
         # Every optional hook this torch offers is wired, the essential two included.
         assert set(cudalloc.enabled_hooks()) == {{
-            "set_init_fn", "set_reset_fn", "set_record_stream_fn", "set_memory_fraction_fn"
+            "set_init_fn", "set_reset_fn", "set_record_stream_fn", "set_memory_fraction_fn",
+            "set_begin_allocate_to_pool",
         }}, cudalloc.enabled_hooks()
         assert cudalloc.enable({SIM_CONF!r}) is alloc  # idempotent
         assert not torch.cuda.is_initialized()  # enabling never starts CUDA
@@ -175,3 +176,34 @@ def test_python_m_cudalloc_runs_a_script_with_cudalloc_enabled(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "args ['--lr', '3']" in r.stdout
+
+
+def test_graph_pools_are_refused_through_torchs_own_cxx_call():
+    # CUDA graph capture and use_mem_pool start with the allocator's
+    # beginAllocateToPool; torch's C++ calls cudalloc's hook through a
+    # std::function, and the C++ exception it throws comes back as
+    # RuntimeError, before any capture (no GPU needed to reach it).
+    run(
+        f"""
+        cudalloc.enable({SIM_CONF!r})
+        from cudalloc import _lib
+        for begin, pool in (
+            (torch._C._cuda_beginAllocateCurrentThreadToPool, (5, 0)),
+            (torch._C._cuda_beginAllocateToPool, (0, 9)),
+        ):
+            try:
+                begin(1, pool)
+            except RuntimeError as e:
+                msg = str(e)
+            else:
+                raise AssertionError("the pool was accepted")
+            assert "private memory pools" in msg, msg
+            assert f"device 1, pool ({{pool[0]}}, {{pool[1]}})" in msg, msg
+            assert _lib.lib().cudalloc_last_error() == _lib.ERR_UNSUPPORTED
+        # Nothing else changed: cudalloc still serves.
+        p = _lib.lib().cudalloc_malloc(1 << 20, 0, None)
+        assert p and torch.cuda.memory_allocated(0) == 1 << 20
+        _lib.lib().cudalloc_free(p, 0, 0, None)
+        assert not torch.cuda.is_initialized()
+        """
+    )

@@ -23,6 +23,7 @@ class _CUDAPluggableAllocator:
         self._free_fn = free_fn
         self._init_fn = self._reset_fn = None
         self._record_stream_fn = self._memory_fraction_fn = None
+        self._begin_allocate_to_pool_fn = None
 
     def set_init_fn(self, ptr):
         self._init_fn = int(ptr)
@@ -35,6 +36,11 @@ class _CUDAPluggableAllocator:
 
     def set_memory_fraction_fn(self, ptr):
         self._memory_fraction_fn = int(ptr)
+
+    def set_begin_allocate_to_pool(self, ptr):
+        # Not called here: it throws a C++ exception, which ctypes cannot
+        # carry (tests/cxx_alloc_fn.rs calls it as torch does).
+        self._begin_allocate_to_pool_fn = int(ptr)
 
 
 class CUDAPluggableAllocator:
