@@ -406,3 +406,38 @@ fn bench_runs_on_backend_cuda_with_real_streams() {
     assert_eq!(r.log.matches("cuStreamCreate").count(), 3, "{}", r.log);
     assert_eq!(r.log.matches("cuStreamDestroy_v2").count(), 2, "{}", r.log);
 }
+
+#[test]
+fn libcuda_so_1_is_preferred_to_a_stub_libcuda_so() {
+    // Some build images put the toolkit's stub libcuda.so (whose cuInit
+    // always fails) on LD_LIBRARY_PATH; the CUDA runtime, and so PyTorch,
+    // opens libcuda.so.1, the driver. cudalloc must load that one too.
+    let stub_dir = common::temp_dir("stub");
+    let src = stub_dir.join("stub.c");
+    std::fs::write(
+        &src,
+        "int cuInit(unsigned flags) { (void)flags; return 34; }\n",
+    )
+    .unwrap();
+    let st = Command::new("gcc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(stub_dir.join("libcuda.so"))
+        .arg(&src)
+        .output()
+        .expect("gcc runs");
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let driver_dir = common::temp_dir("driver-only");
+    std::fs::copy(
+        standin().join("libcuda.so.1"),
+        driver_dir.join("libcuda.so.1"),
+    )
+    .unwrap();
+    let path = format!("{}:{}", stub_dir.display(), driver_dir.display());
+    let r = run("stub", cli(), &["selftest"], &[("LD_LIBRARY_PATH", path)]);
+    r.assert_ok();
+    assert!(r.stdout().contains("backend cuda"), "{}", r.stdout());
+}

@@ -1,12 +1,14 @@
 //! `backend:cuda`: the [`Driver`] over the CUDA driver API, through cudarc's
 //! raw `sys` layer with run-time loading of `libcuda`.
 //!
-//! - **Loading.** cudarc panics when libcuda cannot be loaded, and when a
-//!   symbol is missing at its first call. [`CudaDriver::new`] therefore checks
-//!   `is_culib_present()` first, then resolves every entry point this module
+//! - **Loading.** cudarc's own loader panics when libcuda cannot be loaded,
+//!   and when a symbol is missing at its first call, and it tries the
+//!   unversioned `libcuda.so` (possibly the toolkit's stub) before
+//!   `libcuda.so.1`. So this module opens the library itself (`libcuda.so.1`
+//!   first, then cudarc's candidate names) and resolves every entry point it
 //!   calls ([`ENTRY_POINTS`]) into a table of function pointers before calling
-//!   any of them. A missing driver or symbol is a clear
-//!   [`DriverError::NotFound`], never a panic.
+//!   any of them; cudarc supplies the types. A missing driver or symbol is a
+//!   clear [`DriverError::NotFound`], never a panic.
 //! - **Raw result codes.** cudarc declares `CUresult` and the capture enums as
 //!   Rust enums, so a value they do not list (a newer driver's error code)
 //!   would be undefined behaviour if it crossed the FFI as that type. The
@@ -34,6 +36,8 @@
 
 use super::{Driver, DriverError, DriverResult, Event, Stream};
 use cudarc::driver::sys as cu;
+use libc::c_void;
+use once_cell::sync::OnceCell;
 use std::ffi::CStr;
 
 /// Every driver entry point this module calls, checked at construction.
@@ -68,7 +72,7 @@ struct Device {
     /// The primary context, retained on the first call for this device
     /// (a context costs hundreds of MiB of device memory, so a process
     /// that never allocates on a GPU must not hold one there).
-    ctx: once_cell::sync::OnceCell<Ctx>,
+    ctx: OnceCell<Ctx>,
 }
 
 /// A retained primary context (a driver handle, valid on any thread).
@@ -115,24 +119,46 @@ struct Api {
     get_error_string: unsafe extern "C" fn(Raw, *mut *const libc::c_char) -> Raw,
 }
 
+/// The driver library, opened once and never closed: `libcuda.so.1` first,
+/// the name the CUDA runtime (and so PyTorch) opens, then the names cudarc
+/// knows. cudarc tries the unversioned `libcuda.so` first, which may be the
+/// toolkit's stub (`lib64/stubs`, on some build images' `LD_LIBRARY_PATH`),
+/// whose `cuInit` always fails, while PyTorch uses the real driver. `None`
+/// when no candidate loads.
+fn driver_library() -> Option<usize> {
+    static HANDLE: OnceCell<Option<usize>> = OnceCell::new();
+    *HANDLE.get_or_init(|| {
+        std::iter::once("libcuda.so.1".to_string())
+            .chain(cudarc::get_lib_name_candidates("cuda"))
+            .find_map(|name| {
+                let name = std::ffi::CString::new(name).ok()?;
+                // SAFETY: dlopen with a NUL-terminated name; the handle is
+                // kept for the life of the process.
+                let h = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+                (!h.is_null()).then_some(h as usize)
+            })
+    })
+}
+
 impl Api {
-    /// Resolve every entry point of the loaded driver library, or name the
-    /// first one missing. Call only once `is_culib_present()` said yes.
+    /// Resolve every entry point of the driver library, or name the first one
+    /// missing.
+    // Each transmute's target is the `Api` field it fills (one macro for all).
+    #[allow(clippy::missing_transmute_annotations)]
     fn load() -> Result<Api, &'static str> {
-        // SAFETY: the library is present, so culib() loads it instead of
-        // panicking; guarded anyway.
-        let lib = std::panic::catch_unwind(|| unsafe { cu::culib() })
-            .map_err(|_| "the library itself (loading it failed)")?;
+        let lib = driver_library().ok_or("the library itself (loading it failed)")? as *mut c_void;
         macro_rules! sym {
-            ($name:literal) => {
-                // SAFETY: looking a symbol up does not call it; the field's type
-                // is the entry point's C prototype (see `Api`). `lib` is
-                // 'static, so the pointer stays valid.
-                match unsafe { lib.get($name.as_bytes()) } {
-                    Ok(f) => *f,
-                    Err(_) => return Err($name),
+            ($name:literal) => {{
+                // SAFETY: looking a symbol up does not call it; the handle is
+                // never closed, so the pointer stays valid.
+                let p = unsafe { libc::dlsym(lib, concat!($name, "\0").as_ptr().cast()) };
+                if p.is_null() {
+                    return Err($name);
                 }
-            };
+                // SAFETY: the field's type is the entry point's C prototype
+                // (see `Api`), and a function pointer has a data pointer's size.
+                unsafe { std::mem::transmute::<*mut c_void, _>(p) }
+            }};
         }
         Ok(Api {
             init: sym!("cuInit"),
@@ -220,8 +246,7 @@ impl CudaDriver {
     /// Load libcuda, initialise the driver and list the devices (their
     /// primary contexts are retained on first use, in `enter`). Never panics.
     pub fn new() -> DriverResult<Self> {
-        // SAFETY: is_culib_present only tries to dlopen the candidate names.
-        if !unsafe { cu::is_culib_present() } {
+        if driver_library().is_none() {
             return Err(DriverError::NotFound(NOT_FOUND.into()));
         }
         let api = Api::load().map_err(|name| {
@@ -245,7 +270,7 @@ impl CudaDriver {
             api.check(unsafe { (api.device_get)(&mut dev, ordinal) })?;
             devices.push(Device {
                 dev,
-                ctx: once_cell::sync::OnceCell::new(),
+                ctx: OnceCell::new(),
             });
         }
         Ok(CudaDriver { api, devices })
