@@ -241,6 +241,8 @@ fn replay_profiles_names_the_least_memory_configuration() {
     let reserved = pick("lowest peak reserved:");
     assert!(head.contains(&least) && head.contains(&reserved), "{text}");
     assert_ne!(reserved, "defaults", "{text}");
+    // The winner here makes about as many driver calls as the defaults: no caution.
+    assert!(!text.contains("driver calls against"), "{text}");
     // A capacity some configurations do not fit in (huge_split:off needs
     // 428 MiB on this trace): no panic, and a configuration that failed is
     // never named (found in review).
@@ -261,6 +263,38 @@ fn replay_profiles_names_the_least_memory_configuration() {
         .output()
         .unwrap();
     assert!(!out.status.success());
+}
+
+/// A profile that saves memory by calling the driver far more often (each
+/// cuMemFree waits for the whole GPU) is named with that cost beside it.
+#[test]
+fn replay_profiles_names_the_driver_calls_a_leaner_profile_costs() {
+    let trace = tmp("training10.csv");
+    let bin = env!("CARGO_BIN_EXE_cudalloc");
+    let gen = Command::new(bin)
+        .args(["trace-gen", "training", "--size", "10", "--seed", "1", "-o"])
+        .arg(&trace)
+        .output()
+        .unwrap();
+    assert!(gen.status.success());
+    let out = Command::new(bin)
+        .arg("replay")
+        .arg(&trace)
+        .arg("--profiles")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("but huge_split:off makes "))
+        .unwrap_or_else(|| panic!("no driver-call caution:\n{text}"));
+    let nums: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(nums.len() == 2 && nums[0] > 2 * nums[1], "{line}");
+    assert!(line.contains("cuMemFree waits for the whole device"), "{line}");
 }
 
 #[test]

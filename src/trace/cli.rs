@@ -13,7 +13,7 @@ pub const PROFILES: &[(&str, &str)] = &[
     ("", "torch's layout; the fastest"),
     (
         "huge_split:off",
-        "huge blocks handed out whole (training, variable sequence lengths)",
+        "huge blocks handed out whole (training, variable sequence lengths); more driver calls",
     ),
     (
         "small_max:256KiB",
@@ -176,10 +176,12 @@ fn replay_cmd(m: &ArgMatches) -> Result<(), String> {
     // Peak reserved of each run with no failure (a run that failed reserved
     // less only because its allocations failed).
     let mut peaks: Vec<Option<u64>> = Vec::new();
+    let mut calls: Vec<u64> = Vec::new();
     for conf in &confs {
         let c = replay_config(conf, memory).map_err(|e| e.to_string())?;
         let r = replay(&ev, &c, false);
         peaks.push((r.failures == 0).then_some(r.peak_reserved));
+        calls.push(r.driver_calls);
         let mut t = rows(&r);
         if min_memory {
             let found = min_capacity(&ev, &c);
@@ -259,6 +261,16 @@ fn replay_cmd(m: &ArgMatches) -> Result<(), String> {
         }
         if let Some(line) = leanest(&peaks) {
             println!("lowest peak reserved: {line} at {}", format_size(memory));
+        }
+        // Memory is not the only cost: on a GPU each cuMemFree waits for the
+        // whole device, and cuMemAlloc is slow. The sim does not time them.
+        if let Some(best) = recommend(&least).filter(|&b| b != 0 && calls[b] > 2 * calls[0].max(1))
+        {
+            println!(
+                "but {} makes {} driver calls against {} for {}: on a GPU each cuMemFree waits \
+                 for the whole device, so time a few steps with it before adopting it",
+                head[best], calls[best], calls[0], head[0]
+            );
         }
         for (c, why) in PROFILES {
             if let Some(h) = confs.iter().position(|x| x == c) {
