@@ -288,6 +288,9 @@ pub fn mixed(config: &Config, o: &BenchOptions) -> crate::Result<Row> {
     }
     let secs = t.elapsed().as_secs_f64();
     let st = a.stats(0)?;
+    for p in window {
+        a.free(p, Some(0), 0)?;
+    }
     Ok(row(
         "mixed sizes, 8 live of 16 sizes <= 1 MiB (free+alloc)",
         o.pairs,

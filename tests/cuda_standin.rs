@@ -1,7 +1,7 @@
 //! `backend:cuda` against a driver stand-in: `tests/standin/fake_libcuda.c`,
 //! compiled here into a fake `libcuda.so`, found through `LD_LIBRARY_PATH`.
 //!
-//! This runs the real CUDA code path (cudarc loading, context switching, error
+//! This runs the real CUDA code path (driver loading, context switching, error
 //! mapping, capture mode) in CI with no GPU. **It proves plumbing, not
 //! hardware**: the stand-in hands out fake addresses and its events complete
 //! at once. The GPU suite is `tests/gpu/` with `scripts/gpu-check.sh`.
@@ -405,6 +405,16 @@ fn bench_runs_on_backend_cuda_with_real_streams() {
     // Its streams were created and the 2-thread ones destroyed again.
     assert_eq!(r.log.matches("cuStreamCreate").count(), 3, "{}", r.log);
     assert_eq!(r.log.matches("cuStreamDestroy_v2").count(), 2, "{}", r.log);
+    // Each workload gave its memory back; only the C ABI's process-wide
+    // allocator keeps its one segment.
+    let count = |call: &str| {
+        r.log
+            .lines()
+            .filter(|l| l.starts_with(call) && l.contains(" ptr="))
+            .count()
+    };
+    let (allocs, frees) = (count("cuMemAlloc_v2 "), count("cuMemFree_v2 "));
+    assert_eq!(allocs, frees + 1, "{allocs} allocations, {frees} frees");
 }
 
 #[test]
@@ -419,17 +429,14 @@ fn libcuda_so_1_is_preferred_to_a_stub_libcuda_so() {
         "int cuInit(unsigned flags) { (void)flags; return 34; }\n",
     )
     .unwrap();
-    let st = Command::new("gcc")
-        .args(["-shared", "-fPIC", "-o"])
-        .arg(stub_dir.join("libcuda.so"))
-        .arg(&src)
-        .output()
-        .expect("gcc runs");
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    common::build(
+        "gcc",
+        &["-shared", "-fPIC"],
+        &[&src],
+        &stub_dir.join("libcuda.so"),
+        false,
+    )
+    .unwrap_or_else(|e| panic!("the stub did not compile:\n{e}"));
     let driver_dir = common::temp_dir("driver-only");
     std::fs::copy(
         standin().join("libcuda.so.1"),

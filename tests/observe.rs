@@ -294,7 +294,10 @@ fn replay_profiles_names_the_driver_calls_a_leaner_profile_costs() {
         .filter_map(|w| w.parse().ok())
         .collect();
     assert!(nums.len() == 2 && nums[0] > 2 * nums[1], "{line}");
-    assert!(line.contains("cuMemFree waits for the whole device"), "{line}");
+    assert!(
+        line.contains("cuMemFree waits for the whole device"),
+        "{line}"
+    );
 }
 
 #[test]

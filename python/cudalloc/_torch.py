@@ -140,6 +140,15 @@ def enable(conf=None, *, patch_torch=None):
                 "cudalloc (call cudalloc.empty_cache() directly)",
                 stacklevel=2,
             )
+        if "set_begin_allocate_to_pool" not in wired:
+            warnings.warn(
+                "cudalloc: this PyTorch lacks set_begin_allocate_to_pool, so cudalloc "
+                "cannot refuse CUDA graph capture (torch.cuda.graph, "
+                "make_graphed_callables, torch.compile's cudagraphs): a graph's memory "
+                "would come from the shared cache and could be handed out again while "
+                "the graph is replayed. Do not capture CUDA graphs under cudalloc.",
+                stacklevel=2,
+            )
         try:
             mem.change_current_allocator(alloc)
         except RuntimeError as e:

@@ -18,7 +18,8 @@ target_dir=$(cargo metadata --format-version 1 --no-deps |
 # tests/python/test_real_torch.py runs its children in a real PyTorch
 # (.ci/setup.d/torch.sh makes the venv); without one those tests are skipped.
 torch_py=${CUDALLOC_TORCH_VENV:-$HOME/.cache/cudalloc/torch-2.11.0}/bin/python
-if [ -z "${CUDALLOC_TORCH_PYTHON:-}" ] && [ -x "$torch_py" ]; then
+if [ -z "${CUDALLOC_TORCH_PYTHON:-}" ] && [ -x "$torch_py" ] &&
+    "$torch_py" -c 'import torch; assert torch.version.cuda' 2>/dev/null; then
     export CUDALLOC_TORCH_PYTHON=$torch_py
 fi
 if [ "${CI:-}" = true ] && [ -z "${CUDALLOC_TORCH_PYTHON:-}" ]; then

@@ -1,5 +1,5 @@
-//! `backend:cuda`: the [`Driver`] over the CUDA driver API, through cudarc's
-//! raw `sys` layer with run-time loading of `libcuda`.
+//! `backend:cuda`: the [`Driver`] over the CUDA driver API, loaded at run
+//! time from `libcuda`, with cudarc's raw `sys` layer for the types.
 //!
 //! - **Loading.** cudarc's own loader panics when libcuda cannot be loaded,
 //!   and when a symbol is missing at its first call, and it tries the
@@ -138,6 +138,17 @@ fn driver_library() -> Option<usize> {
                 (!h.is_null()).then_some(h as usize)
             })
     })
+}
+
+/// The address of the driver entry point `name` in the library this module
+/// loaded, for code that calls the driver beside cudalloc (the GPU tests):
+/// cudarc's own loader may open another file. `None` without a driver or
+/// without that symbol.
+pub fn driver_symbol(name: &CStr) -> Option<*mut c_void> {
+    let lib = driver_library()? as *mut c_void;
+    // SAFETY: looking a symbol up does not call it; the handle is never closed.
+    let p = unsafe { libc::dlsym(lib, name.as_ptr()) };
+    (!p.is_null()).then_some(p)
 }
 
 impl Api {

@@ -1,4 +1,6 @@
-//! Throwing a C++ `std::runtime_error` from Rust, for PyTorch's `alloc_fn`.
+//! Throwing a C++ `std::runtime_error` from Rust, for PyTorch's `alloc_fn`
+//! (`cudalloc_malloc_torch`) and its graph-pool hook
+//! (`cudalloc_begin_allocate_to_pool`, which always refuses).
 //!
 //! PyTorch's `CUDAPluggableAllocator` does not check its allocator's NULL: it
 //! wraps the pointer in a `DataPtr`, `torch.empty` succeeds, and the first
@@ -13,8 +15,8 @@
 //! modules, which are loaded RTLD_LOCAL):
 //! `__cxa_allocate_exception`, the `std::runtime_error(const char*)`
 //! constructor, its type info and destructor, and `__cxa_throw`. When any is
-//! missing (a process without libstdc++, such as a C program), it returns and
-//! the caller falls back to NULL.
+//! missing (a process without libstdc++, such as a C program), it returns:
+//! `alloc_fn` then falls back to NULL, the pool hook logs its refusal.
 //!
 //! The exception unwinds through the `extern "C-unwind"` export that calls
 //! this, which holds nothing to drop at that point, and never through a
@@ -127,8 +129,10 @@ pub fn throw_runtime_error(message: String) {
         });
         return;
     };
-    // `message` is consumed here, so nothing owned is live at the throw.
-    let Ok(text) = CString::new(message.replace('\0', " ")) else {
+    let text = CString::new(message.replace('\0', " "));
+    // Nothing owned may be live at the throw (see the module docs).
+    drop(message);
+    let Ok(text) = text else {
         return;
     };
     // SAFETY: the object buffer is OBJECT_BYTES >= sizeof(std::runtime_error)

@@ -9,10 +9,14 @@
 //! - OOM at the real capacity, with the diagnosis, then recovery.
 
 use cudalloc::conformance::{run_all, STREAMS};
+use cudalloc::driver::cuda::driver_symbol;
 use cudalloc::driver::cuda::CudaDriver;
 use cudalloc::driver::Driver;
 use cudalloc::{Allocator, Config, ErrorCode};
 use cudarc::driver::sys as cu;
+use libc::{c_int, c_void};
+use std::ffi::CStr;
+use std::mem::size_of;
 use std::sync::Arc;
 
 fn gpu() -> (Allocator, Arc<CudaDriver>) {
@@ -27,14 +31,30 @@ fn gpu() -> (Allocator, Arc<CudaDriver>) {
 /// runtime does for a program: cudalloc puts the caller's context back after
 /// each call, so the test's own driver calls need one of their own.
 fn bind_device_0() {
+    let device_get: unsafe extern "C" fn(*mut cu::CUdevice, c_int) -> cu::CUresult =
+        entry(c"cuDeviceGet");
+    let retain: unsafe extern "C" fn(*mut cu::CUcontext, cu::CUdevice) -> cu::CUresult =
+        entry(c"cuDevicePrimaryCtxRetain");
+    let set_current: unsafe extern "C" fn(cu::CUcontext) -> cu::CUresult =
+        entry(c"cuCtxSetCurrent");
     let mut dev: cu::CUdevice = 0;
     let mut ctx: cu::CUcontext = std::ptr::null_mut();
-    // SAFETY: valid out-pointers; CudaDriver::new ran cuInit.
+    // SAFETY: valid out-pointers; CudaDriver::new ran cuInit in this library.
     unsafe {
-        check(cu::cuDeviceGet(&mut dev, 0));
-        check(cu::cuDevicePrimaryCtxRetain(&mut ctx, dev));
-        check(cu::cuCtxSetCurrent(ctx));
+        check(device_get(&mut dev, 0));
+        check(retain(&mut ctx, dev));
+        check(set_current(ctx));
     }
+}
+
+/// A driver entry point, typed as its C prototype `T`, from the library
+/// cudalloc loaded (cudarc's own loader may open another file, such as a
+/// toolkit stub `libcuda.so` ahead of the driver's `libcuda.so.1`).
+fn entry<T: Copy>(name: &CStr) -> T {
+    let p = driver_symbol(name).unwrap_or_else(|| panic!("the driver lacks {name:?}"));
+    assert_eq!(size_of::<T>(), size_of::<*mut c_void>());
+    // SAFETY: `T` is the entry point's C prototype (a function pointer).
+    unsafe { std::mem::transmute_copy(&p) }
 }
 
 fn check(r: cu::CUresult) {
@@ -43,16 +63,24 @@ fn check(r: cu::CUresult) {
 
 /// Fill `n` bytes at `p` with `v` on `stream`, asynchronously.
 fn memset(p: u64, v: u8, n: usize, stream: u64) {
+    let memset_d8_async: unsafe extern "C" fn(
+        cu::CUdeviceptr,
+        u8,
+        usize,
+        cu::CUstream,
+    ) -> cu::CUresult = entry(c"cuMemsetD8Async");
     // SAFETY: `p` is a live cudalloc allocation of at least `n` bytes of
     // device 0, whose context `gpu()` made current.
-    check(unsafe { cu::cuMemsetD8Async(p, v, n, stream as usize as cu::CUstream) });
+    check(unsafe { memset_d8_async(p, v, n, stream as usize as cu::CUstream) });
 }
 
 /// Copy `n` bytes back (synchronously, after all prior work) and check them.
 fn expect(p: u64, v: u8, n: usize) {
+    let memcpy_dtoh: unsafe extern "C" fn(*mut c_void, cu::CUdeviceptr, usize) -> cu::CUresult =
+        entry(c"cuMemcpyDtoH_v2");
     let mut host = vec![0u8; n];
     // SAFETY: `host` has room for `n` bytes; `p` is live for `n` bytes.
-    check(unsafe { cu::cuMemcpyDtoH_v2(host.as_mut_ptr().cast(), p, n) });
+    check(unsafe { memcpy_dtoh(host.as_mut_ptr().cast(), p, n) });
     assert!(host.iter().all(|&b| b == v), "device data is not {v:#x}");
 }
 

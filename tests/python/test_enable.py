@@ -28,6 +28,26 @@ def run(body, **env):
     return r
 
 
+def test_an_older_torch_without_hooks_gets_warnings():
+    # A torch without the graph-pool hook cannot have graph capture refused,
+    # and one without set_reset_fn never reaches cudalloc's empty_cache: say so.
+    run(
+        f"""
+        del torch.cuda.memory._CUDAPluggableAllocator.set_begin_allocate_to_pool
+        del torch.cuda.memory._CUDAPluggableAllocator.set_reset_fn
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cudalloc.enable({SIM_CONF!r})
+        text = " | ".join(str(w.message) for w in caught)
+        assert "lacks set_reset_fn" in text, text
+        assert "lacks set_begin_allocate_to_pool" in text, text
+        assert "Do not capture CUDA graphs" in text, text
+        assert set(cudalloc.enabled_hooks()) == {{"set_init_fn",
+            "set_record_stream_fn", "set_memory_fraction_fn"}}
+        """
+    )
+
+
 def test_enable_wires_allocator_and_hooks():
     run(
         f"""

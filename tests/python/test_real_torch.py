@@ -8,8 +8,9 @@ is wired, torch's own statistics functions are replaced, and CUDA is never
 initialised by any of it. They use the sim backend, since no tensor can be
 allocated without a driver; tests/gpu/test_torch.py does that on a GPU.
 
-The interpreter is $CUDALLOC_TORCH_PYTHON (scripts/test.d/real_torch.sh makes a
-venv with torch and sets it); the tests are skipped when it is unset.
+The interpreter is $CUDALLOC_TORCH_PYTHON: .ci/setup.d/torch.sh makes a venv
+with torch, and scripts/test.d/python.sh sets the variable when that venv
+works. The tests are skipped when it is unset.
 """
 
 import os
@@ -22,7 +23,9 @@ from conftest import INSTALLED, PYTHON_SRC, SIM_CONF, child_env as _child_env
 
 PY = os.environ.get("CUDALLOC_TORCH_PYTHON")
 pytestmark = pytest.mark.skipif(
-    not PY, reason="CUDALLOC_TORCH_PYTHON is unset (scripts/test.d/real_torch.sh sets it)"
+    not PY,
+    reason="CUDALLOC_TORCH_PYTHON is unset (.ci/setup.d/torch.sh makes the venv, "
+    "scripts/test.d/python.sh finds it)",
 )
 
 
