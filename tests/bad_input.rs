@@ -186,14 +186,24 @@ fn row_unknown_and_double_frees() {
     assert_unchanged(&before, |_, s| s.num_invalid_frees += 3);
 }
 
+/// Whether libstdc++ is in this test process: then the throwing exports
+/// throw, which a Rust caller cannot catch, and tests/cxx_alloc_fn.rs covers
+/// them instead.
+fn cxx_runtime_loaded() -> bool {
+    let loaded = cudalloc::ffi::cxx_throw::available();
+    if loaded {
+        eprintln!("libstdc++ is loaded in this test process; the C++ test covers it");
+    }
+    loaded
+}
+
 /// `cudalloc_malloc_torch` refuses bad input as `cudalloc_malloc` does. In
 /// this Rust process there is no C++ runtime, so it returns NULL instead of
 /// throwing (the throwing side: tests/cxx_alloc_fn.rs).
 #[test]
 fn row_malloc_torch_bad_input_without_a_cxx_runtime() {
     let _g = row();
-    if cudalloc::ffi::cxx_throw::available() {
-        eprintln!("libstdc++ is loaded in this test process; the C++ test covers it");
+    if cxx_runtime_loaded() {
         return;
     }
     let before = all_stats();
@@ -215,8 +225,7 @@ fn row_malloc_torch_bad_input_without_a_cxx_runtime() {
 #[test]
 fn row_begin_allocate_to_pool_refuses() {
     let _g = row();
-    if cudalloc::ffi::cxx_throw::available() {
-        eprintln!("libstdc++ is loaded in this test process; the C++ test covers it");
+    if cxx_runtime_loaded() {
         return;
     }
     let before = all_stats();

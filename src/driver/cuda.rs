@@ -157,15 +157,15 @@ impl Api {
     // Each transmute's target is the `Api` field it fills (one macro for all).
     #[allow(clippy::missing_transmute_annotations)]
     fn load() -> Result<Api, &'static str> {
-        let lib = driver_library().ok_or("the library itself (loading it failed)")? as *mut c_void;
+        driver_library().ok_or("the library itself (loading it failed)")?;
         macro_rules! sym {
             ($name:literal) => {{
-                // SAFETY: looking a symbol up does not call it; the handle is
-                // never closed, so the pointer stays valid.
-                let p = unsafe { libc::dlsym(lib, concat!($name, "\0").as_ptr().cast()) };
-                if p.is_null() {
+                let Some(p) = CStr::from_bytes_with_nul(concat!($name, "\0").as_bytes())
+                    .ok()
+                    .and_then(driver_symbol)
+                else {
                     return Err($name);
-                }
+                };
                 // SAFETY: the field's type is the entry point's C prototype
                 // (see `Api`), and a function pointer has a data pointer's size.
                 unsafe { std::mem::transmute::<*mut c_void, _>(p) }
