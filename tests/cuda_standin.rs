@@ -335,6 +335,49 @@ fn capture_uses_relaxed_mode_and_quarantines_frees() {
     );
 }
 
+/// On a GPU an event recorded a moment ago is usually not complete yet.
+/// cudalloc proves an idle segment's free by the stream's own state first
+/// (`cuStreamQuery`), so another stream adopts the segment on its first slow
+/// path instead of growing; with work pending on the stream, the event
+/// recorded then proves it on a later slow path.
+#[test]
+fn an_idle_stream_lets_its_segment_be_adopted_at_once() {
+    let lag = ("FAKE_CUDA_EVENT_LAG", "1".to_string());
+    let r = scenario("adopt", std::slice::from_ref(&lag));
+    assert!(
+        r.stdout().contains("adopted 1 2 driver_allocs 1"),
+        "{}\n{}",
+        r.stdout(),
+        tail(&r.log)
+    );
+    assert!(
+        r.log.contains("cuStreamQuery ctx=0 stream=0x10 idle"),
+        "{}",
+        tail(&r.log)
+    );
+    let r = scenario("adopt", &[lag, ("FAKE_CUDA_STREAM_BUSY", "1".into())]);
+    assert!(
+        r.stdout().contains("adopted 0 1 driver_allocs 2"),
+        "{}\n{}",
+        r.stdout(),
+        tail(&r.log)
+    );
+    assert!(
+        r.log.contains("cuEventQuery ctx=0 NOT_READY"),
+        "{}",
+        tail(&r.log)
+    );
+}
+
+/// A stream capturing a graph is never queried: `cuStreamQuery` would
+/// invalidate its capture. Its idle segment is proven by an event instead.
+#[test]
+fn a_capturing_stream_is_never_queried() {
+    let r = scenario("capture_other", &[]);
+    assert!(!r.log.contains("CAPTURE_VIOLATION"), "{}", tail(&r.log));
+    assert!(r.log.contains("cuStreamIsCapturing"), "{}", tail(&r.log));
+}
+
 /// True when some libcuda is installed on this machine (a GPU machine).
 fn system_has_libcuda() -> bool {
     Command::new("sh")

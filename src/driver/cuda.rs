@@ -57,6 +57,7 @@ pub const ENTRY_POINTS: &[&str] = &[
     "cuEventSynchronize",
     "cuEventDestroy_v2",
     "cuStreamSynchronize",
+    "cuStreamQuery",
     "cuStreamIsCapturing",
     "cuStreamCreate",
     "cuStreamDestroy_v2",
@@ -112,6 +113,7 @@ struct Api {
     event_synchronize: unsafe extern "C" fn(cu::CUevent) -> Raw,
     event_destroy: unsafe extern "C" fn(cu::CUevent) -> Raw,
     stream_synchronize: unsafe extern "C" fn(cu::CUstream) -> Raw,
+    stream_query: unsafe extern "C" fn(cu::CUstream) -> Raw,
     stream_is_capturing: unsafe extern "C" fn(cu::CUstream, *mut u32) -> Raw,
     stream_create: unsafe extern "C" fn(*mut cu::CUstream, u32) -> Raw,
     stream_destroy: unsafe extern "C" fn(cu::CUstream) -> Raw,
@@ -187,6 +189,7 @@ impl Api {
             event_synchronize: sym!("cuEventSynchronize"),
             event_destroy: sym!("cuEventDestroy_v2"),
             stream_synchronize: sym!("cuStreamSynchronize"),
+            stream_query: sym!("cuStreamQuery"),
             stream_is_capturing: sym!("cuStreamIsCapturing"),
             stream_create: sym!("cuStreamCreate"),
             stream_destroy: sym!("cuStreamDestroy_v2"),
@@ -415,6 +418,15 @@ impl Driver for CudaDriver {
         // SAFETY: `s` is a valid stream of this device (or 0, the default stream).
         self.api
             .check(unsafe { (self.api.stream_synchronize)(stream(s)) })
+    }
+
+    fn stream_query(&self, device: usize, s: Stream) -> DriverResult<bool> {
+        let _ctx = self.enter(device)?;
+        // SAFETY: `s` is a valid stream of this device (or 0, the default stream).
+        match unsafe { (self.api.stream_query)(stream(s)) } {
+            NOT_READY => Ok(false),
+            r => self.api.check(r).map(|()| true),
+        }
     }
 
     fn stream_is_capturing(&self, device: usize, s: Stream) -> DriverResult<bool> {

@@ -58,6 +58,9 @@ impl Driver for ExitGuard {
     fn stream_synchronize(&self, device: usize, stream: Stream) -> DriverResult<()> {
         self.check()?.stream_synchronize(device, stream)
     }
+    fn stream_query(&self, device: usize, stream: Stream) -> DriverResult<bool> {
+        self.check()?.stream_query(device, stream)
+    }
     fn stream_is_capturing(&self, device: usize, stream: Stream) -> DriverResult<bool> {
         self.check()?.stream_is_capturing(device, stream)
     }

@@ -98,6 +98,13 @@ pub trait Driver: Send + Sync {
     fn event_destroy(&self, device: usize, event: Event) -> DriverResult<()>;
     /// Block until all work on `stream` completes.
     fn stream_synchronize(&self, device: usize, stream: Stream) -> DriverResult<()>;
+    /// `Ok(true)` when all work enqueued on `stream` so far has completed
+    /// (`cuStreamQuery`), without blocking. `Ok(false)` means "not proven":
+    /// work is pending, or this driver cannot tell. Never called on a stream
+    /// that may be capturing a graph (that would invalidate the capture).
+    /// Required, not defaulted, so that a wrapping driver cannot forget to
+    /// forward it.
+    fn stream_query(&self, device: usize, stream: Stream) -> DriverResult<bool>;
     /// Whether `stream` is being captured into a CUDA graph. While it is, the
     /// engine must not call [`Driver::mem_alloc`] (illegal in global capture
     /// mode) and must not reuse blocks freed during the capture.

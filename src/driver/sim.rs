@@ -13,7 +13,8 @@
 //!   ([`SimDriver::set_manual_events`]) a recorded event completes only when the
 //!   test says so ([`SimDriver::complete_stream`], [`SimDriver::complete_all`])
 //!   or when someone synchronises it or its stream, which is what lets the tests
-//!   check stream safety.
+//!   check stream safety. `stream_query` answers "idle" in auto mode and
+//!   "not proven" in manual mode.
 //! - **Faults** can be injected: the Nth driver allocation fails with OOM,
 //!   capacity can shrink mid-run, event calls can fail, the driver can report
 //!   itself deinitialised, and a stream can be marked as capturing.
@@ -44,6 +45,7 @@ pub struct SimCounters {
     pub event_syncs: u64,
     pub event_destroys: u64,
     pub stream_syncs: u64,
+    pub stream_queries: u64,
 }
 
 #[derive(Debug)]
@@ -359,6 +361,15 @@ impl Driver for SimDriver {
         self.counters.lock().stream_syncs += 1;
         self.complete_stream(device, stream);
         Ok(())
+    }
+
+    /// Auto events: every stream is idle (its work completes at once, as
+    /// its events do). Manual events: never proven idle, so stream safety
+    /// rests on the events the tests complete.
+    fn stream_query(&self, device: usize, _stream: Stream) -> DriverResult<bool> {
+        self.check(device)?;
+        self.counters.lock().stream_queries += 1;
+        Ok(!self.manual_events.load(Ordering::Relaxed))
     }
 
     fn stream_is_capturing(&self, device: usize, stream: Stream) -> DriverResult<bool> {

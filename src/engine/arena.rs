@@ -5,9 +5,12 @@
 //! every later use on the same stream. A segment whose blocks are all free is
 //! *idle*: it stays in this arena's free index for same-stream reuse, and is
 //! also a candidate for adoption by another stream's arena or for release to
-//! the driver. Both of those first record an event on this arena's stream and
-//! wait for it (lazily, only when someone asks), so a block is never handed to
-//! another stream before its free is proven complete.
+//! the driver. Both of those first prove its free complete, only when someone
+//! asks: the stream has no work left (`cuStreamQuery`; never on a capturing
+//! stream), or else an event recorded on it since the segment went idle has
+//! completed. So a block is never handed to another stream before its free
+//! is proven complete, and on a GPU, where an event recorded a moment ago is
+//! rarely complete yet, an idle stream's segment still changes hands at once.
 //!
 //! **The stash.** A freed small-pool block is first kept whole in a short
 //! per-size LIFO (the stash, at most [`STASH_BLOCKS`] blocks) instead of being
@@ -26,6 +29,7 @@ use crate::stats::{ArenaBytes, ArenaCounters};
 use crate::tracking::{now_ms, thread_id, LiveInfo, LiveRecord};
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
+use std::sync::atomic::Ordering;
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Segment {
@@ -305,13 +309,45 @@ impl ArenaInner {
         }
     }
 
-    /// Make sure idle segment `s` has an event recorded on `stream` since it
-    /// became idle, and say whether it has completed. Errors count as "not
-    /// proven complete".
-    pub fn idle_event_complete(&mut self, s: u32, stream: Stream, dev: &DeviceCore) -> bool {
+    /// Whether the free of idle segment `s` is proven complete, so that the
+    /// segment may change hands or go back to the driver. First `stream`
+    /// itself: when all its work so far has completed (`cuStreamQuery`),
+    /// nothing enqueued before the segment went idle can still run. `idle`
+    /// caches that answer for one pass over an arena's segments (start it at
+    /// `None`). Else an event recorded on `stream` since the segment went
+    /// idle (recorded now if there is none), once it has completed. A
+    /// stream that is capturing a graph is never queried (`cuStreamQuery`
+    /// would invalidate the capture): seeing one sets the device's
+    /// `capture_seen`, and from then on only events are asked, as before
+    /// cudalloc queried streams. Errors count as "not proven".
+    pub fn idle_free_complete(
+        &mut self,
+        s: u32,
+        stream: Stream,
+        dev: &DeviceCore,
+        idle: &mut Option<bool>,
+    ) -> bool {
         let ev = match self.seg(s).event {
             Some(e) => e,
             None => {
+                let stream_idle = *idle.get_or_insert_with(|| {
+                    if dev.capture_seen.load(Ordering::Relaxed) {
+                        return false;
+                    }
+                    match dev.driver.stream_is_capturing(dev.index, stream) {
+                        Ok(false) => {
+                            matches!(dev.driver.stream_query(dev.index, stream), Ok(true))
+                        }
+                        Ok(true) => {
+                            dev.capture_seen.store(true, Ordering::Relaxed);
+                            false
+                        }
+                        Err(_) => false,
+                    }
+                });
+                if stream_idle {
+                    return true;
+                }
                 let Ok(e) = dev.get_event() else { return false };
                 if dev.driver.event_record(dev.index, e, stream).is_err() {
                     dev.put_event(e);

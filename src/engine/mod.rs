@@ -50,6 +50,10 @@ pub(crate) struct DeviceCore {
     /// The policy's `small_max`: a live block is in the small pool exactly
     /// when its size is at most this (large-pool blocks serve larger requests).
     pub small_max: u64,
+    /// Set once a slow path saw a stream capturing a graph; from then on each
+    /// free asks the driver whether its stream is capturing (quarantine), and
+    /// streams are no longer queried (see `ArenaInner::idle_free_complete`).
+    pub capture_seen: AtomicBool,
 }
 
 impl DeviceCore {
@@ -100,9 +104,6 @@ struct Device {
     total: OnceCell<u64>,
     /// Peak of allocated bytes (see `stats::ArenaBytes`).
     peak: Mutex<u64>,
-    /// Set once a slow path saw a stream capturing a graph; from then on each
-    /// free asks the driver whether its stream is capturing (quarantine).
-    capture_seen: AtomicBool,
 }
 
 impl Device {
@@ -227,7 +228,7 @@ impl Device {
     /// capturing a CUDA graph. Costs nothing until the first capture is seen.
     #[inline]
     fn capturing(&self, arena: &Arena) -> bool {
-        self.capture_seen.load(Ordering::Relaxed)
+        self.core.capture_seen.load(Ordering::Relaxed)
             && matches!(
                 self.core
                     .driver
@@ -321,10 +322,13 @@ impl Device {
                 }
                 let idle = a.idle.clone();
                 let mut out = Vec::with_capacity(idle.len());
+                let mut stream_idle = None;
                 for s in idle {
                     let wanted = match mode {
                         Release::All => true,
-                        Release::Completed => a.idle_event_complete(s, arena.stream, &self.core),
+                        Release::Completed => {
+                            a.idle_free_complete(s, arena.stream, &self.core, &mut stream_idle)
+                        }
                         Release::Useless {
                             pool,
                             rounded,
@@ -332,7 +336,12 @@ impl Device {
                         } => {
                             let seg = a.seg(s);
                             useless(seg.pool, seg.size, pool, rounded, &policy)
-                                && a.idle_event_complete(s, arena.stream, &self.core)
+                                && a.idle_free_complete(
+                                    s,
+                                    arena.stream,
+                                    &self.core,
+                                    &mut stream_idle,
+                                )
                         }
                     };
                     if wanted {
@@ -387,9 +396,10 @@ impl Device {
                     })
                     .collect();
                 cands.sort_by_key(|&s| o.seg(s).size);
+                let mut stream_idle = None;
                 cands
                     .into_iter()
-                    .find(|&s| o.idle_event_complete(s, other.stream, &self.core))
+                    .find(|&s| o.idle_free_complete(s, other.stream, &self.core, &mut stream_idle))
                     .map(|s| o.detach(s, &self.core))
             };
             if let Some(d) = found {
@@ -448,6 +458,7 @@ impl Allocator {
                     counters: DeviceCounters::default(),
                     events: Mutex::new(Vec::new()),
                     small_max: config.small_max,
+                    capture_seen: AtomicBool::new(false),
                 },
                 arenas: RwLock::new(FxHashMap::default()),
                 slow: Mutex::new(()),
@@ -455,7 +466,6 @@ impl Allocator {
                 fraction_bits: AtomicU64::new(config.memory_fraction.to_bits()),
                 total: OnceCell::new(),
                 peak: Mutex::new(0),
-                capture_seen: AtomicBool::new(false),
             })
             .collect();
         let observe = Observer::new(&config, driver.device_count());
@@ -545,14 +555,14 @@ impl Allocator {
         let Some(seg_size) = self.policy.segment_size(rounded) else {
             return Err(self.oom(dev, size, arena.stream, "the size overflows"));
         };
-        if !dev.capture_seen.load(Ordering::Relaxed)
+        if !dev.core.capture_seen.load(Ordering::Relaxed)
             && matches!(
                 self.driver
                     .stream_is_capturing(dev.core.index, arena.stream),
                 Ok(true)
             )
         {
-            dev.capture_seen.store(true, Ordering::Relaxed);
+            dev.core.capture_seen.store(true, Ordering::Relaxed);
         }
         if seg_size > dev.limit() || seg_size > dev.total() {
             // No amount of flushing can help: fail without dropping the cache.

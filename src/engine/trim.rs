@@ -34,6 +34,7 @@ impl Allocator {
             }
         }
         cands.sort_unstable();
+        let mut stream_idle = vec![None; arenas.len()];
         let mut released = 0;
         for (_, ai, base) in cands {
             if released >= want {
@@ -48,7 +49,14 @@ impl Allocator {
                     .copied()
                     .find(|&s| inner.seg(s).base == base);
                 match found {
-                    Some(s) if inner.idle_event_complete(s, a.stream, &dev.core) => {
+                    Some(s)
+                        if inner.idle_free_complete(
+                            s,
+                            a.stream,
+                            &dev.core,
+                            &mut stream_idle[ai],
+                        ) =>
+                    {
                         Some(inner.detach(s, &dev.core))
                     }
                     _ => None,

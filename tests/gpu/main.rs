@@ -5,6 +5,7 @@
 //! - the shared behaviour suite on real streams;
 //! - allocations are usable: memset on the device, copy back, verify;
 //! - cross-stream reuse with real streams keeps data intact;
+//! - an idle stream's segment is adopted on the first try (`cuStreamQuery`);
 //! - `record_stream` delays reuse until the other stream's work is done;
 //! - OOM at the real capacity, with the diagnosis, then recovery.
 
@@ -132,6 +133,30 @@ fn cross_stream_reuse_keeps_data_intact() {
     d.stream_synchronize(0, s1).unwrap();
     expect(q, 0x22, n);
     a.free(q, Some(0), s2).unwrap();
+    a.check_invariants().unwrap();
+}
+
+/// A stream whose work has all completed gives its idle segment to another
+/// stream on that stream's first slow path: proven by `cuStreamQuery`, not by
+/// an event recorded a moment ago (rarely complete yet on a GPU).
+#[test]
+#[ignore = "needs a GPU: scripts/gpu-check.sh"]
+fn an_idle_streams_segment_is_adopted_on_the_first_try() {
+    let (a, d) = gpu();
+    let (s1, s2) = (d.stream_create(0).unwrap(), d.stream_create(0).unwrap());
+    let n = 256usize << 20;
+    let p = a.malloc(n as u64, 0, s1).unwrap();
+    memset(p, 0x11, n, s1);
+    a.free(p, Some(0), s1).unwrap();
+    d.stream_synchronize(0, s1).unwrap();
+    let before = a.stats(0).unwrap();
+    let q = a.malloc(n as u64, 0, s2).unwrap();
+    let after = a.stats(0).unwrap();
+    assert_eq!(q, p, "the idle segment was not reused");
+    assert_eq!(after.num_segments_adopted, before.num_segments_adopted + 1);
+    assert_eq!(after.num_driver_allocs, before.num_driver_allocs);
+    a.free(q, Some(0), s2).unwrap();
+    a.empty_cache();
     a.check_invariants().unwrap();
 }
 

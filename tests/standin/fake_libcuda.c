@@ -18,6 +18,12 @@
  *   FAKE_CUDA_LOG=PATH           append one line per call: "<name> ctx=<device> ..."
  *   FAKE_CUDA_ALLOC_ERROR=CODE   every cuMemAlloc fails with this raw CUresult, e.g. one no
  *                                CUDA release defines (a newer driver's code, to cudalloc)
+ *   FAKE_CUDA_EVENT_LAG=N        an event answers NOT_READY to its first N queries after each
+ *                                record (a GPU's event recorded a moment ago); default 0
+ *   FAKE_CUDA_STREAM_BUSY=1      cuStreamQuery answers NOT_READY (work pending); by default
+ *                                every stream is idle (the stand-in runs no work)
+ * cuStreamQuery on a capturing stream is logged as CAPTURE_VIOLATION and fails with
+ * CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: on a GPU it would invalidate the capture.
  * cuGetErrorString answers codes >= 1000 as the real driver answers unknown
  * ones: CUDA_ERROR_INVALID_VALUE, and the string pointer set to NULL.
  * Strictness: memory calls need a current context; a free or record on another
@@ -49,6 +55,7 @@ enum {
     INVALID_DEVICE = 101,
     INVALID_CONTEXT = 201,
     INVALID_HANDLE = 400,
+    NOT_READY = 600,
     CAPTURE_UNSUPPORTED = 900,
 };
 
@@ -257,18 +264,44 @@ CUresult cuEventCreate(CUevent *e, unsigned flags) {
     LEAVE(OK);
 }
 
+/* Per event: queries left to answer NOT_READY (FAKE_CUDA_EVENT_LAG). */
+#define MAX_EVENTS 4096
+static struct {
+    CUevent e;
+    long lag;
+} lagging[MAX_EVENTS];
+
 CUresult cuEventRecord(CUevent e, CUstream s) {
     ENTER("cuEventRecord");
     CHECK_STREAM("cuEventRecord", s);
     if ((int)((uintptr_t)e & 0xff) != cur_dev) logf_("WRONG_CTX cuEventRecord event of device %d in ctx %d", (int)((uintptr_t)e & 0xff), cur_dev);
     logf_("cuEventRecord ctx=%d stream=%p", cur_dev, s);
+    const char *lag = getenv("FAKE_CUDA_EVENT_LAG");
+    if (lag) {
+        int slot = -1;
+        for (int i = 0; i < MAX_EVENTS && slot < 0; i++)
+            if (lagging[i].e == e) slot = i;
+        for (int i = 0; i < MAX_EVENTS && slot < 0; i++)
+            if (!lagging[i].e) slot = i;
+        if (slot >= 0) {
+            lagging[slot].e = e;
+            lagging[slot].lag = atol(lag);
+        }
+    }
     LEAVE(OK);
 }
 
 CUresult cuEventQuery(CUevent e) {
     ENTER("cuEventQuery");
-    (void)e;
-    LEAVE(OK); /* events complete at once */
+    for (int i = 0; i < MAX_EVENTS; i++) {
+        if (lagging[i].e == e && lagging[i].lag > 0) {
+            lagging[i].lag--;
+            logf_("cuEventQuery ctx=%d NOT_READY", cur_dev);
+            LEAVE(NOT_READY);
+        }
+    }
+    logf_("cuEventQuery ctx=%d ready", cur_dev);
+    LEAVE(OK); /* events complete at once, unless lagging */
 }
 
 CUresult cuEventSynchronize(CUevent e) {
@@ -290,10 +323,23 @@ CUresult cuStreamSynchronize(CUstream s) {
     LEAVE(OK);
 }
 
+CUresult cuStreamQuery(CUstream s) {
+    ENTER("cuStreamQuery");
+    CHECK_STREAM("cuStreamQuery", s);
+    if (capturing(s)) {
+        logf_("CAPTURE_VIOLATION cuStreamQuery stream=%p", s);
+        LEAVE(CAPTURE_UNSUPPORTED);
+    }
+    int busy = getenv("FAKE_CUDA_STREAM_BUSY") != NULL;
+    logf_("cuStreamQuery ctx=%d stream=%p %s", cur_dev, s, busy ? "NOT_READY" : "idle");
+    LEAVE(busy ? NOT_READY : OK);
+}
+
 CUresult cuStreamIsCapturing(CUstream s, int *status) {
     ENTER("cuStreamIsCapturing");
     CHECK_STREAM("cuStreamIsCapturing", s);
     *status = capturing(s) ? 1 : 0;
+    logf_("cuStreamIsCapturing ctx=%d stream=%p %d", cur_dev, s, *status);
     LEAVE(OK);
 }
 

@@ -1,6 +1,7 @@
 /* Scenarios for the libcuda stand-in (tests/cuda_standin.rs). Each prints
  * "ok <name>" and exits 0, or prints what went wrong and exits 1.
- * Usage: scenarios oom|multidev|deinit|capture|unknown_error|ctx_restore|fork|one_device */
+ * Usage: scenarios oom|multidev|deinit|capture|unknown_error|ctx_restore|fork|one_device|adopt|
+ *        capture_other */
 #define _POSIX_C_SOURCE 200809L /* unsetenv */
 #include "cudalloc.h"
 
@@ -101,6 +102,53 @@ static int capture(void) {
     cudalloc_empty_cache();
     if (cudalloc_get_stats(0, &st) != CUDALLOC_OK || st.pending_free_bytes != 0 || st.reserved_bytes != 0)
         FAIL("empty_cache did not end the quarantine");
+    return 0;
+}
+
+/* Adoption on a GPU: an event recorded a moment ago is not complete yet
+ * (FAKE_CUDA_EVENT_LAG=1). Stream 0x20 asks for the 40 MiB stream 0x10 holds
+ * idle, then stream 0x1000 asks for it again. Prints the adoption count after
+ * each try and the driver allocations: with an idle stream (cuStreamQuery)
+ * the first try adopts; with a busy one (FAKE_CUDA_STREAM_BUSY) only the
+ * second can, through the event recorded by the first. */
+static int adopt(void) {
+    cudalloc_stats st;
+    unsigned long long first;
+    void *p = cudalloc_malloc(40 * MiB, 0, (void *)0x10);
+    if (!p) FAIL("allocation on 0x10 failed");
+    cudalloc_free(p, 0, 0, (void *)0x10);
+    void *q = cudalloc_malloc(40 * MiB, 0, (void *)0x20);
+    if (!q) FAIL("allocation on 0x20 failed");
+    if (cudalloc_get_stats(0, &st) != CUDALLOC_OK) FAIL("stats");
+    first = (unsigned long long)st.num_segments_adopted;
+    cudalloc_free(q, 0, 0, (void *)0x20);
+    void *r = cudalloc_malloc(40 * MiB, 0, (void *)0x1000);
+    if (!r) FAIL("allocation on 0x1000 failed");
+    if (cudalloc_get_stats(0, &st) != CUDALLOC_OK) FAIL("stats");
+    printf("adopted %llu %llu driver_allocs %llu\n", first, (unsigned long long)st.num_segments_adopted,
+           (unsigned long long)st.num_driver_allocs);
+    cudalloc_free(r, 0, 0, (void *)0x1000);
+    if (cudalloc_check_invariants() != 0) FAIL("invariants");
+    cudalloc_empty_cache();
+    if (cudalloc_get_stats(0, &st) != CUDALLOC_OK || st.reserved_bytes != 0) FAIL("not emptied");
+    return 0;
+}
+
+/* Stream 0x2000's segment goes idle, then 0x2000 starts capturing a graph
+ * (FAKE_CUDA_CAPTURING set now). Stream 0x10 asks for the same size: the
+ * idle segment is proven by an event, never by cuStreamQuery on 0x2000
+ * (the stand-in logs CAPTURE_VIOLATION; a GPU would invalidate the capture). */
+static int capture_other(void) {
+    void *p = cudalloc_malloc(40 * MiB, 0, (void *)0x2000);
+    if (!p) FAIL("allocation on 0x2000 failed");
+    cudalloc_free(p, 0, 0, (void *)0x2000);
+    setenv("FAKE_CUDA_CAPTURING", "0x2000", 1);
+    void *q = cudalloc_malloc(40 * MiB, 0, (void *)0x10);
+    if (!q) FAIL("allocation on 0x10 during 0x2000's capture failed");
+    if (q != p) FAIL("the idle segment was not adopted");
+    unsetenv("FAKE_CUDA_CAPTURING");
+    cudalloc_free(q, 0, 0, (void *)0x10);
+    if (cudalloc_check_invariants() != 0) FAIL("invariants");
     return 0;
 }
 
@@ -232,6 +280,8 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[1], "ctx_restore")) r = ctx_restore();
     else if (!strcmp(argv[1], "fork")) r = fork_child();
     else if (!strcmp(argv[1], "one_device")) r = one_device();
+    else if (!strcmp(argv[1], "adopt")) r = adopt();
+    else if (!strcmp(argv[1], "capture_other")) r = capture_other();
     if (r == 0) printf("ok %s\n", argv[1]);
     return r;
 }

@@ -210,6 +210,15 @@ impl Driver for Spy {
         st.proven(device, stream, now);
         Ok(())
     }
+    fn stream_query(&self, device: usize, stream: Stream) -> DriverResult<bool> {
+        let mut st = self.state.lock();
+        let r = self.sim.stream_query(device, stream)?;
+        if r {
+            let now = st.now();
+            st.proven(device, stream, now);
+        }
+        Ok(r)
+    }
     fn stream_is_capturing(&self, device: usize, stream: Stream) -> DriverResult<bool> {
         self.sim.stream_is_capturing(device, stream)
     }
