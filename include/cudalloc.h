@@ -331,6 +331,22 @@ int cudalloc_get_stats(int device, cudalloc_stats *out);
 void cudalloc_reset_peak_stats(int device);
 
 /**
+ * Restart the accumulated counters of `device` from zero: the `num_*`
+ * counts and `trimmed_bytes` (PyTorch's `reset_accumulated_memory_stats`).
+ * Current values and peaks stay. A bad device sets an error and changes
+ * nothing.
+ */
+void cudalloc_reset_accumulated_stats(int device);
+
+/**
+ * The fraction (0, 1] of `device`'s total memory cudalloc may reserve: 1.0
+ * until `cudalloc_set_memory_fraction` (PyTorch's
+ * `get_per_process_memory_fraction`). -1.0, with the error set, for a bad
+ * device or configuration.
+ */
+double cudalloc_get_memory_fraction(int device);
+
+/**
  * Limit `device` to `fraction` (0, 1] of its total memory (PyTorch's
  * `memory_fraction_fn`). A bad fraction or device sets an error and changes nothing.
  */

@@ -287,7 +287,11 @@ fn row_negative_or_huge_device_index() {
         assert_eq!(s, cudalloc_stats::default(), "out untouched on error");
         cudalloc_reset_peak_stats(dev);
         assert_eq!(last(), ErrorCode::CUDALLOC_ERR_INVALID_DEVICE);
+        cudalloc_reset_accumulated_stats(dev);
+        assert_eq!(last(), ErrorCode::CUDALLOC_ERR_INVALID_DEVICE);
         cudalloc_set_memory_fraction(0.5, dev);
+        assert_eq!(last(), ErrorCode::CUDALLOC_ERR_INVALID_DEVICE);
+        assert_eq!(cudalloc_get_memory_fraction(dev), -1.0);
         assert_eq!(last(), ErrorCode::CUDALLOC_ERR_INVALID_DEVICE);
         cudalloc_init_devices(dev); // a mismatch is only logged
         assert_eq!(last(), ErrorCode::CUDALLOC_OK);
@@ -440,6 +444,12 @@ fn row_bad_memory_fractions() {
     ] {
         cudalloc_set_memory_fraction(f, 0);
         assert_eq!(last(), ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT, "{f}");
+        assert_eq!(
+            cudalloc_get_memory_fraction(0),
+            1.0,
+            "{f} changed the fraction"
+        );
+        assert_eq!(last(), ErrorCode::CUDALLOC_OK);
     }
     assert_unchanged(&before, |_, _| {});
 }
@@ -707,7 +717,11 @@ fn row_every_export_with_a_bad_environment() {
     assert_eq!(unsafe { cudalloc_get_stats(0, &mut s) }, cfg as c_int);
     cudalloc_reset_peak_stats(0);
     assert_eq!(last(), cfg);
+    cudalloc_reset_accumulated_stats(0);
+    assert_eq!(last(), cfg);
     cudalloc_set_memory_fraction(0.5, 0);
+    assert_eq!(last(), cfg);
+    assert_eq!(cudalloc_get_memory_fraction(0), -1.0);
     assert_eq!(last(), cfg);
     cudalloc_init_devices(1);
     assert_eq!(last(), cfg);
@@ -809,7 +823,9 @@ fn every_export_in_the_header_is_in_the_catalog() {
         "cudalloc_empty_cache",
         "cudalloc_get_stats",
         "cudalloc_reset_peak_stats",
+        "cudalloc_reset_accumulated_stats",
         "cudalloc_set_memory_fraction",
+        "cudalloc_get_memory_fraction",
         "cudalloc_init",
         "cudalloc_init_devices",
         "cudalloc_device_count",

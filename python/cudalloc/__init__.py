@@ -22,6 +22,7 @@ from ._lib import (
 from ._stats import (
     device_count,
     empty_cache,
+    get_per_process_memory_fraction,
     max_memory_allocated,
     max_memory_reserved,
     memory_allocated,
@@ -30,6 +31,7 @@ from ._stats import (
     memory_stats_as_nested_dict,
     memory_summary,
     raw_stats,
+    reset_accumulated_memory_stats,
     reset_peak_memory_stats,
 )
 from ._torch import enable, enabled_hooks, is_enabled, is_patched, patch_torch, unpatch_torch
@@ -47,6 +49,7 @@ __all__ = [
     "empty_cache",
     "enable",
     "enabled_hooks",
+    "get_per_process_memory_fraction",
     "is_enabled",
     "is_patched",
     "leak_report",
@@ -62,6 +65,7 @@ __all__ = [
     "on_pressure",
     "patch_torch",
     "raw_stats",
+    "reset_accumulated_memory_stats",
     "reset_peak_memory_stats",
     "stats_json",
     "unpatch_torch",

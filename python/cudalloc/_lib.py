@@ -112,6 +112,8 @@ _OPTIONAL_SIGNATURES = {
     "cudalloc_leak_report": (_c.c_size_t, [_c.c_double, _c.c_int, _c.c_void_p, _c.c_size_t]),
     "cudalloc_register_oom_callback": (_c.c_int, [OOM_CALLBACK, _c.c_void_p]),
     "cudalloc_register_pressure_callback": (_c.c_int, [PRESSURE_CALLBACK, _c.c_void_p]),
+    "cudalloc_reset_accumulated_stats": (None, [_c.c_int]),
+    "cudalloc_get_memory_fraction": (_c.c_double, [_c.c_int]),
 }
 
 _lock = threading.Lock()

@@ -115,6 +115,28 @@ def reset_peak_memory_stats(device=None):
     _lib.check_last()
 
 
+def _export(name):
+    if not _lib.has(name):
+        raise _lib.CudallocError(f"this libcudalloc.so ({_lib.loaded_path()}) has no {name}")
+    return getattr(_lib.lib(), name)
+
+
+def reset_accumulated_memory_stats(device=None):
+    """Restart the accumulated counters (allocation, segment and OOM counts)
+    of ``device`` from zero; current values and peaks stay."""
+    _export("cudalloc_reset_accumulated_stats")(device_index(device))
+    _lib.check_last()
+
+
+def get_per_process_memory_fraction(device=None):
+    """The fraction of ``device``'s memory cudalloc may reserve (1.0 unless
+    ``torch.cuda.set_per_process_memory_fraction`` lowered it)."""
+    f = _export("cudalloc_get_memory_fraction")(device_index(device))
+    if f < 0:
+        _lib.check_last()
+    return f
+
+
 def empty_cache():
     """Release every cached, unused segment on every device."""
     lib = _lib.lib()

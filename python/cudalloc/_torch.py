@@ -174,6 +174,8 @@ def _replacements():
         "reset_peak_memory_stats": s.reset_peak_memory_stats,
         "reset_max_memory_allocated": s.reset_peak_memory_stats,
         "reset_max_memory_cached": s.reset_peak_memory_stats,
+        "reset_accumulated_memory_stats": s.reset_accumulated_memory_stats,
+        "get_per_process_memory_fraction": s.get_per_process_memory_fraction,
         "memory_summary": s.memory_summary,
     }
 
@@ -191,6 +193,7 @@ _ACCELERATOR = (
     "memory_reserved",
     "max_memory_reserved",
     "reset_peak_memory_stats",
+    "reset_accumulated_memory_stats",
 )
 
 
@@ -233,8 +236,9 @@ def _patch():
 def patch_torch():
     """Make ``torch.cuda.memory_stats``, ``memory_allocated``,
     ``max_memory_allocated``, ``memory_reserved``, ``max_memory_reserved``,
-    ``reset_peak_memory_stats``, ``memory_summary`` (and aliases) answer from
-    cudalloc, and the same statistics in ``torch.accelerator`` (torch >= 2.9).
+    ``reset_peak_memory_stats``, ``reset_accumulated_memory_stats``,
+    ``get_per_process_memory_fraction``, ``memory_summary`` (and aliases)
+    answer from cudalloc, and the same statistics in ``torch.accelerator`` (torch >= 2.9).
     Under a pluggable allocator torch's own versions raise (or, in
     ``torch.accelerator``, describe the idle native allocator). Needs
     :func:`enable` first. Idempotent."""

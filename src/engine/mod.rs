@@ -94,6 +94,33 @@ fn useless(seg_pool: Pool, seg_size: u64, pool: Pool, rounded: u64, policy: &Pol
     seg_pool == pool && (seg_size < rounded || !policy.may_serve(pool, seg_size, seg_size, rounded))
 }
 
+/// Subtract `base`'s accumulated counters from `s`'s (every `num_*` count
+/// and `trimmed_bytes`; see [`Allocator::reset_accumulated`]).
+fn accumulated(s: &mut cudalloc_stats, base: &cudalloc_stats) {
+    macro_rules! since {
+        ($($f:ident),*) => {$( s.$f = s.$f.saturating_sub(base.$f); )*};
+    }
+    since!(
+        num_allocs,
+        num_frees,
+        num_cache_hits,
+        num_driver_allocs,
+        num_driver_frees,
+        num_ooms,
+        num_alloc_retries,
+        num_invalid_frees,
+        num_segments_adopted,
+        num_pressure_low,
+        num_pressure_moderate,
+        num_pressure_high,
+        num_pressure_critical,
+        num_trims,
+        trimmed_bytes,
+        num_leak_age_alarms,
+        num_leak_growth_alarms
+    );
+}
+
 struct Device {
     core: DeviceCore,
     arenas: RwLock<FxHashMap<Stream, Arc<Arena>>>,
@@ -104,6 +131,9 @@ struct Device {
     total: OnceCell<u64>,
     /// Peak of allocated bytes (see `stats::ArenaBytes`).
     peak: Mutex<u64>,
+    /// The accumulated counters at the last `reset_accumulated` (all zero
+    /// before one): `stats` reports the counts since.
+    accumulated_base: Mutex<cudalloc_stats>,
 }
 
 impl Device {
@@ -466,6 +496,7 @@ impl Allocator {
                 fraction_bits: AtomicU64::new(config.memory_fraction.to_bits()),
                 total: OnceCell::new(),
                 peak: Mutex::new(0),
+                accumulated_base: Mutex::new(cudalloc_stats::default()),
             })
             .collect();
         let observe = Observer::new(&config, driver.device_count());
@@ -916,13 +947,35 @@ impl Allocator {
         Ok(dev.release_idle(Release::All))
     }
 
-    /// A statistics snapshot of `device`.
+    /// A statistics snapshot of `device`. The accumulated counters (see
+    /// [`Allocator::reset_accumulated`]) count from the last reset.
     pub fn stats(&self, device: usize) -> Result<cudalloc_stats> {
         let dev = self.device(device)?;
         // Segments come and go only under `slow`: holding it makes the
         // snapshot consistent (allocated <= reserved, every block counted
         // inside a segment counted), while cache hits and frees go on.
         let _slow = dev.slow.lock();
+        let mut s = self.stats_since_start(dev);
+        accumulated(&mut s, &dev.accumulated_base.lock());
+        Ok(s)
+    }
+
+    /// Restart the accumulated counters of `device` from zero: the counts of
+    /// allocations, frees, cache hits, driver calls, OOMs, retries, invalid
+    /// frees, adoptions, pressure events, trims and leak alarms (torch's
+    /// `reset_accumulated_memory_stats`). Current values and peaks stay.
+    pub fn reset_accumulated(&self, device: usize) -> Result<()> {
+        let dev = self.device(device)?;
+        let _slow = dev.slow.lock();
+        let now = self.stats_since_start(dev);
+        *dev.accumulated_base.lock() = now;
+        Ok(())
+    }
+
+    /// `stats` with the accumulated counters since the allocator started.
+    /// Call with `slow` held.
+    fn stats_since_start(&self, dev: &Device) -> cudalloc_stats {
+        let device = dev.core.index;
         let c = &dev.core.counters;
         let allocated = dev.allocated();
         let mut s = cudalloc_stats {
@@ -962,7 +1015,14 @@ impl Allocator {
                 .max(inner.index[0].largest(&inner.blocks))
                 .max(inner.index[1].largest(&inner.blocks));
         }
-        Ok(s)
+        s
+    }
+
+    /// The fraction of `device`'s total memory cudalloc may reserve, as set
+    /// by [`Allocator::set_memory_fraction`] (1.0 until then; torch's
+    /// `get_per_process_memory_fraction`).
+    pub fn memory_fraction(&self, device: usize) -> Result<f64> {
+        Ok(self.device(device)?.fraction())
     }
 
     /// Reset the peaks of `device` to the current values.
@@ -1417,6 +1477,51 @@ mod tests {
         assert!(a.malloc(80 << 20, 0, 0).is_err());
         assert_eq!(a.stats(0).unwrap().limit_bytes, (1u64 << 30) / 20);
         assert!(a.set_memory_fraction(0.0, 0).is_err());
+        assert_eq!(
+            a.memory_fraction(0).unwrap(),
+            0.05,
+            "a bad fraction changes nothing"
+        );
+        assert!(a.memory_fraction(1).is_err(), "one device");
+        let (b, _) = sim("sim_memory:1GiB");
+        assert_eq!(b.memory_fraction(0).unwrap(), 1.0, "the default");
+        a.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn reset_accumulated_restarts_the_counts_and_keeps_the_rest() {
+        let (a, _) = sim("sim_memory:1GiB,max_memory:100MiB");
+        let p = a.malloc(60 << 20, 0, 0).unwrap();
+        assert!(a.malloc(60 << 20, 0, 0).is_err());
+        assert!(a.free(0xdead, Some(0), 0).is_err());
+        let q = a.malloc(4096, 0, 0).unwrap();
+        a.free(q, Some(0), 0).unwrap();
+        let before = a.stats(0).unwrap();
+        assert!(before.num_ooms == 1 && before.num_invalid_frees == 1 && before.num_allocs == 2);
+        a.reset_accumulated(0).unwrap();
+        let after = a.stats(0).unwrap();
+        let zeroed = cudalloc_stats {
+            num_allocs: 0,
+            num_frees: 0,
+            num_cache_hits: 0,
+            num_driver_allocs: 0,
+            num_driver_frees: 0,
+            num_ooms: 0,
+            num_alloc_retries: 0,
+            num_invalid_frees: 0,
+            num_segments_adopted: 0,
+            ..before
+        };
+        assert_eq!(after, zeroed, "only the accumulated counters restart");
+        // Counting goes on from zero; the peaks stay.
+        let r = a.malloc(4096, 0, 0).unwrap();
+        let st = a.stats(0).unwrap();
+        assert_eq!((st.num_allocs, st.num_cache_hits), (1, 1));
+        assert_eq!(st.allocated_bytes_peak, before.allocated_bytes_peak);
+        a.free(r, Some(0), 0).unwrap();
+        a.free(p, Some(0), 0).unwrap();
+        assert_eq!(a.stats(0).unwrap().num_frees, 2);
+        assert!(a.reset_accumulated(1).is_err());
         a.check_invariants().unwrap();
     }
 

@@ -36,6 +36,13 @@ impl<T> PanicDefault for Option<T> {
     }
 }
 
+/// A value no getter returns (`cudalloc_get_memory_fraction`: -1.0).
+impl PanicDefault for f64 {
+    fn panic_default() -> Self {
+        -1.0
+    }
+}
+
 impl PanicDefault for i32 {
     fn panic_default() -> Self {
         ErrorCode::CUDALLOC_ERR_PANIC as i32

@@ -275,6 +275,50 @@ pub extern "C" fn cudalloc_reset_peak_stats(device: c_int) {
     })
 }
 
+/// Restart the accumulated counters of `device` from zero: the `num_*`
+/// counts and `trimmed_bytes` (PyTorch's `reset_accumulated_memory_stats`).
+/// Current values and peaks stay. A bad device sets an error and changes
+/// nothing.
+#[no_mangle]
+pub extern "C" fn cudalloc_reset_accumulated_stats(device: c_int) {
+    guard("cudalloc_reset_accumulated_stats", || {
+        let r = global::get().and_then(|a| match device_index(device) {
+            Some(d) => a.reset_accumulated(d),
+            None => Err(Error::invalid_device(device as i64, a.device_count())),
+        });
+        match r {
+            Ok(()) => set_ok(),
+            Err(e) => {
+                set_error(&e);
+            }
+        }
+    })
+}
+
+/// The fraction (0, 1] of `device`'s total memory cudalloc may reserve: 1.0
+/// until `cudalloc_set_memory_fraction` (PyTorch's
+/// `get_per_process_memory_fraction`). -1.0, with the error set, for a bad
+/// device or configuration.
+#[no_mangle]
+pub extern "C" fn cudalloc_get_memory_fraction(device: c_int) -> f64 {
+    guard("cudalloc_get_memory_fraction", || {
+        let r = global::get().and_then(|a| match device_index(device) {
+            Some(d) => a.memory_fraction(d),
+            None => Err(Error::invalid_device(device as i64, a.device_count())),
+        });
+        match r {
+            Ok(f) => {
+                set_ok();
+                f
+            }
+            Err(e) => {
+                set_error(&e);
+                -1.0
+            }
+        }
+    })
+}
+
 /// Limit `device` to `fraction` (0, 1] of its total memory (PyTorch's
 /// `memory_fraction_fn`). A bad fraction or device sets an error and changes nothing.
 #[no_mangle]

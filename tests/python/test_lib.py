@@ -167,13 +167,42 @@ def test_summary_json_and_leak_report(lib):
 
 def test_memory_fraction_export_sets_limit(lib):
     # torch's set_per_process_memory_fraction reaches this export.
+    assert cudalloc.get_per_process_memory_fraction(1) == 1.0
     lib.cudalloc_set_memory_fraction(0.5, 1)
     assert lib.cudalloc_last_error() == 0
     assert cudalloc.raw_stats(1)["limit_bytes"] == 512 * MiB
+    assert cudalloc.get_per_process_memory_fraction("cuda:1") == 0.5
+    assert cudalloc.get_per_process_memory_fraction(0) == 1.0
     lib.cudalloc_set_memory_fraction(1.0, 1)
     lib.cudalloc_set_memory_fraction(7.0, 1)
     assert lib.cudalloc_last_error() != 0  # refused, nothing changed
     assert cudalloc.raw_stats(1)["limit_bytes"] in (0, 1024 * MiB)
+    assert cudalloc.get_per_process_memory_fraction(1) == 1.0
+    with pytest.raises(cudalloc.InvalidDeviceError, match="device 9 is not valid"):
+        cudalloc.get_per_process_memory_fraction(9)
+
+
+def test_reset_accumulated_memory_stats(lib):
+    # torch.cuda.reset_accumulated_memory_stats raises under a pluggable
+    # allocator; patched, it reaches this.
+    dev = 1
+    p = lib.cudalloc_malloc(5 * MiB, dev, None)
+    lib.cudalloc_free(p, 0, dev, None)
+    keep = lib.cudalloc_malloc(4096, dev, None)
+    before = cudalloc.memory_stats(dev)
+    assert before["allocation.all.allocated"] >= 2 and before["allocation.all.freed"] >= 1
+    cudalloc.reset_accumulated_memory_stats(dev)
+    s = cudalloc.memory_stats(dev)
+    for key in ("allocation.all.allocated", "allocation.all.freed", "segment.all.allocated",
+                "num_device_alloc", "num_alloc_retries", "cudalloc.num_cache_hits"):
+        assert s[key] == 0, key
+    for key in ("allocated_bytes.all.current", "allocated_bytes.all.peak",
+                "reserved_bytes.all.current", "segment.all.current", "allocation.all.current"):
+        assert s[key] == before[key], key
+    lib.cudalloc_free(keep, 0, dev, None)
+    assert cudalloc.memory_stats(dev)["allocation.all.freed"] == 1
+    with pytest.raises(cudalloc.InvalidDeviceError):
+        cudalloc.reset_accumulated_memory_stats(9)
 
 
 def test_oom_diagnosis_reaches_stderr():

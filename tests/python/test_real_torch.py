@@ -117,6 +117,14 @@ def test_torch_statistics_answer_from_cudalloc_and_unpatch_restores_them():
         _lib.lib().cudalloc_free(p, 0, 1, None)
         torch.cuda.reset_peak_memory_stats(1)
         assert torch.cuda.max_memory_allocated(1) == 0
+        # Both raise under a pluggable allocator in torch itself.
+        assert torch.cuda.memory_stats(1)["allocation.all.allocated"] == 1
+        torch.cuda.reset_accumulated_memory_stats(1)
+        assert torch.cuda.memory_stats(1)["allocation.all.allocated"] == 0
+        torch.accelerator.reset_accumulated_memory_stats(1)
+        assert torch.cuda.get_per_process_memory_fraction(1) == 1.0
+        _lib.lib().cudalloc_set_memory_fraction(0.25, 1)
+        assert torch.cuda.get_per_process_memory_fraction("cuda:1") == 0.25
         try:
             torch.cuda.memory_allocated(5)
         except ValueError as e:
