@@ -129,6 +129,29 @@ def test_empty_cache_lowers_reserved():
     )
 
 
+def test_memory_fraction_and_accumulated_stats_through_torch():
+    # Both getters raise in torch under a pluggable allocator; patched, they
+    # answer from cudalloc, and the setter reaches it through memory_fraction_fn.
+    run(
+        """
+        import torch, cudalloc
+        cudalloc.enable()
+        assert torch.cuda.get_per_process_memory_fraction() == 1.0
+        torch.cuda.set_per_process_memory_fraction(0.5)
+        assert torch.cuda.get_per_process_memory_fraction() == 0.5
+        total = torch.cuda.get_device_properties(0).total_memory
+        limit = cudalloc.raw_stats()["limit_bytes"]
+        assert 0 < limit <= total // 2 + (1 << 20), (limit, total)
+        x = torch.empty(1 << 20, device="cuda")
+        del x
+        assert torch.cuda.memory_stats()["allocation.all.allocated"] >= 1
+        torch.cuda.reset_accumulated_memory_stats()
+        assert torch.cuda.memory_stats()["allocation.all.allocated"] == 0
+        print("ok")
+        """
+    )
+
+
 def test_record_stream_is_honoured():
     run(
         """
