@@ -60,6 +60,9 @@ pub struct Config {
     /// handed out whole, only to requests within one `large_segment` of its
     /// size, and released before growing when it fits no request.
     pub huge_split: bool,
+    /// Serve PyTorch's private memory pools (CUDA graph capture) instead of
+    /// refusing them.
+    pub graph_pools: bool,
     // Observability (src/observe/): leak tracking, pressure, trace log, exports.
     /// Call-site frames captured per sampled allocation; 0 = off.
     pub backtrace: u32,
@@ -270,6 +273,21 @@ pub static OPTIONS: &[OptionSpec] = &[
         get: |c| if c.huge_split { "on" } else { "off" }.to_string(),
     },
     OptionSpec {
+        key: "graph_pools",
+        accepted: "on | off",
+        default: "off",
+        doc: "on: PyTorch's private memory pools (torch.cuda.graph, make_graphed_callables) get pool-private segments, kept until the graph is released; off: cudalloc refuses them with a clear error (experimental until checked on a GPU)",
+        set: |c, v| {
+            c.graph_pools = match v {
+                "on" => true,
+                "off" => false,
+                _ => return Err(String::new()),
+            };
+            Ok(())
+        },
+        get: |c| if c.graph_pools { "on" } else { "off" }.to_string(),
+    },
+    OptionSpec {
         key: "backtrace",
         accepted: "off | a frame count from 1 to 64",
         default: "off",
@@ -421,6 +439,7 @@ impl Default for Config {
             huge_threshold: 0,
             huge_round: 0,
             huge_split: true,
+            graph_pools: false,
             backtrace: 0,
             backtrace_sample: 1,
             leak_report_exit: false,

@@ -21,6 +21,7 @@
 //! every miss, adoption, release and `empty_cache`: it never hides memory from
 //! another stream or the driver.
 
+use super::pools::PoolTag;
 use super::tlsf::{Block, BlockState, Blocks, FreeIndex, NIL};
 use super::DeviceCore;
 use crate::driver::{DriverError, Event, Stream};
@@ -91,12 +92,17 @@ pub(crate) struct ArenaInner {
     pub quarantined: Vec<u32>,
     pub counters: ArenaCounters,
     seq: u64,
+    /// The private pool this arena serves, if any (see `pools.rs`).
+    pub pool: PoolTag,
 }
 
 /// One stream's arena on one device.
 #[derive(Debug)]
 pub struct Arena {
     pub stream: Stream,
+    /// A private pool's arena (`pools.rs`), never a stream's own: fixed at
+    /// creation, so readable without the lock.
+    pub(crate) pooled: bool,
     pub(crate) inner: Mutex<ArenaInner>,
     /// Allocated bytes and peak budget; written only under `inner`'s lock.
     pub(crate) bytes: ArenaBytes,
@@ -106,8 +112,17 @@ impl Arena {
     pub(crate) fn new(stream: Stream) -> Self {
         Arena {
             stream,
+            pooled: false,
             inner: Mutex::new(ArenaInner::default()),
             bytes: ArenaBytes::default(),
+        }
+    }
+
+    /// An arena for a private pool's allocations on `stream`.
+    pub(crate) fn new_pooled(stream: Stream) -> Self {
+        Arena {
+            pooled: true,
+            ..Arena::new(stream)
         }
     }
 }
@@ -379,7 +394,10 @@ impl ArenaInner {
         self.counters.frees += 1;
         self.counters.live -= 1;
         self.counters.requested -= rec.requested;
-        if quarantine() {
+        // A private pool's block goes back to its pool even during a capture:
+        // only the pool's later allocations, ordered by the graph or by the
+        // captures sharing the pool, can reuse it.
+        if self.pool == PoolTag::None && quarantine() {
             self.blocks.get_mut(rec.block).state = BlockState::Pending;
             self.quarantined.push(rec.block);
             return Some(size);

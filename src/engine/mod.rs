@@ -20,8 +20,11 @@
 //!   Until a slow path first sees a capturing stream, frees do not ask.
 
 mod arena;
+mod pools;
 pub mod tlsf;
 mod trim;
+
+pub use pools::PoolId;
 
 use crate::config::Config;
 use crate::driver::{Driver, DriverError, Event, Stream};
@@ -33,9 +36,10 @@ use crate::tracking::LiveInfo;
 use arena::{Arena, Detached};
 use once_cell::sync::OnceCell;
 use parking_lot::{Mutex, RwLock};
+use pools::PoolTag;
 use rustc_hash::FxHashMap;
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Called at step 3 of the OOM ladder with `(device, requested bytes)`.
@@ -123,7 +127,9 @@ fn accumulated(s: &mut cudalloc_stats, base: &cudalloc_stats) {
 
 struct Device {
     core: DeviceCore,
-    arenas: RwLock<FxHashMap<Stream, Arc<Arena>>>,
+    /// Every arena, by (stream, 0) for a stream's own and (stream, n > 0)
+    /// for a private pool's (`pools.rs`). Never drops one.
+    arenas: RwLock<FxHashMap<(Stream, u64), Arc<Arena>>>,
     /// Serialises slow paths (driver calls, adoption, the OOM ladder).
     slow: Mutex<()>,
     max_memory: u64,
@@ -134,6 +140,11 @@ struct Device {
     /// The accumulated counters at the last `reset_accumulated` (all zero
     /// before one): `stats` reports the counts since.
     accumulated_base: Mutex<cudalloc_stats>,
+    /// Private pools (PyTorch's graph pools; `pools.rs`).
+    pools: Mutex<pools::Pools>,
+    /// Pools routing allocations now (captures under way): while nonzero,
+    /// nothing goes back to the driver.
+    captures: AtomicUsize,
 }
 
 impl Device {
@@ -144,7 +155,7 @@ impl Device {
         }
         let mut map = self.arenas.write();
         let arc = map
-            .entry(stream)
+            .entry((stream, 0))
             .or_insert_with(|| Arc::new(Arena::new(stream)))
             .clone();
         drop(map);
@@ -170,7 +181,7 @@ impl Device {
     #[inline(never)]
     fn find_arena_slow(&self, alloc_id: u64, stream: Stream) -> Option<&Arena> {
         let map = self.arenas.read();
-        let arc = map.get(&stream)?;
+        let arc = map.get(&(stream, 0))?;
         // SAFETY: as in `arena`: the map never drops an arena while `self` lives.
         let a = unsafe { &*Arc::as_ptr(arc) };
         drop(map);
@@ -267,6 +278,21 @@ impl Device {
             )
     }
 
+    /// `empty_cache` for this device: end the quarantine and release every
+    /// idle segment. Nothing while a capture is under way (pools.rs): that
+    /// would invalidate it. Call with `slow` held.
+    fn empty(&self) -> u64 {
+        if self.capture_underway() {
+            tracing::debug!(
+                device = self.core.index,
+                "empty_cache during a graph capture: nothing released"
+            );
+            return 0;
+        }
+        self.release_quarantine();
+        self.release_idle(Release::All)
+    }
+
     /// Return every quarantined block to its arena's free index. Call with `slow` held.
     fn release_quarantine(&self) {
         for a in self.arena_list() {
@@ -320,10 +346,20 @@ impl Device {
     /// Release idle segments of every arena of this device to the driver.
     /// Returns the bytes released. Call with `slow` held.
     fn release_idle(&self, mode: Release) -> u64 {
+        if self.capture_underway() {
+            return 0;
+        }
         let mut released = 0;
         for arena in self.arena_list() {
             let detached: Vec<Detached> = {
                 let mut a = arena.inner.lock();
+                match a.pool {
+                    PoolTag::None => {}
+                    // A released pool's segments go only where every stream
+                    // is synchronised (a replay may run on any).
+                    PoolTag::Released(_) if mode == Release::All => {}
+                    PoolTag::Live(_) | PoolTag::Released(_) | PoolTag::Spare => continue,
+                }
                 a.flush_stash();
                 a.process_pending(&self.core, mode == Release::All);
                 if a.idle.is_empty() {
@@ -385,6 +421,9 @@ impl Device {
                 self.driver_free(d);
             }
         }
+        if mode == Release::All {
+            self.retire_drained_pools();
+        }
         released
     }
 
@@ -408,7 +447,7 @@ impl Device {
     /// the segment's free block in between.
     fn adopt(&self, me: &Arena, pool: Pool, rounded: u64, policy: &Policy) -> Option<Detached> {
         for other in self.arena_list() {
-            if std::ptr::eq(Arc::as_ptr(&other), me) {
+            if std::ptr::eq(Arc::as_ptr(&other), me) || other.pooled {
                 continue;
             }
             let found = {
@@ -497,6 +536,8 @@ impl Allocator {
                 total: OnceCell::new(),
                 peak: Mutex::new(0),
                 accumulated_base: Mutex::new(cudalloc_stats::default()),
+                pools: Mutex::new(pools::Pools::default()),
+                captures: AtomicUsize::new(0),
             })
             .collect();
         let observe = Observer::new(&config, driver.device_count());
@@ -566,6 +607,13 @@ impl Allocator {
             return Err(self.oom(dev, size, stream, "the size overflows"));
         };
         let arena = dev.arena(self.id, stream);
+        self.serve(dev, arena, rounded, size)
+    }
+
+    /// Serve a request of `size` bytes (`rounded`) from `arena`: its cache,
+    /// else the slow path.
+    #[inline(always)]
+    fn serve(&self, dev: &Device, arena: &Arena, rounded: u64, size: u64) -> Result<u64> {
         {
             let mut a = arena.inner.lock();
             if !a.pending.is_empty() {
@@ -660,7 +708,13 @@ impl Allocator {
                 return Ok(p);
             }
         }
-        if let Some(d) = dev.adopt(arena, pool, rounded, &self.policy) {
+        // A pool's memory comes only from the driver (pools.rs).
+        let adopted = if arena.pooled {
+            None
+        } else {
+            dev.adopt(arena, pool, rounded, &self.policy)
+        };
+        if let Some(d) = adopted {
             let mut a = arena.inner.lock();
             a.counters.cache_hits += 1;
             let s = a.attach(d);
@@ -933,8 +987,7 @@ impl Allocator {
             .iter()
             .map(|dev| {
                 let _slow = dev.slow.lock();
-                dev.release_quarantine();
-                dev.release_idle(Release::All)
+                dev.empty()
             })
             .sum()
     }
@@ -943,8 +996,7 @@ impl Allocator {
     pub fn empty_cache_device(&self, device: usize) -> Result<u64> {
         let dev = self.device(device)?;
         let _slow = dev.slow.lock();
-        dev.release_quarantine();
-        Ok(dev.release_idle(Release::All))
+        Ok(dev.empty())
     }
 
     /// A statistics snapshot of `device`. The accumulated counters (see
@@ -1132,6 +1184,7 @@ impl Allocator {
                     dev.allocated()
                 ));
             }
+            dev.check_pools()?;
             if seg_bytes != live_bytes + free + pending {
                 return Err(format!(
                     "device {}: reserved {seg_bytes} != live {live_bytes} + free {free} + pending {pending}",

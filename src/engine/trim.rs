@@ -22,7 +22,11 @@ impl Allocator {
             return 0;
         };
         let _slow = dev.slow.lock();
-        let arenas = dev.arena_list();
+        if dev.capture_underway() {
+            return 0;
+        }
+        // Pools keep their memory (pools.rs).
+        let arenas: Vec<_> = dev.arena_list().into_iter().filter(|a| !a.pooled).collect();
         let mut cands: Vec<(u64, usize, u64)> = Vec::new();
         for (ai, a) in arenas.iter().enumerate() {
             let mut inner = a.inner.lock();

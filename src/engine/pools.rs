@@ -1,0 +1,490 @@
+//! Private memory pools: PyTorch's graph pools (`beginAllocateToPool`,
+//! `endAllocateToPool`, `releasePool`; on with `graph_pools:on`).
+//!
+//! While a CUDA graph is captured, PyTorch sends the capture's allocations to
+//! a pool of its own, so that the memory the graph replays into is never
+//! handed to anyone else while the graph lives. Here a pool is a set of
+//! arenas, one per stream it allocated on, kept in the device's arena map
+//! under keys of their own (`(stream, n)`, n > 0; a stream's own arena is
+//! `(stream, 0)`) and tagged with the pool ([`PoolTag`]). So statistics, frees, the leak report and the invariant
+//! check see them as any arena, and:
+//! - a pool's segments come only from the driver: a pool arena never adopts,
+//!   and is never adopted from or trimmed, nor released by the OOM ladder's
+//!   non-blocking steps or before growth;
+//! - a block freed into a pool goes back to that pool, even during a capture
+//!   (no quarantine): only the pool's later allocations can reuse it, in the
+//!   order the graph (or the captures sharing the pool) fixes;
+//! - while a capture is under way on the device (between `begin_pool` and
+//!   `end_pool`), nothing on that device goes back to the driver: a
+//!   `cuMemFree` or a stream synchronisation would invalidate a global-mode
+//!   capture (PyTorch's allocator holds back the same way);
+//! - `begin_pool` takes a reference, `release_pool` drops one. At zero the
+//!   pool is *released*: its idle segments go back to the driver at the next
+//!   `empty_cache` or synchronising OOM-ladder step (which synchronise, and
+//!   `cuMemFree` waits for the device: a replay still running on any stream
+//!   is done first), and once it holds no segment its arenas become spares
+//!   for the next pool on the same stream.
+//!
+//! Which allocations go to a pool is PyTorch's filter's answer. The FFI layer
+//! keeps the filters and asks them (`ffi/cxx_function.rs`), then calls
+//! [`Allocator::malloc_pool`].
+
+use super::arena::Arena;
+use super::{Allocator, Device};
+use crate::driver::Stream;
+use crate::error::{Error, ErrorCode, Result};
+use crate::size_class::round_size;
+use rustc_hash::FxHashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// PyTorch's `MempoolId_t`.
+pub type PoolId = (u64, u64);
+
+/// Which private pool an arena serves.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PoolTag {
+    /// A stream's own arena.
+    #[default]
+    None,
+    /// A pool with references (a graph, or a capture under way).
+    Live(PoolId),
+    /// A pool whose last reference was dropped.
+    Released(PoolId),
+    /// A drained pool arena, kept for the next pool on its stream.
+    Spare,
+}
+
+#[derive(Debug, Default)]
+struct PoolState {
+    /// `begin_pool` calls minus `release_pool` calls.
+    refs: u64,
+    /// `begin_pool` calls not yet ended.
+    routing: u64,
+    arenas: Vec<Arc<Arena>>,
+}
+
+/// One device's pools.
+#[derive(Debug, Default)]
+pub(crate) struct Pools {
+    map: FxHashMap<PoolId, PoolState>,
+    spare: Vec<Arc<Arena>>,
+    next_key: u64,
+}
+
+fn show(id: PoolId) -> String {
+    format!("pool ({}, {})", id.0, id.1)
+}
+
+impl Device {
+    /// Whether a capture is under way on this device (a pool is routing):
+    /// then nothing goes back to the driver.
+    pub(super) fn capture_underway(&self) -> bool {
+        self.captures.load(Ordering::Acquire) > 0
+    }
+
+    /// The arena of pool `id` for `stream`, made (or taken from the spares)
+    /// on first use.
+    fn pool_arena(&self, id: PoolId, stream: Stream) -> Result<&Arena> {
+        let mut pools = self.pools.lock();
+        let Pools {
+            map,
+            spare,
+            next_key,
+        } = &mut *pools;
+        let st = match map.get_mut(&id) {
+            Some(st) if st.refs > 0 => st,
+            _ => {
+                return Err(Error::new(
+                    ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT,
+                    format!(
+                        "{} of device {} is not live (allocation routed to a pool never begun, or released)",
+                        show(id),
+                        self.core.index
+                    ),
+                ))
+            }
+        };
+        let arc = match st.arenas.iter().find(|a| a.stream == stream) {
+            Some(a) => a.clone(),
+            None => {
+                let arc = match spare.iter().position(|a| a.stream == stream) {
+                    Some(i) => spare.swap_remove(i),
+                    None => {
+                        let arc = Arc::new(Arena::new_pooled(stream));
+                        *next_key += 1;
+                        self.arenas.write().insert((stream, *next_key), arc.clone());
+                        arc
+                    }
+                };
+                arc.inner.lock().pool = PoolTag::Live(id);
+                st.arenas.push(arc.clone());
+                arc
+            }
+        };
+        // SAFETY: the arena is in `self.arenas`, which never drops an arena
+        // while `self` lives (see `Device::arena`).
+        Ok(unsafe { &*Arc::as_ptr(&arc) })
+    }
+
+    /// Hand the arenas of released pools that hold no segment to the spares.
+    /// Call with `slow` held.
+    pub(super) fn retire_drained_pools(&self) {
+        let mut pools = self.pools.lock();
+        let Pools { map, spare, .. } = &mut *pools;
+        map.retain(|_, st| {
+            if st.refs > 0 || st.routing > 0 {
+                return true;
+            }
+            let drained = st
+                .arenas
+                .iter()
+                .all(|a| a.inner.lock().segment_count() == 0);
+            if drained {
+                for a in st.arenas.drain(..) {
+                    a.inner.lock().pool = PoolTag::Spare;
+                    spare.push(a);
+                }
+            }
+            !drained
+        });
+    }
+
+    /// The pool bookkeeping agrees with the arenas' tags. Call with `slow` held.
+    pub(super) fn check_pools(&self) -> std::result::Result<(), String> {
+        let pools = self.pools.lock();
+        let d = self.core.index;
+        for (&id, st) in &pools.map {
+            let want = if st.refs > 0 {
+                PoolTag::Live(id)
+            } else {
+                PoolTag::Released(id)
+            };
+            for a in &st.arenas {
+                let tag = a.inner.lock().pool;
+                if !a.pooled || tag != want {
+                    return Err(format!(
+                        "device {d}: an arena of {} is tagged {tag:?}, not {want:?}",
+                        show(id)
+                    ));
+                }
+            }
+        }
+        for a in &pools.spare {
+            let inner = a.inner.lock();
+            if inner.pool != PoolTag::Spare || inner.segment_count() != 0 {
+                return Err(format!(
+                    "device {d}: a spare pool arena is tagged {:?} with {} segments",
+                    inner.pool,
+                    inner.segment_count()
+                ));
+            }
+        }
+        drop(pools);
+        for a in self.arena_list() {
+            if !a.pooled && a.inner.lock().pool != PoolTag::None {
+                return Err(format!(
+                    "device {d}: stream {:#x}'s own arena is tagged as a pool's",
+                    a.stream
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Allocator {
+    /// Start routing allocations to pool `id` of `device` (PyTorch's
+    /// `beginAllocateToPool`; which allocations, the caller decides): the
+    /// pool is made on first use, takes a reference, and until
+    /// [`Allocator::end_pool`] nothing on the device goes back to the driver.
+    pub fn begin_pool(&self, device: usize, id: PoolId) -> Result<()> {
+        let dev = self.device(device)?;
+        let mut pools = dev.pools.lock();
+        let st = pools.map.entry(id).or_default();
+        if st.refs == 0 {
+            for a in &st.arenas {
+                a.inner.lock().pool = PoolTag::Live(id);
+            }
+        }
+        st.refs += 1;
+        st.routing += 1;
+        dev.captures.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Stop routing to pool `id` (PyTorch's `endAllocateToPool`). The pool
+    /// keeps its reference and its memory.
+    pub fn end_pool(&self, device: usize, id: PoolId) -> Result<()> {
+        let dev = self.device(device)?;
+        let mut pools = dev.pools.lock();
+        match pools.map.get_mut(&id) {
+            Some(st) if st.routing > 0 => {
+                st.routing -= 1;
+                dev.captures.fetch_sub(1, Ordering::AcqRel);
+                Ok(())
+            }
+            _ => Err(Error::new(
+                ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT,
+                format!(
+                    "end of routing to {} of device {device}, which nothing routes to",
+                    show(id)
+                ),
+            )),
+        }
+    }
+
+    /// Drop a reference to pool `id` (PyTorch's `releasePool`, when a graph
+    /// is reset or destroyed). At zero the pool is released: its memory goes
+    /// back to the driver at the next `empty_cache` once freed.
+    pub fn release_pool(&self, device: usize, id: PoolId) -> Result<()> {
+        let dev = self.device(device)?;
+        let mut pools = dev.pools.lock();
+        match pools.map.get_mut(&id) {
+            Some(st) if st.refs > 0 => {
+                st.refs -= 1;
+                if st.refs == 0 {
+                    for a in &st.arenas {
+                        a.inner.lock().pool = PoolTag::Released(id);
+                    }
+                }
+                Ok(())
+            }
+            _ => Err(Error::new(
+                ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT,
+                format!(
+                    "release of {} of device {device}, which holds no reference",
+                    show(id)
+                ),
+            )),
+        }
+    }
+
+    /// Allocate `size` bytes on `device` for `stream` from pool `id`, which
+    /// must be live ([`Allocator::begin_pool`]). Freed with
+    /// [`Allocator::free`], like any allocation.
+    pub fn malloc_pool(&self, size: u64, device: usize, stream: Stream, id: PoolId) -> Result<u64> {
+        let r = self.malloc_pool_engine(size, device, stream, id);
+        if self.observe.on {
+            self.observe.after_malloc(self, &r, size, device, stream);
+        }
+        r
+    }
+
+    fn malloc_pool_engine(
+        &self,
+        size: u64,
+        device: usize,
+        stream: Stream,
+        id: PoolId,
+    ) -> Result<u64> {
+        let dev = self.device(device)?;
+        if size == 0 {
+            return Ok(0);
+        }
+        let Some(rounded) = round_size(size) else {
+            return Err(self.oom(dev, size, stream, "the size overflows"));
+        };
+        let arena = dev.pool_arena(id, stream)?;
+        self.serve(dev, arena, rounded, size)
+    }
+
+    /// Live pools of `device` and their reference counts (tests, diagnosis).
+    pub fn pools(&self, device: usize) -> Result<Vec<(PoolId, u64)>> {
+        let dev = self.device(device)?;
+        let pools = dev.pools.lock();
+        let mut v: Vec<(PoolId, u64)> = pools.map.iter().map(|(&id, st)| (id, st.refs)).collect();
+        v.sort_unstable();
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::driver::sim::SimDriver;
+
+    const MIB: u64 = 1 << 20;
+    const P: PoolId = (1, 0);
+
+    fn sim() -> (Allocator, Arc<SimDriver>) {
+        let c = Config::parse("sim_memory:1GiB").unwrap();
+        let d = Arc::new(SimDriver::new(c.sim_devices, c.sim_memory));
+        (Allocator::new(c, d.clone()), d)
+    }
+
+    fn arenas(a: &Allocator) -> usize {
+        a.devices[0].arenas.read().len()
+    }
+
+    #[test]
+    fn a_pools_memory_serves_only_that_pool() {
+        let (a, _) = sim();
+        a.begin_pool(0, P).unwrap();
+        let x = a.malloc_pool(4 * MIB, 0, 0x10, P).unwrap();
+        a.free(x, Some(0), 0x10).unwrap();
+        // The same stream, outside the pool: the pool's free block is not its.
+        let e = a.malloc(4 * MIB, 0, 0x10).unwrap();
+        assert_ne!(e, x);
+        assert_eq!(
+            a.malloc_pool(4 * MIB, 0, 0x10, P).unwrap(),
+            x,
+            "the pool reuses its own"
+        );
+        a.end_pool(0, P).unwrap();
+        a.free(x, Some(0), 0x10).unwrap();
+        a.free(e, Some(0), 0x10).unwrap();
+        // Another stream never adopts the pool's idle segment.
+        let adopted = a.stats(0).unwrap().num_segments_adopted;
+        let f = a.malloc(4 * MIB, 0, 0x20).unwrap();
+        assert_ne!(f, x);
+        let st = a.stats(0).unwrap();
+        assert_eq!(
+            st.num_segments_adopted,
+            adopted + 1,
+            "adopted the stream's segment"
+        );
+        a.free(f, Some(0), 0x20).unwrap();
+        // Nor does trim touch it.
+        a.trim(0, u64::MAX);
+        assert_eq!(
+            a.stats(0).unwrap().reserved_bytes,
+            20 * MIB,
+            "the pool's 20 MiB segment"
+        );
+        a.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn nothing_goes_back_to_the_driver_during_a_capture() {
+        let (a, d) = sim();
+        let g = a.malloc(4 * MIB, 0, 0x10).unwrap();
+        a.free(g, Some(0), 0x10).unwrap();
+        a.begin_pool(0, P).unwrap();
+        let x = a.malloc_pool(4 * MIB, 0, 0x10, P).unwrap();
+        let reserved = a.stats(0).unwrap().reserved_bytes;
+        let frees = d.counters().mem_frees;
+        assert_eq!(a.empty_cache(), 0);
+        assert_eq!(a.trim(0, u64::MAX), 0);
+        assert_eq!(a.stats(0).unwrap().reserved_bytes, reserved);
+        assert_eq!(
+            d.counters().mem_frees,
+            frees,
+            "no cuMemFree during a capture"
+        );
+        a.end_pool(0, P).unwrap();
+        // After the capture: the stream's idle segment goes, the live pool's stays.
+        assert_eq!(a.empty_cache(), 20 * MIB);
+        a.free(x, Some(0), 0x10).unwrap();
+        assert_eq!(a.empty_cache(), 0, "a live pool keeps its memory");
+        assert_eq!(a.stats(0).unwrap().reserved_bytes, 20 * MIB);
+        a.release_pool(0, P).unwrap();
+        assert_eq!(
+            a.empty_cache(),
+            20 * MIB,
+            "a released pool's memory goes back"
+        );
+        assert!(a.pools(0).unwrap().is_empty(), "and the pool is gone");
+        a.check_invariants().unwrap();
+        // Its arena is a spare: the next pool on that stream takes it.
+        let n = arenas(&a);
+        a.begin_pool(0, (2, 0)).unwrap();
+        let y = a.malloc_pool(4 * MIB, 0, 0x10, (2, 0)).unwrap();
+        assert_eq!(arenas(&a), n);
+        a.free(y, Some(0), 0x10).unwrap();
+        a.end_pool(0, (2, 0)).unwrap();
+        a.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_released_pool_keeps_live_blocks_until_freed() {
+        let (a, _) = sim();
+        a.begin_pool(0, P).unwrap();
+        let x = a.malloc_pool(MIB, 0, 0x10, P).unwrap();
+        a.end_pool(0, P).unwrap();
+        a.release_pool(0, P).unwrap();
+        assert_eq!(a.empty_cache(), 0, "x is live");
+        assert_eq!(a.pools(0).unwrap(), vec![(P, 0)]);
+        assert!(
+            a.malloc_pool(MIB, 0, 0x10, P).is_err(),
+            "released: routes nothing"
+        );
+        a.free(x, Some(0), 0x10).unwrap();
+        assert_eq!(a.empty_cache(), 2 * MIB);
+        assert!(a.pools(0).unwrap().is_empty());
+        a.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn frees_into_a_pool_during_a_capture_are_its_to_reuse() {
+        let (a, d) = sim();
+        // The capture is seen (a general miss on the capturing stream) ...
+        d.set_capturing(0x10, true);
+        let g = a.malloc(4096, 0, 0x10).unwrap();
+        a.free(g, Some(0), 0x10).unwrap();
+        assert_eq!(a.stats(0).unwrap().pending_free_bytes, 4096, "quarantined");
+        // ... but a pool's block freed during it goes back to the pool.
+        a.begin_pool(0, P).unwrap();
+        let x = a.malloc_pool(4096, 0, 0x10, P).unwrap();
+        a.free(x, Some(0), 0x10).unwrap();
+        assert_eq!(a.malloc_pool(4096, 0, 0x10, P).unwrap(), x);
+        assert_eq!(a.stats(0).unwrap().pending_free_bytes, 4096);
+        a.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn pools_refcount_across_graphs_that_share_one() {
+        let (a, _) = sim();
+        // make_graphed_callables: two captures into one pool, two releases.
+        for _ in 0..2 {
+            a.begin_pool(0, P).unwrap();
+            let x = a.malloc_pool(MIB, 0, 0x10, P).unwrap();
+            a.free(x, Some(0), 0x10).unwrap();
+            a.end_pool(0, P).unwrap();
+        }
+        assert_eq!(a.pools(0).unwrap(), vec![(P, 2)]);
+        a.release_pool(0, P).unwrap();
+        assert_eq!(a.empty_cache(), 0, "one graph still holds the pool");
+        a.release_pool(0, P).unwrap();
+        assert_eq!(a.empty_cache(), 2 * MIB);
+        a.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn bad_pool_calls_are_errors_and_change_nothing() {
+        let (a, _) = sim();
+        let code = |r: Result<()>| r.unwrap_err().code;
+        assert_eq!(
+            code(a.end_pool(0, P)),
+            ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT
+        );
+        assert_eq!(
+            code(a.release_pool(0, P)),
+            ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT
+        );
+        assert_eq!(
+            a.malloc_pool(MIB, 0, 0x10, P).unwrap_err().code,
+            ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT
+        );
+        assert_eq!(
+            code(a.begin_pool(3, P)),
+            ErrorCode::CUDALLOC_ERR_INVALID_DEVICE
+        );
+        assert!(a.pools(0).unwrap().is_empty());
+        a.begin_pool(0, P).unwrap();
+        a.end_pool(0, P).unwrap();
+        assert_eq!(
+            code(a.end_pool(0, P)),
+            ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT
+        );
+        a.release_pool(0, P).unwrap();
+        assert_eq!(
+            code(a.release_pool(0, P)),
+            ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT
+        );
+        assert_eq!(a.stats(0).unwrap().reserved_bytes, 0);
+        assert!(!a.devices[0].capture_underway());
+        a.check_invariants().unwrap();
+    }
+}
