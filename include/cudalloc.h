@@ -273,6 +273,11 @@ void *cudalloc_malloc(size_t size, int device, void *stream);
  * `cudalloc_malloc` does. Not for C callers: wherever libstdc++ is loaded
  * (a C++ library, a sanitizer runtime) it throws, and a C frame cannot
  * pass a C++ exception on; C code uses `cudalloc_malloc`.
+ *
+ * While PyTorch routes allocations to a private pool
+ * (`cudalloc_begin_allocate_to_pool`, with `graph_pools:on`), the pool's
+ * filters decide which allocations go there; an exception a filter throws
+ * passes on to the caller.
  */
 void *cudalloc_malloc_torch(size_t size, int device, void *stream);
 
@@ -280,19 +285,44 @@ void *cudalloc_malloc_torch(size_t size, int device, void *stream);
  * PyTorch's `begin_allocate_to_pool` hook (`enable()` installs it with
  * `set_begin_allocate_to_pool`). PyTorch calls it when CUDA graph capture
  * (`torch.cuda.graph`, `make_graphed_callables`, `torch.compile`'s
- * cudagraphs) or `torch.cuda.use_mem_pool` starts sending allocations to a
- * private pool, before the capture begins. cudalloc has no private pools
- * yet, and without one the memory a graph replays into could be handed out
- * again (PyTorch empties the cache before each capture), so this refuses:
- * it throws a C++ `std::runtime_error`, which PyTorch turns into a
- * `RuntimeError` before any capture starts, and sets
- * `CUDALLOC_ERR_UNSUPPORTED`. `filter` (a `std::function<bool(cudaStream_t)>*`
- * that PyTorch owns) is never touched. Without a C++ runtime in the
- * process, or while the process exits, it logs the refusal and returns.
- * Only for PyTorch: like `cudalloc_malloc_torch` it throws, and C code
- * cannot pass an exception on.
+ * cudagraphs) starts sending allocations to a private pool, before the
+ * capture begins; `filter` (a `std::function<bool(cudaStream_t)>*` that
+ * PyTorch owns) says which allocations.
+ *
+ * With `graph_pools:on`, cudalloc copies the filter and serves those
+ * allocations from pool-private memory until
+ * `cudalloc_end_allocate_to_pool`; the memory stays the pool's until
+ * `cudalloc_release_pool` (see the README). With `graph_pools:off` (the
+ * default) it refuses: without a pool the memory a graph replays into could
+ * be handed out again. Refusals and errors (a bad device, an empty filter)
+ * throw a C++ `std::runtime_error`, which PyTorch turns into a
+ * `RuntimeError` before any capture starts, and set the last error
+ * (`CUDALLOC_ERR_UNSUPPORTED` for the refusal). Without a C++ runtime in
+ * the process, or while the process exits, it logs instead. Only for
+ * PyTorch: like `cudalloc_malloc_torch` it throws, and C code cannot pass
+ * an exception on.
+ *
+ * # Safety
+ * `filter` is NULL or points to a live libstdc++
+ * `std::function<bool(cudaStream_t)>` (with `graph_pools:on` it is read).
  */
 void cudalloc_begin_allocate_to_pool(int device, cudalloc_mempool_id pool, void *filter);
+
+/**
+ * PyTorch's `end_allocate_to_pool` hook (`set_end_allocate_to_pool_fn`):
+ * the capture into `pool` on `device` is over; its allocations stop going
+ * to the pool (the oldest route of that pool ends), and the pool keeps its
+ * memory. An unknown pool is logged and sets an error; nothing changes.
+ */
+void cudalloc_end_allocate_to_pool(int device, cudalloc_mempool_id pool);
+
+/**
+ * PyTorch's `release_pool` hook (`set_release_pool`): a graph that used
+ * `pool` on `device` is reset or destroyed. When no graph holds the pool
+ * any more, its memory goes back to the driver at the next `empty_cache`,
+ * once freed. An unknown pool is logged and sets an error; nothing changes.
+ */
+void cudalloc_release_pool(int device, cudalloc_mempool_id pool);
 
 /**
  * Free `ptr` (PyTorch's `free_fn`). `size`, `device` and `stream` are hints

@@ -11,12 +11,14 @@
 //! ffi        extern "C" exports, panic boundary, NULL rules, error codes,    ffi/, global.rs
 //!            thread-local last error, the process-wide allocator, exit and
 //!            fork-child guards; a C++ exception for PyTorch's alloc_fn and
-//!            for its graph-pool hook, which refuses (ffi/cxx_throw.rs)
+//!            graph-pool refusal (ffi/cxx_throw.rs); PyTorch's pool filters,
+//!            a libstdc++ std::function kept and called (ffi/cxx_function.rs)
 //! config     one options table; CUDALLOC_CONF parsing; effective-config print config.rs
 //! engine     per device: stream arenas -> segments -> blocks (TLSF free index) engine/
 //!            a per-arena stash of freed small blocks (deferred coalescing);
 //!            stream-ordered reuse; adoption of idle segments; OOM ladder;
 //!            limits; empty_cache; check_invariants()
+//!   pools       private pools for PyTorch's CUDA graphs (graph_pools:on)   engine/pools.rs
 //!   size_class  pure size -> granule, pool, segment, bin functions           size_class.rs
 //!   trim        oldest-first trim and the engine's hooks for observe/        engine/trim.rs
 //! tracking   live-allocation records (validate frees, true sizes)            tracking.rs

@@ -231,8 +231,40 @@ fn row_begin_allocate_to_pool_refuses() {
     let before = all_stats();
     for (device, first, second) in [(0, 1, 0), (-1, 0, 0), (1 << 20, u64::MAX, 7)] {
         let pool = cudalloc::ffi::cudalloc_mempool_id { first, second };
-        cudalloc::ffi::cudalloc_begin_allocate_to_pool(device, pool, std::ptr::null_mut());
+        // SAFETY: a NULL filter is allowed (and refused before it is read).
+        unsafe {
+            cudalloc::ffi::cudalloc_begin_allocate_to_pool(device, pool, std::ptr::null_mut())
+        };
         assert_eq!(last(), ErrorCode::CUDALLOC_ERR_UNSUPPORTED);
+    }
+    assert_unchanged(&before, |_, _| {});
+    check();
+}
+
+/// The end and release hooks of a pool nothing began, or of a bad device,
+/// set an error and change nothing.
+#[test]
+fn row_pool_hooks_of_unknown_pools() {
+    let _g = row();
+    let before = all_stats();
+    for (device, first, second) in [(0, 1, 0), (1, u64::MAX, u64::MAX)] {
+        let pool = cudalloc::ffi::cudalloc_mempool_id { first, second };
+        cudalloc::ffi::cudalloc_end_allocate_to_pool(device, pool);
+        assert_eq!(last(), ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT);
+        assert!(msg().contains("nothing routes to"), "{}", msg());
+        cudalloc::ffi::cudalloc_release_pool(device, pool);
+        assert_eq!(last(), ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT);
+        assert!(msg().contains("holds no reference"), "{}", msg());
+    }
+    for device in [-1, NDEV, c_int::MAX] {
+        let pool = cudalloc::ffi::cudalloc_mempool_id {
+            first: 1,
+            second: 0,
+        };
+        cudalloc::ffi::cudalloc_end_allocate_to_pool(device, pool);
+        assert_eq!(last(), ErrorCode::CUDALLOC_ERR_INVALID_DEVICE);
+        cudalloc::ffi::cudalloc_release_pool(device, pool);
+        assert_eq!(last(), ErrorCode::CUDALLOC_ERR_INVALID_DEVICE);
     }
     assert_unchanged(&before, |_, _| {});
     check();
@@ -723,6 +755,14 @@ fn row_every_export_with_a_bad_environment() {
     assert_eq!(last(), cfg);
     assert_eq!(cudalloc_get_memory_fraction(0), -1.0);
     assert_eq!(last(), cfg);
+    let pool = cudalloc_mempool_id {
+        first: 1,
+        second: 0,
+    };
+    cudalloc_end_allocate_to_pool(0, pool);
+    assert_eq!(last(), cfg);
+    cudalloc_release_pool(0, pool);
+    assert_eq!(last(), cfg);
     cudalloc_init_devices(1);
     assert_eq!(last(), cfg);
     assert_eq!(cudalloc_device_count(), -1);
@@ -818,6 +858,8 @@ fn every_export_in_the_header_is_in_the_catalog() {
         "cudalloc_malloc",
         "cudalloc_malloc_torch",
         "cudalloc_begin_allocate_to_pool",
+        "cudalloc_end_allocate_to_pool",
+        "cudalloc_release_pool",
         "cudalloc_free",
         "cudalloc_record_stream",
         "cudalloc_empty_cache",

@@ -18,17 +18,27 @@ fn compile(compiler: &str, flags: &[&str], source: &str, out: &std::path::Path, 
     }
 }
 
+/// Run `program` twice: graph pools refused (the default), then served.
 fn run_ok(program: &std::path::Path, args: &[&std::path::Path]) {
+    for conf in [
+        "backend:sim,sim_memory:1GiB",
+        "backend:sim,sim_memory:1GiB,graph_pools:on",
+    ] {
+        run_conf(program, args, conf);
+    }
+}
+
+fn run_conf(program: &std::path::Path, args: &[&std::path::Path], conf: &str) {
     let run = Command::new(program)
         .args(args)
-        .env("CUDALLOC_CONF", "backend:sim,sim_memory:1GiB")
+        .env("CUDALLOC_CONF", conf)
         .env("CUDALLOC_LOG", "off")
         .output()
         .expect("test program runs");
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(
         run.status.success() && stdout.contains("ok"),
-        "{} failed ({}):\n{stdout}\n{}",
+        "{} failed ({}, {conf}):\n{stdout}\n{}",
         program.display(),
         run.status,
         String::from_utf8_lossy(&run.stderr)

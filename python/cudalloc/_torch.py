@@ -26,17 +26,23 @@ _TOO_LATE = (
 # torch's optional hooks on _CUDAPluggableAllocator, and the export each takes
 # (signatures from torch/csrc/cuda/Module.cpp: void(int), void(),
 # void(void*, cudaStream_t), void(double, int), and
-# void(int, MempoolId_t, std::function<bool(cudaStream_t)>)).
-# set_begin_allocate_to_pool: CUDA graph capture and use_mem_pool call it
-# before they start; cudalloc has no private pools yet and refuses there with
-# a RuntimeError, rather than let a graph's memory be handed out again.
+# void(int, MempoolId_t, std::function<bool(cudaStream_t)>), and
+# void(int, MempoolId_t) twice).
+# The pool hooks: CUDA graph capture calls begin before it starts, end when
+# it is over, release when the graph goes. With graph_pools:on cudalloc
+# serves the capture from a private pool; with graph_pools:off (the default)
+# begin refuses with a RuntimeError, rather than let a graph's memory be
+# handed out again.
 _HOOKS = (
     ("set_init_fn", "cudalloc_init_devices"),
     ("set_reset_fn", "cudalloc_empty_cache"),
     ("set_record_stream_fn", "cudalloc_record_stream"),
     ("set_memory_fraction_fn", "cudalloc_set_memory_fraction"),
+    ("set_end_allocate_to_pool_fn", "cudalloc_end_allocate_to_pool"),
+    ("set_release_pool", "cudalloc_release_pool"),
     ("set_begin_allocate_to_pool", "cudalloc_begin_allocate_to_pool"),
 )
+_POOL_HOOKS = ("set_end_allocate_to_pool_fn", "set_release_pool")
 # Without these, empty_cache() is a silent no-op and record_stream is ignored.
 _ESSENTIAL_HOOKS = ("set_reset_fn", "set_record_stream_fn")
 
@@ -113,6 +119,7 @@ def enable(conf=None, *, patch_torch=None):
         if torch.cuda.is_initialized():
             raise _lib.CudallocError(_TOO_LATE)
         _lib.init(eff)  # ConfigError names the key
+        graph_pools = "graph_pools:on" in eff.replace(" ", "")
         if "backend:sim" in eff.replace(" ", ""):
             warnings.warn(
                 "cudalloc: backend:sim hands PyTorch simulated addresses that no "
@@ -126,6 +133,14 @@ def enable(conf=None, *, patch_torch=None):
         alloc_name = ALLOC_FN if _lib.has(ALLOC_FN) else "cudalloc_malloc"
         alloc = mem.CUDAPluggableAllocator(_lib.loaded_path(), alloc_name, "cudalloc_free")
         inner = alloc.allocator()
+        if graph_pools:
+            lacking = [h for h in _POOL_HOOKS if not hasattr(inner, h)]
+            if lacking:
+                # A pool that is never ended would hold every release back.
+                raise _lib.CudallocError(
+                    f"graph_pools:on needs PyTorch's {', '.join(lacking)}, which this "
+                    "PyTorch lacks; leave graph_pools off"
+                )
         wired = []
         for setter, export in _HOOKS:
             fn = getattr(inner, setter, None)

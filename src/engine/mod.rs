@@ -16,8 +16,10 @@
 //! - **Graph capture.** `cuMemAlloc` runs in relaxed capture mode (the CUDA
 //!   driver does that). A block freed while its stream is capturing a graph is
 //!   quarantined: the graph may still use it, so it is not reused until
-//!   `empty_cache` (a simple, documented policy; torch uses private pools).
+//!   `empty_cache` (a simple, documented policy for C and C++ captures).
 //!   Until a slow path first sees a capturing stream, frees do not ask.
+//!   PyTorch's captures get private pools instead (`pools.rs`,
+//!   `graph_pools:on`).
 
 mod arena;
 mod pools;
@@ -616,7 +618,8 @@ impl Allocator {
     fn serve(&self, dev: &Device, arena: &Arena, rounded: u64, size: u64) -> Result<u64> {
         {
             let mut a = arena.inner.lock();
-            if !a.pending.is_empty() {
+            // cuEventQuery is illegal during a capture (pools.rs).
+            if !a.pending.is_empty() && !dev.capture_underway() {
                 a.process_pending(&dev.core, false);
             }
             if let Some((p, block)) = a.try_alloc(rounded, size, &self.policy, &dev.core) {
@@ -708,8 +711,10 @@ impl Allocator {
                 return Ok(p);
             }
         }
-        // A pool's memory comes only from the driver (pools.rs).
-        let adopted = if arena.pooled {
+        // A pool's memory comes only from the driver, and proving another
+        // stream's segment free (stream and event queries) is illegal during
+        // a capture (pools.rs).
+        let adopted = if arena.pooled || dev.capture_underway() {
             None
         } else {
             dev.adopt(arena, pool, rounded, &self.policy)

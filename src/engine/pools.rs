@@ -15,9 +15,11 @@
 //!   (no quarantine): only the pool's later allocations can reuse it, in the
 //!   order the graph (or the captures sharing the pool) fixes;
 //! - while a capture is under way on the device (between `begin_pool` and
-//!   `end_pool`), nothing on that device goes back to the driver: a
-//!   `cuMemFree` or a stream synchronisation would invalidate a global-mode
-//!   capture (PyTorch's allocator holds back the same way);
+//!   `end_pool`), nothing on that device goes back to the driver, no idle
+//!   segment changes hands, and no pending free is asked about: a
+//!   `cuMemFree`, a stream synchronisation or an event or stream query would
+//!   invalidate a global-mode capture (PyTorch's allocator holds back the
+//!   same way); only `cuMemAlloc` runs, in relaxed mode;
 //! - `begin_pool` takes a reference, `release_pool` drops one. At zero the
 //!   pool is *released*: its idle segments go back to the driver at the next
 //!   `empty_cache` or synchronising OOM-ladder step (which synchronise, and
@@ -373,9 +375,19 @@ mod tests {
             frees,
             "no cuMemFree during a capture"
         );
+        // No segment changes hands, and no stream or event is asked.
+        let c = d.counters();
+        let h = a.malloc(4 * MIB, 0, 0x30).unwrap();
+        assert_eq!(a.stats(0).unwrap().num_segments_adopted, 0);
+        let c2 = d.counters();
+        assert_eq!(
+            (c2.stream_queries, c2.event_queries, c2.event_records),
+            (c.stream_queries, c.event_queries, c.event_records)
+        );
+        a.free(h, Some(0), 0x30).unwrap();
         a.end_pool(0, P).unwrap();
-        // After the capture: the stream's idle segment goes, the live pool's stays.
-        assert_eq!(a.empty_cache(), 20 * MIB);
+        // After the capture: the streams' idle segments go, the live pool's stays.
+        assert_eq!(a.empty_cache(), 40 * MIB);
         a.free(x, Some(0), 0x10).unwrap();
         assert_eq!(a.empty_cache(), 0, "a live pool keeps its memory");
         assert_eq!(a.stats(0).unwrap().reserved_bytes, 20 * MIB);

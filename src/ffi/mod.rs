@@ -10,6 +10,7 @@
 //! - During process exit nothing reaches the driver: frees are ignored quietly.
 
 pub mod boundary;
+pub mod cxx_function;
 pub mod cxx_throw;
 
 use crate::error::{Error, ErrorCode};
@@ -30,14 +31,26 @@ fn device_index(device: c_int) -> Option<usize> {
 /// flushed its cache and retried, and logged a diagnosis to stderr.
 #[no_mangle]
 pub extern "C" fn cudalloc_malloc(size: usize, device: c_int, stream: *mut c_void) -> *mut c_void {
-    guard("cudalloc_malloc", || {
+    malloc_in("cudalloc_malloc", size, device, stream, None)
+}
+
+/// `cudalloc_malloc`, from private pool `pool` when given.
+fn malloc_in(
+    name: &'static str,
+    size: usize,
+    device: c_int,
+    stream: *mut c_void,
+    pool: Option<crate::engine::PoolId>,
+) -> *mut c_void {
+    guard(name, || {
         if global::exiting() {
             set_error(&global::stopped_error());
             return std::ptr::null_mut();
         }
-        let r = global::get().and_then(|a| match device_index(device) {
-            Some(d) => a.malloc(size as u64, d, stream as u64),
-            None => Err(Error::invalid_device(device as i64, a.device_count())),
+        let r = global::get().and_then(|a| match (device_index(device), pool) {
+            (Some(d), None) => a.malloc(size as u64, d, stream as u64),
+            (Some(d), Some(id)) => a.malloc_pool(size as u64, d, stream as u64, id),
+            (None, _) => Err(Error::invalid_device(device as i64, a.device_count())),
         });
         match r {
             Ok(p) => {
@@ -64,13 +77,20 @@ pub extern "C" fn cudalloc_malloc(size: usize, device: c_int, stream: *mut c_voi
 /// `cudalloc_malloc` does. Not for C callers: wherever libstdc++ is loaded
 /// (a C++ library, a sanitizer runtime) it throws, and a C frame cannot
 /// pass a C++ exception on; C code uses `cudalloc_malloc`.
+///
+/// While PyTorch routes allocations to a private pool
+/// (`cudalloc_begin_allocate_to_pool`, with `graph_pools:on`), the pool's
+/// filters decide which allocations go there; an exception a filter throws
+/// passes on to the caller.
 #[no_mangle]
 pub extern "C-unwind" fn cudalloc_malloc_torch(
     size: usize,
     device: c_int,
     stream: *mut c_void,
 ) -> *mut c_void {
-    let p = cudalloc_malloc(size, device, stream);
+    // Outside the panic boundary: a filter is C++ and may throw.
+    let pool = cxx_function::route(device, stream);
+    let p = malloc_in("cudalloc_malloc_torch", size, device, stream, pool);
     if p.is_null() && size > 0 {
         if let Some(message) = torch_failure(size, device) {
             // Outside the panic boundary, on purpose, and with nothing of
@@ -95,41 +115,74 @@ pub struct cudalloc_mempool_id {
 /// PyTorch's `begin_allocate_to_pool` hook (`enable()` installs it with
 /// `set_begin_allocate_to_pool`). PyTorch calls it when CUDA graph capture
 /// (`torch.cuda.graph`, `make_graphed_callables`, `torch.compile`'s
-/// cudagraphs) or `torch.cuda.use_mem_pool` starts sending allocations to a
-/// private pool, before the capture begins. cudalloc has no private pools
-/// yet, and without one the memory a graph replays into could be handed out
-/// again (PyTorch empties the cache before each capture), so this refuses:
-/// it throws a C++ `std::runtime_error`, which PyTorch turns into a
-/// `RuntimeError` before any capture starts, and sets
-/// `CUDALLOC_ERR_UNSUPPORTED`. `filter` (a `std::function<bool(cudaStream_t)>*`
-/// that PyTorch owns) is never touched. Without a C++ runtime in the
-/// process, or while the process exits, it logs the refusal and returns.
-/// Only for PyTorch: like `cudalloc_malloc_torch` it throws, and C code
-/// cannot pass an exception on.
+/// cudagraphs) starts sending allocations to a private pool, before the
+/// capture begins; `filter` (a `std::function<bool(cudaStream_t)>*` that
+/// PyTorch owns) says which allocations.
+///
+/// With `graph_pools:on`, cudalloc copies the filter and serves those
+/// allocations from pool-private memory until
+/// `cudalloc_end_allocate_to_pool`; the memory stays the pool's until
+/// `cudalloc_release_pool` (see the README). With `graph_pools:off` (the
+/// default) it refuses: without a pool the memory a graph replays into could
+/// be handed out again. Refusals and errors (a bad device, an empty filter)
+/// throw a C++ `std::runtime_error`, which PyTorch turns into a
+/// `RuntimeError` before any capture starts, and set the last error
+/// (`CUDALLOC_ERR_UNSUPPORTED` for the refusal). Without a C++ runtime in
+/// the process, or while the process exits, it logs instead. Only for
+/// PyTorch: like `cudalloc_malloc_torch` it throws, and C code cannot pass
+/// an exception on.
+///
+/// # Safety
+/// `filter` is NULL or points to a live libstdc++
+/// `std::function<bool(cudaStream_t)>` (with `graph_pools:on` it is read).
 #[no_mangle]
-pub extern "C-unwind" fn cudalloc_begin_allocate_to_pool(
+pub unsafe extern "C-unwind" fn cudalloc_begin_allocate_to_pool(
     device: c_int,
     pool: cudalloc_mempool_id,
     filter: *mut c_void,
 ) {
-    let _ = filter;
-    let message = guard("cudalloc_begin_allocate_to_pool", || {
-        let message = format!(
-            "cudalloc does not support PyTorch's private memory pools yet (device {device}, \
-             pool ({}, {})). CUDA graph capture (torch.cuda.graph, make_graphed_callables, \
-             torch.compile's cudagraphs) and torch.cuda.use_mem_pool need one, so that memory \
-             a graph replays into is never handed out again. Run this code with PyTorch's own \
-             allocator (without CUDALLOC=1 or cudalloc.enable()).",
-            pool.first, pool.second
-        );
-        set_error(&Error::new(
-            ErrorCode::CUDALLOC_ERR_UNSUPPORTED,
-            message.clone(),
-        ));
-        Some(message)
+    let id = (pool.first, pool.second);
+    let serve = guard("cudalloc_begin_allocate_to_pool", || {
+        global::get().map(|a| a.config().graph_pools).ok()
     })
-    // Even a panic above refuses.
-    .unwrap_or_else(|| "cudalloc does not support PyTorch's private memory pools yet".into());
+    .unwrap_or(false);
+    let message = if serve {
+        // The copy constructor may throw: before anything changes, outside
+        // the panic boundary.
+        // SAFETY: PyTorch passes its std::function<bool(cudaStream_t)> by
+        // value, i.e. a pointer to a live temporary (or NULL from a C caller).
+        let copy = unsafe { cxx_function::Filter::copy_from(filter) };
+        guard("cudalloc_begin_allocate_to_pool", move || {
+            let r = global::get().and_then(|a| {
+                let d = device_index(device)
+                    .ok_or_else(|| Error::invalid_device(device as i64, a.device_count()))?;
+                let f = copy.ok_or_else(|| {
+                    Error::new(
+                        ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT,
+                        format!("begin_allocate_to_pool on device {device}, pool ({}, {}): no filter (NULL or an empty std::function)", id.0, id.1),
+                    )
+                })?;
+                a.begin_pool(d, id)?;
+                cxx_function::add(d, id, f);
+                Ok(())
+            });
+            // Some(None): served; None: a panic (an error all the same).
+            Some(match r {
+                Ok(()) => {
+                    set_ok();
+                    None
+                }
+                Err(e) => {
+                    set_error(&e);
+                    Some(format!("cudalloc: {}", e.message))
+                }
+            })
+        })
+        .unwrap_or_else(|| Some("cudalloc: begin_allocate_to_pool failed".into()))
+    } else {
+        refuse_pools(device, id)
+    };
+    let Some(message) = message else { return };
     if (global::exiting() && !global::forked()) || !cxx_throw::available() {
         // The caller may be a C++ destructor (no exception now), or there is
         // no C++ runtime to throw with: say it, at least.
@@ -138,6 +191,76 @@ pub extern "C-unwind" fn cudalloc_begin_allocate_to_pool(
     }
     // Outside the panic boundary, with nothing of ours left to drop.
     cxx_throw::throw_runtime_error(message);
+}
+
+/// The refusal of `graph_pools:off`: the message, with the last error set.
+fn refuse_pools(device: c_int, id: crate::engine::PoolId) -> Option<String> {
+    guard("cudalloc_begin_allocate_to_pool", || {
+        let message = format!(
+            "cudalloc does not serve PyTorch's private memory pools unless asked (device {device}, \
+             pool ({}, {})). CUDA graph capture (torch.cuda.graph, make_graphed_callables, \
+             torch.compile's cudagraphs) needs one, so that memory a graph replays into is never \
+             handed out again. Turn them on with CUDALLOC_CONF=graph_pools:on (experimental), or \
+             run this code with PyTorch's own allocator (without CUDALLOC=1 or cudalloc.enable()).",
+            id.0, id.1
+        );
+        set_error(&Error::new(
+            ErrorCode::CUDALLOC_ERR_UNSUPPORTED,
+            message.clone(),
+        ));
+        Some(message)
+    })
+    // Even a panic above refuses.
+    .or_else(|| Some("cudalloc does not serve PyTorch's private memory pools".into()))
+}
+
+/// PyTorch's `end_allocate_to_pool` hook (`set_end_allocate_to_pool_fn`):
+/// the capture into `pool` on `device` is over; its allocations stop going
+/// to the pool (the oldest route of that pool ends), and the pool keeps its
+/// memory. An unknown pool is logged and sets an error; nothing changes.
+#[no_mangle]
+pub extern "C" fn cudalloc_end_allocate_to_pool(device: c_int, pool: cudalloc_mempool_id) {
+    let id = (pool.first, pool.second);
+    guard("cudalloc_end_allocate_to_pool", || {
+        let r = global::get().and_then(|a| {
+            let d = device_index(device)
+                .ok_or_else(|| Error::invalid_device(device as i64, a.device_count()))?;
+            a.end_pool(d, id)?;
+            cxx_function::remove(d, id);
+            Ok(())
+        });
+        pool_hook_result(r);
+    })
+}
+
+/// PyTorch's `release_pool` hook (`set_release_pool`): a graph that used
+/// `pool` on `device` is reset or destroyed. When no graph holds the pool
+/// any more, its memory goes back to the driver at the next `empty_cache`,
+/// once freed. An unknown pool is logged and sets an error; nothing changes.
+#[no_mangle]
+pub extern "C" fn cudalloc_release_pool(device: c_int, pool: cudalloc_mempool_id) {
+    let id = (pool.first, pool.second);
+    guard("cudalloc_release_pool", || {
+        let r = global::get().and_then(|a| {
+            let d = device_index(device)
+                .ok_or_else(|| Error::invalid_device(device as i64, a.device_count()))?;
+            a.release_pool(d, id)
+        });
+        pool_hook_result(r);
+    })
+}
+
+/// PyTorch cannot take an error from its void pool hooks: log it and set it.
+fn pool_hook_result(r: crate::error::Result<()>) {
+    match r {
+        Ok(()) => set_ok(),
+        Err(e) => {
+            if !global::exiting() {
+                tracing::warn!("cudalloc: {}", e.message);
+            }
+            set_error(&e);
+        }
+    }
 }
 
 /// The exception text for a failed `cudalloc_malloc_torch`, from the

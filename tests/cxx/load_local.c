@@ -16,9 +16,10 @@ int main(int argc, char **argv) {
     }
     const char *names[] = {"cudalloc_malloc_torch", "cudalloc_free", "cudalloc_get_stats",
                            "cudalloc_check_invariants", "cudalloc_last_error_message",
-                           "cudalloc_begin_allocate_to_pool"};
-    void *fns[6];
-    for (int i = 0; i < 6; i++)
+                           "cudalloc_begin_allocate_to_pool", "cudalloc_end_allocate_to_pool",
+                           "cudalloc_release_pool", "cudalloc_empty_cache"};
+    void *fns[9];
+    for (int i = 0; i < 9; i++)
         if (!(fns[i] = dlsym(cudalloc, names[i]))) {
             fprintf(stderr, "dlsym %s\n", names[i]);
             return 5;

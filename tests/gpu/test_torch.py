@@ -215,7 +215,7 @@ print("allocator", type(get()).__name__ if get else "?")
 
 
 def test_cuda_graph_capture_is_refused_cleanly():
-    # cudalloc has no private pools: torch.cuda.graph must fail before the
+    # graph_pools:off (the default): torch.cuda.graph must fail before the
     # capture starts (not capture into shared memory), and CUDA goes on.
     r = run(
         """
@@ -239,6 +239,66 @@ def test_cuda_graph_capture_is_refused_cleanly():
         """
     )
     assert "refused, and CUDA works" in r.stdout
+
+
+def test_cuda_graphs_replay_from_private_pools():
+    # graph_pools:on: a captured graph's memory is its pool's. Replays write
+    # only there (eager tensors made after the capture keep their values),
+    # make_graphed_callables (two graphs sharing one pool) matches eager
+    # autograd, and the memory goes back once the graphs are gone.
+    r = run(
+        """
+        import gc, torch, cudalloc
+        cudalloc.enable("graph_pools:on")
+        x = torch.ones(1 << 20, device="cuda")
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm-up off the default stream, as torch asks
+            y = x * 2
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            t = x * 2
+            y = t + 1
+            del t  # freed during the capture: the pool's to reuse, no one else's
+        eager = [torch.full((1 << 20,), 7.0, device="cuda") for _ in range(16)]
+        for v in (3.0, 5.0):
+            x.fill_(v)
+            g.replay()
+            torch.cuda.synchronize()
+            assert y.eq(2 * v + 1).all(), y[:4]
+            assert all(e.eq(7.0).all() for e in eager), "a replay wrote into eager memory"
+        assert y.data_ptr() not in {e.data_ptr() for e in eager}
+
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
+                                    torch.nn.Linear(128, 1)).cuda()
+        graphed = torch.cuda.make_graphed_callables(model, (torch.randn(32, 64, device="cuda"),))
+        real = torch.randn(32, 64, device="cuda")
+        out_g = graphed(real)
+        out_g.sum().backward()
+        grads_g = [p.grad.clone() for p in model.parameters()]
+        for p in model.parameters():
+            p.grad = None
+        out_e = model(real)
+        out_e.sum().backward()
+        assert torch.allclose(out_g, out_e, rtol=1e-5, atol=1e-6)
+        for a, p in zip(grads_g, model.parameters()):
+            assert torch.allclose(a, p.grad, rtol=1e-5, atol=1e-6)
+        cudalloc.check_invariants()
+
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_reserved()
+        del g, y, graphed, out_g, out_e, eager
+        gc.collect()
+        torch.cuda.empty_cache()
+        after = torch.cuda.memory_reserved()
+        assert after < held, (held, after)
+        cudalloc.check_invariants()
+        print("graphs ok", held, after)
+        """
+    )
+    assert "graphs ok" in r.stdout
 
 
 def test_cudalloc_env_enables_and_patches_stats():

@@ -43,7 +43,24 @@ def test_an_older_torch_without_hooks_gets_warnings():
         assert "lacks set_begin_allocate_to_pool" in text, text
         assert "Do not capture CUDA graphs" in text, text
         assert set(cudalloc.enabled_hooks()) == {{"set_init_fn",
-            "set_record_stream_fn", "set_memory_fraction_fn"}}
+            "set_record_stream_fn", "set_memory_fraction_fn",
+            "set_end_allocate_to_pool_fn", "set_release_pool"}}
+        """
+    )
+
+
+def test_graph_pools_need_the_end_and_release_hooks():
+    # A pool that is never ended would hold every release back: refuse.
+    run(
+        f"""
+        del torch.cuda.memory._CUDAPluggableAllocator.set_release_pool
+        try:
+            cudalloc.enable({SIM_CONF!r} + ",graph_pools:on")
+        except cudalloc.CudallocError as e:
+            assert "needs PyTorch's set_release_pool" in str(e), e
+        else:
+            raise AssertionError("enabled without set_release_pool")
+        assert not cudalloc.is_enabled()
         """
     )
 
@@ -67,8 +84,11 @@ def test_enable_wires_allocator_and_hooks():
         assert inner._record_stream_fn == addr("cudalloc_record_stream")
         assert inner._memory_fraction_fn == addr("cudalloc_set_memory_fraction")
         assert inner._begin_allocate_to_pool_fn == addr("cudalloc_begin_allocate_to_pool")
+        assert inner._end_allocate_to_pool_fn == addr("cudalloc_end_allocate_to_pool")
+        assert inner._release_pool_fn == addr("cudalloc_release_pool")
         assert set(cudalloc.enabled_hooks()) == {{"set_init_fn", "set_reset_fn",
-            "set_record_stream_fn", "set_memory_fraction_fn", "set_begin_allocate_to_pool"}}
+            "set_record_stream_fn", "set_memory_fraction_fn", "set_begin_allocate_to_pool",
+            "set_end_allocate_to_pool_fn", "set_release_pool"}}
         # Calling again with the same configuration is a no-op.
         assert cudalloc.enable({SIM_CONF!r}) is alloc
         try:

@@ -83,7 +83,7 @@ def test_enable_installs_a_pluggable_allocator_with_every_hook():
         # Every optional hook this torch offers is wired, the essential two included.
         assert set(cudalloc.enabled_hooks()) == {{
             "set_init_fn", "set_reset_fn", "set_record_stream_fn", "set_memory_fraction_fn",
-            "set_begin_allocate_to_pool",
+            "set_begin_allocate_to_pool", "set_end_allocate_to_pool_fn", "set_release_pool",
         }}, cudalloc.enabled_hooks()
         assert cudalloc.enable({SIM_CONF!r}) is alloc  # idempotent
         assert not torch.cuda.is_initialized()  # enabling never starts CUDA
@@ -215,6 +215,50 @@ def test_graph_pools_are_refused_through_torchs_own_cxx_call():
         p = _lib.lib().cudalloc_malloc(1 << 20, 0, None)
         assert p and torch.cuda.memory_allocated(0) == 1 << 20
         _lib.lib().cudalloc_free(p, 0, 0, None)
+        assert not torch.cuda.is_initialized()
+        """
+    )
+
+
+def test_graph_pools_route_by_torchs_own_filter():
+    # With graph_pools:on, torch's _cuda_beginAllocateCurrentThreadToPool hands
+    # cudalloc a std::function made by torch (a lambda comparing thread ids):
+    # this thread's allocations go to the pool, another thread's do not. The
+    # end and the release come through torch's own calls too.
+    run(
+        f"""
+        import ctypes, threading
+        cudalloc.enable({SIM_CONF!r} + ",graph_pools:on")
+        from cudalloc import _lib
+        lib = _lib.lib()
+        mt = lib.cudalloc_malloc_torch
+        mt.restype, mt.argtypes = ctypes.c_void_p, [ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+        MiB = 1 << 20
+        torch._C._cuda_beginAllocateCurrentThreadToPool(1, (5, 0))
+        assert lib.cudalloc_last_error() == 0, _lib.last_message()
+        p = mt(MiB, 1, None)
+        other = []
+        t = threading.Thread(target=lambda: other.append(mt(MiB, 1, None)))
+        t.start()
+        t.join()
+        q = other[0]
+        assert p and q and p != q
+        lib.cudalloc_free(p, 0, 1, None)
+        assert mt(MiB, 1, None) == p, "the pool reuses its own block"
+        lib.cudalloc_free(p, 0, 1, None)
+        torch._C._cuda_endAllocateToPool(1, (5, 0))
+        assert lib.cudalloc_last_error() == 0, _lib.last_message()
+        r = mt(MiB, 1, None)
+        assert r and r != p, "after the routing, the pool's block is not handed out"
+        lib.cudalloc_free(q, 0, 1, None)
+        lib.cudalloc_free(r, 0, 1, None)
+        cudalloc.empty_cache()
+        assert torch.cuda.memory_reserved(1) == 2 * MiB, "the live pool keeps its segment"
+        torch._C._cuda_releasePool(1, (5, 0))
+        assert lib.cudalloc_last_error() == 0, _lib.last_message()
+        cudalloc.empty_cache()
+        assert torch.cuda.memory_reserved(1) == 0
+        cudalloc.check_invariants()
         assert not torch.cuda.is_initialized()
         """
     )

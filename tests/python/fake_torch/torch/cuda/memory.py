@@ -24,6 +24,7 @@ class _CUDAPluggableAllocator:
         self._init_fn = self._reset_fn = None
         self._record_stream_fn = self._memory_fraction_fn = None
         self._begin_allocate_to_pool_fn = None
+        self._end_allocate_to_pool_fn = self._release_pool_fn = None
 
     def set_init_fn(self, ptr):
         self._init_fn = int(ptr)
@@ -36,6 +37,12 @@ class _CUDAPluggableAllocator:
 
     def set_memory_fraction_fn(self, ptr):
         self._memory_fraction_fn = int(ptr)
+
+    def set_end_allocate_to_pool_fn(self, ptr):
+        self._end_allocate_to_pool_fn = int(ptr)
+
+    def set_release_pool(self, ptr):
+        self._release_pool_fn = int(ptr)
 
     def set_begin_allocate_to_pool(self, ptr):
         # Not called here: it throws a C++ exception, which ctypes cannot
