@@ -369,13 +369,20 @@ fn an_idle_stream_lets_its_segment_be_adopted_at_once() {
     );
 }
 
-/// A stream capturing a graph is never queried: `cuStreamQuery` would
-/// invalidate its capture. Its idle segment is proven by an event instead.
+/// A stream capturing a graph is neither queried (`cuStreamQuery` would
+/// invalidate its capture) nor recorded on (an event recorded into a
+/// capture proves nothing, and querying it fails): its idle segment stays
+/// unproven until the capture ends.
 #[test]
-fn a_capturing_stream_is_never_queried() {
+fn a_capturing_stream_is_never_queried_or_recorded_on() {
     let r = scenario("capture_other", &[]);
     assert!(!r.log.contains("CAPTURE_VIOLATION"), "{}", tail(&r.log));
-    assert!(r.log.contains("cuStreamIsCapturing"), "{}", tail(&r.log));
+    assert!(!r.log.contains("CAPTURED_EVENT"), "{}", tail(&r.log));
+    assert!(
+        r.log.contains("cuStreamIsCapturing ctx=0 stream=0x2000 1"),
+        "{}",
+        tail(&r.log)
+    );
 }
 
 /// True when some libcuda is installed on this machine (a GPU machine).

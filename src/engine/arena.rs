@@ -90,10 +90,27 @@ pub(crate) struct ArenaInner {
     /// Blocks freed while their stream was capturing a CUDA graph: the graph
     /// may still use them, so they stay out of reuse until `empty_cache`.
     pub quarantined: Vec<u32>,
+    /// Blocks freed during a capture (`pools.rs`) that wait on other
+    /// streams (`record_stream`): their events are recorded when the
+    /// capture ends ([`ArenaInner::record_deferred`]).
+    pub deferred: Vec<(u32, Vec<Stream>)>,
     pub counters: ArenaCounters,
     seq: u64,
     /// The private pool this arena serves, if any (see `pools.rs`).
     pub pool: PoolTag,
+}
+
+/// What a stream was found to be, for one pass over an arena's idle
+/// segments (see [`ArenaInner::idle_free_complete`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamState {
+    /// All its work so far has completed.
+    Idle,
+    /// Work pending (or not known): prove with an event.
+    Busy,
+    /// Capturing a graph (or the driver would not say): neither queried nor
+    /// recorded on, so nothing of it is proven.
+    Capturing,
 }
 
 /// One stream's arena on one device.
@@ -326,42 +343,45 @@ impl ArenaInner {
 
     /// Whether the free of idle segment `s` is proven complete, so that the
     /// segment may change hands or go back to the driver. First `stream`
-    /// itself: when all its work so far has completed (`cuStreamQuery`),
-    /// nothing enqueued before the segment went idle can still run. `idle`
-    /// caches that answer for one pass over an arena's segments (start it at
-    /// `None`). Else an event recorded on `stream` since the segment went
-    /// idle (recorded now if there is none), once it has completed. A
-    /// stream that is capturing a graph is never queried (`cuStreamQuery`
-    /// would invalidate the capture): seeing one sets the device's
-    /// `capture_seen`, and from then on only events are asked, as before
-    /// cudalloc queried streams. Errors count as "not proven".
+    /// itself: when it is not capturing and all its work so far has
+    /// completed (`cuStreamIsCapturing`, then `cuStreamQuery`), nothing
+    /// enqueued before the segment went idle can still run. `state` caches
+    /// that answer for one pass under one lock (start it at `None`). Else an
+    /// event recorded on `stream` since the segment went idle (recorded now
+    /// if there is none), once it has completed. A capturing stream is never
+    /// queried or recorded on (the query would invalidate the capture, and an
+    /// event recorded into a capture proves nothing): its segments stay
+    /// unproven. Errors count as "not proven".
     pub fn idle_free_complete(
         &mut self,
         s: u32,
         stream: Stream,
         dev: &DeviceCore,
-        idle: &mut Option<bool>,
+        state: &mut Option<StreamState>,
     ) -> bool {
         let ev = match self.seg(s).event {
             Some(e) => e,
             None => {
-                let stream_idle = *idle.get_or_insert_with(|| {
-                    if dev.capture_seen.load(Ordering::Relaxed) {
-                        return false;
-                    }
+                let st = *state.get_or_insert_with(|| {
                     match dev.driver.stream_is_capturing(dev.index, stream) {
                         Ok(false) => {
-                            matches!(dev.driver.stream_query(dev.index, stream), Ok(true))
+                            if matches!(dev.driver.stream_query(dev.index, stream), Ok(true)) {
+                                StreamState::Idle
+                            } else {
+                                StreamState::Busy
+                            }
                         }
                         Ok(true) => {
                             dev.capture_seen.store(true, Ordering::Relaxed);
-                            false
+                            StreamState::Capturing
                         }
-                        Err(_) => false,
+                        Err(_) => StreamState::Capturing,
                     }
                 });
-                if stream_idle {
-                    return true;
+                match st {
+                    StreamState::Idle => return true,
+                    StreamState::Capturing => return false,
+                    StreamState::Busy => {}
                 }
                 let Ok(e) = dev.get_event() else { return false };
                 if dev.driver.event_record(dev.index, e, stream).is_err() {
@@ -421,11 +441,34 @@ impl ArenaInner {
             } else {
                 self.release_block(rec.block);
             }
+        } else if dev.capture_underway() {
+            // record_stream during a capture: no event or synchronisation
+            // now (pools.rs); the events are recorded when the capture ends.
+            self.blocks.get_mut(rec.block).state = BlockState::Pending;
+            self.deferred.push((rec.block, rec.streams));
         } else {
+            self.wait_for_streams(rec.block, &rec.streams, dev);
+        }
+        Some(size)
+    }
+
+    /// Record the events of the blocks freed during a capture, now that it
+    /// is over (their frees then complete as any `record_stream` free).
+    pub fn record_deferred(&mut self, dev: &DeviceCore) {
+        for (block, streams) in std::mem::take(&mut self.deferred) {
+            self.wait_for_streams(block, &streams, dev);
+        }
+    }
+
+    /// Block `block` (pending) waits for the work enqueued so far on
+    /// `streams`: an event on each, or else a synchronisation, or else
+    /// quarantine until `empty_cache`.
+    fn wait_for_streams(&mut self, block: u32, streams: &[Stream], dev: &DeviceCore) {
+        {
             // record_stream: the block waits for the other streams' work.
-            let mut events = Vec::with_capacity(rec.streams.len());
+            let mut events = Vec::with_capacity(streams.len());
             let mut unproven = false;
-            for &s in &rec.streams {
+            for &s in streams {
                 match dev.get_event() {
                     Ok(e) if dev.driver.event_record(dev.index, e, s).is_ok() => {
                         events.push((e, s))
@@ -443,20 +486,16 @@ impl ArenaInner {
                     }
                 }
             }
-            self.blocks.get_mut(rec.block).state = BlockState::Pending;
+            self.blocks.get_mut(block).state = BlockState::Pending;
             if unproven {
                 for (e, _) in events {
                     dev.put_event(e);
                 }
-                self.quarantined.push(rec.block);
-                return Some(size);
+                self.quarantined.push(block);
+                return;
             }
-            self.pending.push(PendingFree {
-                block: rec.block,
-                events,
-            });
+            self.pending.push(PendingFree { block, events });
         }
-        Some(size)
     }
 
     /// Coalesce every stashed block into the free index. Returns whether
@@ -565,6 +604,7 @@ impl ArenaInner {
             + self
                 .quarantined
                 .iter()
+                .chain(self.deferred.iter().map(|(i, _)| i))
                 .map(|&i| self.blocks.get(i).size)
                 .sum::<u64>()
     }

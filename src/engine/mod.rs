@@ -60,6 +60,9 @@ pub(crate) struct DeviceCore {
     /// free asks the driver whether its stream is capturing (quarantine), and
     /// streams are no longer queried (see `ArenaInner::idle_free_complete`).
     pub capture_seen: AtomicBool,
+    /// Pools routing allocations now (captures under way; `pools.rs`): while
+    /// nonzero, nothing on this device calls the driver but `cuMemAlloc`.
+    pub captures: AtomicUsize,
 }
 
 impl DeviceCore {
@@ -73,6 +76,12 @@ impl DeviceCore {
 
     pub fn put_event(&self, e: Event) {
         self.events.lock().push(e);
+    }
+
+    /// Whether a capture is under way on this device (a pool is routing):
+    /// then nothing calls the driver but `cuMemAlloc` (`pools.rs`).
+    pub fn capture_underway(&self) -> bool {
+        self.captures.load(Ordering::Acquire) > 0
     }
 }
 
@@ -144,9 +153,6 @@ struct Device {
     accumulated_base: Mutex<cudalloc_stats>,
     /// Private pools (PyTorch's graph pools; `pools.rs`).
     pools: Mutex<pools::Pools>,
-    /// Pools routing allocations now (captures under way): while nonzero,
-    /// nothing goes back to the driver.
-    captures: AtomicUsize,
 }
 
 impl Device {
@@ -355,12 +361,24 @@ impl Device {
         for arena in self.arena_list() {
             let detached: Vec<Detached> = {
                 let mut a = arena.inner.lock();
+                // Frees held back by a capture that ended without its end
+                // hook (see `capture_underway`) proceed now.
+                if !a.deferred.is_empty() {
+                    a.record_deferred(&self.core);
+                }
                 match a.pool {
                     PoolTag::None => {}
                     // A released pool's segments go only where every stream
                     // is synchronised (a replay may run on any).
                     PoolTag::Released(_) if mode == Release::All => {}
-                    PoolTag::Live(_) | PoolTag::Released(_) | PoolTag::Spare => continue,
+                    PoolTag::Live(_) => {
+                        // Keeps its memory; its completed record_stream
+                        // frees are its to reuse again.
+                        a.flush_stash();
+                        a.process_pending(&self.core, false);
+                        continue;
+                    }
+                    PoolTag::Released(_) | PoolTag::Spare => continue,
                 }
                 a.flush_stash();
                 a.process_pending(&self.core, mode == Release::All);
@@ -530,6 +548,7 @@ impl Allocator {
                     events: Mutex::new(Vec::new()),
                     small_max: config.small_max,
                     capture_seen: AtomicBool::new(false),
+                    captures: AtomicUsize::new(0),
                 },
                 arenas: RwLock::new(FxHashMap::default()),
                 slow: Mutex::new(()),
@@ -539,7 +558,6 @@ impl Allocator {
                 peak: Mutex::new(0),
                 accumulated_base: Mutex::new(cudalloc_stats::default()),
                 pools: Mutex::new(pools::Pools::default()),
-                captures: AtomicUsize::new(0),
             })
             .collect();
         let observe = Observer::new(&config, driver.device_count());
@@ -619,7 +637,7 @@ impl Allocator {
         {
             let mut a = arena.inner.lock();
             // cuEventQuery is illegal during a capture (pools.rs).
-            if !a.pending.is_empty() && !dev.capture_underway() {
+            if !a.pending.is_empty() && !dev.core.capture_underway() {
                 a.process_pending(&dev.core, false);
             }
             if let Some((p, block)) = a.try_alloc(rounded, size, &self.policy, &dev.core) {

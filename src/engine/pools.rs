@@ -16,10 +16,12 @@
 //!   order the graph (or the captures sharing the pool) fixes;
 //! - while a capture is under way on the device (between `begin_pool` and
 //!   `end_pool`), nothing on that device goes back to the driver, no idle
-//!   segment changes hands, and no pending free is asked about: a
-//!   `cuMemFree`, a stream synchronisation or an event or stream query would
+//!   segment changes hands, no pending free is asked about, and a
+//!   `record_stream` free records its events only when the capture ends: a
+//!   `cuMemFree`, a synchronisation or an event or stream query would
 //!   invalidate a global-mode capture (PyTorch's allocator holds back the
-//!   same way); only `cuMemAlloc` runs, in relaxed mode;
+//!   same way); only `cuMemAlloc` runs, in relaxed mode. `begin_pool` waits
+//!   for the slow and fast paths already running;
 //! - `begin_pool` takes a reference, `release_pool` drops one. At zero the
 //!   pool is *released*: its idle segments go back to the driver at the next
 //!   `empty_cache` or synchronising OOM-ladder step (which synchronise, and
@@ -63,6 +65,9 @@ struct PoolState {
     refs: u64,
     /// `begin_pool` calls not yet ended.
     routing: u64,
+    /// The streams allocations were routed on since routing began: where
+    /// the capture runs (see `Device::capture_underway`).
+    routed_streams: Vec<Stream>,
     arenas: Vec<Arc<Arena>>,
 }
 
@@ -79,10 +84,32 @@ fn show(id: PoolId) -> String {
 }
 
 impl Device {
-    /// Whether a capture is under way on this device (a pool is routing):
-    /// then nothing goes back to the driver.
+    /// Whether a capture may be under way on this device: then nothing goes
+    /// back to the driver, and no stream or event is asked. A pool routes
+    /// (between `begin_pool` and `end_pool`) and either nothing was routed
+    /// to it yet, or a stream something was routed on is capturing (or the
+    /// driver will not say). So a routing whose capture failed before
+    /// PyTorch's end hook (PyTorch skips the hook when `cudaStreamEndCapture`
+    /// fails) holds nothing back once its streams stop capturing; one that
+    /// failed before its first allocation does, until the process ends (see
+    /// docs/PYTHON.md). Routing outside a capture (a thread's allocations
+    /// sent to a pool) holds back only until its first allocation. Slow
+    /// paths only: it may ask the driver (`cuStreamIsCapturing`, legal
+    /// during a capture). Call with `slow` held.
     pub(super) fn capture_underway(&self) -> bool {
-        self.captures.load(Ordering::Acquire) > 0
+        if !self.core.capture_underway() {
+            return false;
+        }
+        let pools = self.pools.lock();
+        pools.map.values().filter(|st| st.routing > 0).any(|st| {
+            st.routed_streams.is_empty()
+                || st.routed_streams.iter().any(|&s| {
+                    !matches!(
+                        self.core.driver.stream_is_capturing(self.core.index, s),
+                        Ok(false)
+                    )
+                })
+        })
     }
 
     /// The arena of pool `id` for `stream`, made (or taken from the spares)
@@ -107,6 +134,9 @@ impl Device {
                 ))
             }
         };
+        if st.routing > 0 && !st.routed_streams.contains(&stream) {
+            st.routed_streams.push(stream);
+        }
         let arc = match st.arenas.iter().find(|a| a.stream == stream) {
             Some(a) => a.clone(),
             None => {
@@ -202,16 +232,31 @@ impl Allocator {
     /// [`Allocator::end_pool`] nothing on the device goes back to the driver.
     pub fn begin_pool(&self, device: usize, id: PoolId) -> Result<()> {
         let dev = self.device(device)?;
-        let mut pools = dev.pools.lock();
-        let st = pools.map.entry(id).or_default();
-        if st.refs == 0 {
+        // No slow path is running once this is held, and none starts before
+        // `captures` is raised: none can release or query after PyTorch
+        // starts the capture.
+        let _slow = dev.slow.lock();
+        {
+            let mut pools = dev.pools.lock();
+            let st = pools.map.entry(id).or_default();
             for a in &st.arenas {
-                a.inner.lock().pool = PoolTag::Live(id);
+                let mut inner = a.inner.lock();
+                inner.pool = PoolTag::Live(id);
+                // The pool's record_stream frees that completed meanwhile
+                // are its again (not during the capture: no queries then).
+                if !dev.core.capture_underway() {
+                    inner.process_pending(&dev.core, false);
+                }
             }
+            st.refs += 1;
+            st.routing += 1;
+            dev.core.captures.fetch_add(1, Ordering::AcqRel);
         }
-        st.refs += 1;
-        st.routing += 1;
-        dev.captures.fetch_add(1, Ordering::AcqRel);
+        // A fast path that read `captures` before the raise may still be
+        // processing pending frees under its arena's lock: wait for it.
+        for a in dev.arena_list() {
+            drop(a.inner.lock());
+        }
         Ok(())
     }
 
@@ -219,11 +264,23 @@ impl Allocator {
     /// keeps its reference and its memory.
     pub fn end_pool(&self, device: usize, id: PoolId) -> Result<()> {
         let dev = self.device(device)?;
+        let _slow = dev.slow.lock();
         let mut pools = dev.pools.lock();
         match pools.map.get_mut(&id) {
             Some(st) if st.routing > 0 => {
                 st.routing -= 1;
-                dev.captures.fetch_sub(1, Ordering::AcqRel);
+                if st.routing == 0 {
+                    st.routed_streams.clear();
+                }
+                let was = dev.core.captures.fetch_sub(1, Ordering::AcqRel);
+                drop(pools);
+                if was == 1 {
+                    // The last capture is over: record the events of the
+                    // record_stream frees it held back.
+                    for a in dev.arena_list() {
+                        a.inner.lock().record_deferred(&dev.core);
+                    }
+                }
                 Ok(())
             }
             _ => Err(Error::new(
@@ -364,6 +421,7 @@ mod tests {
         let g = a.malloc(4 * MIB, 0, 0x10).unwrap();
         a.free(g, Some(0), 0x10).unwrap();
         a.begin_pool(0, P).unwrap();
+        d.set_capturing(0x10, true);
         let x = a.malloc_pool(4 * MIB, 0, 0x10, P).unwrap();
         let reserved = a.stats(0).unwrap().reserved_bytes;
         let frees = d.counters().mem_frees;
@@ -385,6 +443,7 @@ mod tests {
             (c.stream_queries, c.event_queries, c.event_records)
         );
         a.free(h, Some(0), 0x30).unwrap();
+        d.set_capturing(0x10, false);
         a.end_pool(0, P).unwrap();
         // After the capture: the streams' idle segments go, the live pool's stays.
         assert_eq!(a.empty_cache(), 40 * MIB);
@@ -460,6 +519,72 @@ mod tests {
         assert_eq!(a.empty_cache(), 0, "one graph still holds the pool");
         a.release_pool(0, P).unwrap();
         assert_eq!(a.empty_cache(), 2 * MIB);
+        a.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn record_stream_frees_during_a_capture_record_their_events_at_its_end() {
+        let (a, d) = sim();
+        let p = a.malloc(4096, 0, 0x10).unwrap();
+        a.record_stream(p, 0x20).unwrap();
+        a.begin_pool(0, P).unwrap();
+        let records = d.counters().event_records;
+        a.free(p, Some(0), 0x10).unwrap();
+        assert_eq!(
+            d.counters().event_records,
+            records,
+            "no event during the capture"
+        );
+        assert_eq!(a.stats(0).unwrap().pending_free_bytes, 4096);
+        a.check_invariants().unwrap();
+        a.end_pool(0, P).unwrap();
+        assert_eq!(
+            d.counters().event_records,
+            records + 1,
+            "recorded at the end"
+        );
+        assert_eq!(
+            a.malloc(4096, 0, 0x10).unwrap(),
+            p,
+            "then reused once complete"
+        );
+        a.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_pools_record_stream_frees_come_back_to_it() {
+        let (a, _) = sim();
+        a.begin_pool(0, P).unwrap();
+        let x = a.malloc_pool(4 * MIB, 0, 0x10, P).unwrap();
+        a.record_stream(x, 0x20).unwrap();
+        a.free(x, Some(0), 0x10).unwrap();
+        a.end_pool(0, P).unwrap();
+        // The next capture into the pool finds the block free again.
+        a.begin_pool(0, P).unwrap();
+        assert_eq!(a.malloc_pool(4 * MIB, 0, 0x10, P).unwrap(), x);
+        a.end_pool(0, P).unwrap();
+        assert_eq!(a.stats(0).unwrap().reserved_bytes, 20 * MIB);
+        a.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_capture_that_ended_without_its_end_hook_holds_nothing_back() {
+        // PyTorch skips endAllocateToPool when cudaStreamEndCapture fails.
+        let (a, d) = sim();
+        let g = a.malloc(4 * MIB, 0, 0x20).unwrap();
+        a.free(g, Some(0), 0x20).unwrap();
+        a.begin_pool(0, P).unwrap();
+        assert_eq!(a.empty_cache(), 0, "begun, nothing routed yet: held back");
+        d.set_capturing(0x10, true);
+        let x = a.malloc_pool(MIB, 0, 0x10, P).unwrap();
+        assert_eq!(a.empty_cache(), 0, "its stream is capturing: held back");
+        d.set_capturing(0x10, false); // the capture failed; no end hook
+        assert_eq!(
+            a.empty_cache(),
+            20 * MIB,
+            "the stream's own idle segment goes"
+        );
+        a.free(x, Some(0), 0x10).unwrap();
         a.check_invariants().unwrap();
     }
 

@@ -38,7 +38,6 @@ impl Allocator {
             }
         }
         cands.sort_unstable();
-        let mut stream_idle = vec![None; arenas.len()];
         let mut released = 0;
         for (_, ai, base) in cands {
             if released >= want {
@@ -53,14 +52,9 @@ impl Allocator {
                     .copied()
                     .find(|&s| inner.seg(s).base == base);
                 match found {
-                    Some(s)
-                        if inner.idle_free_complete(
-                            s,
-                            a.stream,
-                            &dev.core,
-                            &mut stream_idle[ai],
-                        ) =>
-                    {
+                    // The stream is asked afresh under each lock: the segment
+                    // may have been used and freed again meanwhile.
+                    Some(s) if inner.idle_free_complete(s, a.stream, &dev.core, &mut None) => {
                         Some(inner.detach(s, &dev.core))
                     }
                     _ => None,

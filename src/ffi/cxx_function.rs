@@ -23,8 +23,8 @@
 use crate::engine::PoolId;
 use libc::{c_int, c_void};
 use parking_lot::RwLock;
+use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 
 type AnyData = [usize; 2];
 type Manager = unsafe extern "C-unwind" fn(*mut AnyData, *const AnyData, c_int) -> bool;
@@ -36,7 +36,8 @@ const DESTROY_FUNCTOR: c_int = 3;
 /// libstdc++'s `std::function<bool(cudaStream_t)>`.
 #[repr(C)]
 struct StdFunction {
-    functor: AnyData,
+    /// Written by the invoker of a `mutable` functor: behind an UnsafeCell.
+    functor: UnsafeCell<AnyData>,
     manager: Option<Manager>,
     invoker: Option<Invoker>,
 }
@@ -45,9 +46,10 @@ struct StdFunction {
 pub struct Filter(Box<StdFunction>);
 
 // SAFETY: PyTorch calls its filters from whichever thread allocates, and
-// they only read what they captured (a capture id, a thread id).
+// they only read what they captured (a graph, a thread id).
 unsafe impl Send for Filter {}
-// SAFETY: as above; the copy is never written after it is made.
+// SAFETY: as above; the functor sits behind an UnsafeCell, and only the
+// C++ side (which promises thread safety for its filters) touches it.
 unsafe impl Sync for Filter {}
 
 impl Filter {
@@ -59,14 +61,24 @@ impl Filter {
     /// `src` is NULL or points to a live libstdc++ `std::function` of that
     /// signature.
     pub unsafe fn copy_from(src: *const c_void) -> Option<Filter> {
-        let src = (src as *const StdFunction).as_ref()?;
-        let (manager, invoker) = (src.manager?, src.invoker?);
+        if src.is_null() {
+            return None;
+        }
+        let src = src as *const StdFunction;
+        // Read the two pointers only: the functor's bytes may be
+        // uninitialised (an empty function), so no reference to the whole.
+        let manager = std::ptr::addr_of!((*src).manager).read()?;
+        let invoker = std::ptr::addr_of!((*src).invoker).read()?;
         let mut f = Box::new(StdFunction {
-            functor: [0; 2],
+            functor: UnsafeCell::new([0; 2]),
             manager: None,
             invoker: None,
         });
-        manager(&mut f.functor, &src.functor, CLONE_FUNCTOR);
+        manager(
+            f.functor.get(),
+            std::ptr::addr_of!((*src).functor) as *const AnyData,
+            CLONE_FUNCTOR,
+        );
         f.manager = Some(manager);
         f.invoker = Some(invoker);
         Some(Filter(f))
@@ -78,7 +90,7 @@ impl Filter {
         match self.0.invoker {
             // SAFETY: the invoker and functor were copied together from a
             // live std::function; the argument is a `cudaStream_t&&`.
-            Some(invoke) => unsafe { invoke(&self.0.functor, &mut arg) },
+            Some(invoke) => unsafe { invoke(self.0.functor.get(), &mut arg) },
             None => false,
         }
     }
@@ -87,7 +99,7 @@ impl Filter {
 impl Drop for Filter {
     fn drop(&mut self) {
         if let Some(manager) = self.0.manager {
-            let f: *mut AnyData = &mut self.0.functor;
+            let f = self.0.functor.get();
             // SAFETY: the functor was made by this manager's clone and is
             // destroyed once (its destructor does not throw).
             unsafe { manager(f, f, DESTROY_FUNCTOR) };
@@ -98,7 +110,7 @@ impl Drop for Filter {
 struct Route {
     device: usize,
     pool: PoolId,
-    filter: Arc<Filter>,
+    filter: Filter,
 }
 
 /// The filters between `beginAllocateToPool` and `endAllocateToPool`, oldest
@@ -113,13 +125,13 @@ pub fn add(device: usize, pool: PoolId, filter: Filter) {
     routes.push(Route {
         device,
         pool,
-        filter: Arc::new(filter),
+        filter,
     });
     ROUTE_COUNT.store(routes.len(), Ordering::Release);
 }
 
-/// Stop the oldest route of `pool` on `device`; whether there was one. Its
-/// filter is destroyed once no allocation is asking it.
+/// Stop the oldest route of `pool` on `device`; whether there was one. Waits
+/// for the filter calls in flight, then destroys the filter.
 pub fn remove(device: usize, pool: PoolId) -> bool {
     let mut routes = ROUTES.write();
     let Some(i) = routes
@@ -148,15 +160,14 @@ pub fn route(device: c_int, stream: *mut c_void) -> Option<PoolId> {
 #[cold]
 fn route_slow(device: c_int, stream: *mut c_void) -> Option<PoolId> {
     let device = usize::try_from(device).ok()?;
-    // Ask the filters unlocked: one may take its time, or throw.
-    let candidates: Vec<(PoolId, Arc<Filter>)> = ROUTES
-        .read()
+    // Ask under the read lock, as PyTorch's allocator asks under its mutex:
+    // `remove` then waits for every call in flight, so a filter is never
+    // called once its end hook returned (PyTorch's graph filter reads the
+    // CUDAGraph, which may be gone by then). If a filter throws, the guard
+    // is released as the exception passes.
+    let routes = ROUTES.read();
+    routes
         .iter()
-        .filter(|r| r.device == device)
-        .map(|r| (r.pool, r.filter.clone()))
-        .collect();
-    candidates
-        .into_iter()
-        .find(|(_, f)| f.call(stream))
-        .map(|(pool, _)| pool)
+        .find(|r| r.device == device && r.filter.call(stream))
+        .map(|r| r.pool)
 }

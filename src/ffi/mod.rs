@@ -146,7 +146,25 @@ pub unsafe extern "C-unwind" fn cudalloc_begin_allocate_to_pool(
         global::get().map(|a| a.config().graph_pools).ok()
     })
     .unwrap_or(false);
-    let message = if serve {
+    let message = if !serve {
+        refuse_pools(device, id)
+    } else if !cxx_throw::available() {
+        // The filter is a libstdc++ std::function: without libstdc++ in the
+        // process it is not one cudalloc can read.
+        guard("cudalloc_begin_allocate_to_pool", || {
+            let e = Error::new(
+                ErrorCode::CUDALLOC_ERR_UNSUPPORTED,
+                format!(
+                    "graph_pools:on: no libstdc++ in this process to read PyTorch's filter with \
+                     (device {device}, pool ({}, {})); the pool is refused",
+                    id.0, id.1
+                ),
+            );
+            set_error(&e);
+            Some(e.message)
+        })
+        .or_else(|| Some("cudalloc: the pool is refused".into()))
+    } else {
         // The copy constructor may throw: before anything changes, outside
         // the panic boundary.
         // SAFETY: PyTorch passes its std::function<bool(cudaStream_t)> by
@@ -179,8 +197,6 @@ pub unsafe extern "C-unwind" fn cudalloc_begin_allocate_to_pool(
             })
         })
         .unwrap_or_else(|| Some("cudalloc: begin_allocate_to_pool failed".into()))
-    } else {
-        refuse_pools(device, id)
     };
     let Some(message) = message else { return };
     if (global::exiting() && !global::forked()) || !cxx_throw::available() {

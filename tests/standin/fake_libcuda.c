@@ -23,7 +23,9 @@
  *   FAKE_CUDA_STREAM_BUSY=1      cuStreamQuery answers NOT_READY (work pending); by default
  *                                every stream is idle (the stand-in runs no work)
  * cuStreamQuery on a capturing stream is logged as CAPTURE_VIOLATION and fails with
- * CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: on a GPU it would invalidate the capture.
+ * CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: on a GPU it would invalidate the capture. An
+ * event recorded on a capturing stream is a node of the graph, not a record: querying
+ * it fails with CUDA_ERROR_CAPTURED_EVENT, as on a GPU.
  * cuGetErrorString answers codes >= 1000 as the real driver answers unknown
  * ones: CUDA_ERROR_INVALID_VALUE, and the string pointer set to NULL.
  * Strictness: memory calls need a current context; a free or record on another
@@ -57,6 +59,7 @@ enum {
     INVALID_HANDLE = 400,
     NOT_READY = 600,
     CAPTURE_UNSUPPORTED = 900,
+    CAPTURED_EVENT = 907,
 };
 
 #define MAX_DEV 8
@@ -264,11 +267,13 @@ CUresult cuEventCreate(CUevent *e, unsigned flags) {
     LEAVE(OK);
 }
 
-/* Per event: queries left to answer NOT_READY (FAKE_CUDA_EVENT_LAG). */
+/* Per event: queries left to answer NOT_READY (FAKE_CUDA_EVENT_LAG), and whether
+ * it was last recorded on a capturing stream. */
 #define MAX_EVENTS 4096
 static struct {
     CUevent e;
     long lag;
+    int captured; /* last recorded on a capturing stream */
 } lagging[MAX_EVENTS];
 
 CUresult cuEventRecord(CUevent e, CUstream s) {
@@ -277,16 +282,15 @@ CUresult cuEventRecord(CUevent e, CUstream s) {
     if ((int)((uintptr_t)e & 0xff) != cur_dev) logf_("WRONG_CTX cuEventRecord event of device %d in ctx %d", (int)((uintptr_t)e & 0xff), cur_dev);
     logf_("cuEventRecord ctx=%d stream=%p", cur_dev, s);
     const char *lag = getenv("FAKE_CUDA_EVENT_LAG");
-    if (lag) {
-        int slot = -1;
-        for (int i = 0; i < MAX_EVENTS && slot < 0; i++)
-            if (lagging[i].e == e) slot = i;
-        for (int i = 0; i < MAX_EVENTS && slot < 0; i++)
-            if (!lagging[i].e) slot = i;
-        if (slot >= 0) {
-            lagging[slot].e = e;
-            lagging[slot].lag = atol(lag);
-        }
+    int slot = -1;
+    for (int i = 0; i < MAX_EVENTS && slot < 0; i++)
+        if (lagging[i].e == e) slot = i;
+    for (int i = 0; i < MAX_EVENTS && slot < 0; i++)
+        if (!lagging[i].e) slot = i;
+    if (slot >= 0) {
+        lagging[slot].e = e;
+        lagging[slot].lag = lag ? atol(lag) : 0;
+        lagging[slot].captured = capturing(s);
     }
     LEAVE(OK);
 }
@@ -294,6 +298,10 @@ CUresult cuEventRecord(CUevent e, CUstream s) {
 CUresult cuEventQuery(CUevent e) {
     ENTER("cuEventQuery");
     for (int i = 0; i < MAX_EVENTS; i++) {
+        if (lagging[i].e == e && lagging[i].captured) {
+            logf_("cuEventQuery ctx=%d CAPTURED_EVENT", cur_dev);
+            LEAVE(CAPTURED_EVENT);
+        }
         if (lagging[i].e == e && lagging[i].lag > 0) {
             lagging[i].lag--;
             logf_("cuEventQuery ctx=%d NOT_READY", cur_dev);

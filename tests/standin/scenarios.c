@@ -136,8 +136,9 @@ static int adopt(void) {
 
 /* Stream 0x2000's segment goes idle, then 0x2000 starts capturing a graph
  * (FAKE_CUDA_CAPTURING set now). Stream 0x10 asks for the same size: the
- * idle segment is proven by an event, never by cuStreamQuery on 0x2000
- * (the stand-in logs CAPTURE_VIOLATION; a GPU would invalidate the capture). */
+ * idle segment cannot be proven free (no cuStreamQuery on a capturing
+ * stream, which a GPU would take as invalidating the capture; no event
+ * recorded into the capture, which proves nothing), so 0x10 grows. */
 static int capture_other(void) {
     void *p = cudalloc_malloc(40 * MiB, 0, (void *)0x2000);
     if (!p) FAIL("allocation on 0x2000 failed");
@@ -145,9 +146,13 @@ static int capture_other(void) {
     setenv("FAKE_CUDA_CAPTURING", "0x2000", 1);
     void *q = cudalloc_malloc(40 * MiB, 0, (void *)0x10);
     if (!q) FAIL("allocation on 0x10 during 0x2000's capture failed");
-    if (q != p) FAIL("the idle segment was not adopted");
+    if (q == p) FAIL("a capturing stream's idle segment was adopted");
     unsetenv("FAKE_CUDA_CAPTURING");
     cudalloc_free(q, 0, 0, (void *)0x10);
+    /* The capture is over: now the segment is proven, and adopted. */
+    void *r = cudalloc_malloc(40 * MiB, 0, (void *)0x1000);
+    if (r != p && r != q) FAIL("no idle segment adopted after the capture");
+    cudalloc_free(r, 0, 0, (void *)0x1000);
     if (cudalloc_check_invariants() != 0) FAIL("invariants");
     return 0;
 }
