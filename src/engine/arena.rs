@@ -399,7 +399,10 @@ impl ArenaInner {
     /// `None` when it does not.
     /// `quarantine` is asked only when the pointer is found: a true answer
     /// (the stream is capturing a graph) keeps the block out of reuse until
-    /// [`ArenaInner::release_quarantine`].
+    /// [`ArenaInner::release_quarantine`]. (A private pool's arena answers
+    /// false: its block goes back to the pool even during a capture, where
+    /// only the pool's later allocations, ordered by the graph or by the
+    /// captures sharing the pool, can reuse it.)
     pub fn free(
         &mut self,
         ptr: u64,
@@ -414,10 +417,7 @@ impl ArenaInner {
         self.counters.frees += 1;
         self.counters.live -= 1;
         self.counters.requested -= rec.requested;
-        // A private pool's block goes back to its pool even during a capture:
-        // only the pool's later allocations, ordered by the graph or by the
-        // captures sharing the pool, can reuse it.
-        if self.pool == PoolTag::None && quarantine() {
+        if quarantine() {
             self.blocks.get_mut(rec.block).state = BlockState::Pending;
             self.quarantined.push(rec.block);
             return Some(size);
@@ -441,15 +441,24 @@ impl ArenaInner {
             } else {
                 self.release_block(rec.block);
             }
-        } else if dev.capture_underway() {
-            // record_stream during a capture: no event or synchronisation
-            // now (pools.rs); the events are recorded when the capture ends.
-            self.blocks.get_mut(rec.block).state = BlockState::Pending;
-            self.deferred.push((rec.block, rec.streams));
         } else {
-            self.wait_for_streams(rec.block, &rec.streams, dev);
+            self.free_recorded(rec.block, rec.streams, dev);
         }
         Some(size)
+    }
+
+    /// The free of a block used on other streams (`record_stream`): it waits
+    /// for their work; during a capture no event or synchronisation is made
+    /// now (pools.rs), the events are recorded when the capture ends.
+    #[cold]
+    #[inline(never)]
+    fn free_recorded(&mut self, block: u32, streams: Vec<Stream>, dev: &DeviceCore) {
+        if dev.capture_underway() {
+            self.blocks.get_mut(block).state = BlockState::Pending;
+            self.deferred.push((block, streams));
+        } else {
+            self.wait_for_streams(block, &streams, dev);
+        }
     }
 
     /// Record the events of the blocks freed during a capture, now that it
@@ -462,7 +471,10 @@ impl ArenaInner {
 
     /// Block `block` (pending) waits for the work enqueued so far on
     /// `streams`: an event on each, or else a synchronisation, or else
-    /// quarantine until `empty_cache`.
+    /// quarantine until `empty_cache`. Out of line: off the free path's hot
+    /// code (kept small, the live-table removal is inlined into it).
+    #[cold]
+    #[inline(never)]
     fn wait_for_streams(&mut self, block: u32, streams: &[Stream], dev: &DeviceCore) {
         {
             // record_stream: the block waits for the other streams' work.

@@ -950,7 +950,7 @@ impl Allocator {
         if let Some(dev) = device.and_then(|d| self.devices.get(d)) {
             if let Some(a) = dev.find_arena(self.id, stream) {
                 let mut inner = a.inner.lock();
-                if let Some(block) = inner.free(ptr, &dev.core, || dev.capturing(a)) {
+                if let Some(block) = inner.free(ptr, &dev.core, || !a.pooled && dev.capturing(a)) {
                     dev.note_free(a, block);
                     return Ok(());
                 }
@@ -964,7 +964,7 @@ impl Allocator {
         for dev in &self.devices {
             for a in dev.arena_list() {
                 let mut inner = a.inner.lock();
-                if let Some(block) = inner.free(ptr, &dev.core, || dev.capturing(&a)) {
+                if let Some(block) = inner.free(ptr, &dev.core, || !a.pooled && dev.capturing(&a)) {
                     dev.note_free(&a, block);
                     return Ok(());
                 }

@@ -35,6 +35,7 @@ pub extern "C" fn cudalloc_malloc(size: usize, device: c_int, stream: *mut c_voi
 }
 
 /// `cudalloc_malloc`, from private pool `pool` when given.
+#[inline(always)]
 fn malloc_in(
     name: &'static str,
     size: usize,
