@@ -348,6 +348,15 @@ impl Allocator {
         self.serve(dev, arena, rounded, size)
     }
 
+    /// Whether a pool routes allocations on `device` (a capture may be under
+    /// way): callers then make no driver call there but `cuMemAlloc`.
+    /// Cheap (one atomic load); false for a bad device.
+    pub fn capture_may_be_underway(&self, device: usize) -> bool {
+        self.devices
+            .get(device)
+            .is_some_and(|d| d.core.capture_underway())
+    }
+
     /// Live pools of `device` and their reference counts (tests, diagnosis).
     pub fn pools(&self, device: usize) -> Result<Vec<(PoolId, u64)>> {
         let dev = self.device(device)?;
@@ -586,6 +595,41 @@ mod tests {
         );
         a.free(x, Some(0), 0x10).unwrap();
         a.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn pressure_sampling_waits_for_the_capture() {
+        let c = Config::parse("sim_memory:1GiB,pressure_interval:1ms").unwrap();
+        let d = Arc::new(SimDriver::new(c.sim_devices, c.sim_memory));
+        let a = Allocator::new(c, d.clone());
+        // The clock is looked at once every TICK_CALLS allocations.
+        let tick = |a: &Allocator| {
+            std::thread::sleep(std::time::Duration::from_millis(3));
+            for _ in 0..crate::observe::TICK_CALLS {
+                let p = a.malloc(4096, 0, 0x20).unwrap();
+                a.free(p, Some(0), 0x20).unwrap();
+            }
+        };
+        tick(&a);
+        let before = d.counters().mem_info_calls;
+        tick(&a);
+        assert!(
+            d.counters().mem_info_calls > before,
+            "sampled without a capture"
+        );
+        a.begin_pool(0, P).unwrap();
+        let during = d.counters().mem_info_calls;
+        for _ in 0..3 {
+            tick(&a);
+        }
+        assert_eq!(
+            d.counters().mem_info_calls,
+            during,
+            "no cuMemGetInfo during a capture"
+        );
+        a.end_pool(0, P).unwrap();
+        tick(&a);
+        assert!(d.counters().mem_info_calls > during);
     }
 
     #[test]

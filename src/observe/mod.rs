@@ -228,7 +228,9 @@ impl Observer {
                 // driver would make the CUDA backend hold a context there.
                 continue;
             }
-            if self.pressure_on {
+            // No cuMemGetInfo (or trim) while a graph capture may be under
+            // way there: it could invalidate the capture (engine/pools.rs).
+            if self.pressure_on && !alloc.capture_may_be_underway(d) {
                 self.sample_pressure(alloc, d, w);
             }
             let Some(mut alarms) = w.alarms.try_lock() else {
