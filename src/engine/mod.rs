@@ -868,9 +868,14 @@ impl Allocator {
             );
         }
         let limit = dev.limit();
-        let dinfo = match self.driver.mem_info(device) {
-            Ok((free, total)) => format!("device free {} of {}", fs(free), fs(total)),
-            Err(e) => format!("device memory unknown ({e})"),
+        let dinfo = if dev.core.capture_underway() {
+            // cuMemGetInfo could invalidate a graph capture (pools.rs).
+            "device memory not asked (a graph capture may be under way)".to_string()
+        } else {
+            match self.driver.mem_info(device) {
+                Ok((free, total)) => format!("device free {} of {}", fs(free), fs(total)),
+                Err(e) => format!("device memory unknown ({e})"),
+            }
         };
         let lim = if limit == u64::MAX {
             "none".to_string()
