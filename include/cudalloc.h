@@ -93,8 +93,9 @@ typedef enum {
    */
   CUDALLOC_ERR_UNKNOWN_POINTER = 42012,
   /**
-   * Something cudalloc does not do yet (PyTorch's private memory pools,
-   * which CUDA graph capture needs); refused, nothing changed.
+   * Something cudalloc does not do, or was configured not to (PyTorch's
+   * private memory pools, which CUDA graph capture needs, unless
+   * `graph_pools:on`); refused, nothing changed.
    */
   CUDALLOC_ERR_UNSUPPORTED = 42013,
 } cudalloc_result;

@@ -40,8 +40,9 @@ pub enum cudalloc_result {
     CUDALLOC_ERR_BUFFER_TOO_SMALL = 42011,
     /// The pointer is not a live cudalloc allocation (e.g. in `record_stream`).
     CUDALLOC_ERR_UNKNOWN_POINTER = 42012,
-    /// Something cudalloc does not do yet (PyTorch's private memory pools,
-    /// which CUDA graph capture needs); refused, nothing changed.
+    /// Something cudalloc does not do, or was configured not to (PyTorch's
+    /// private memory pools, which CUDA graph capture needs, unless
+    /// `graph_pools:on`); refused, nothing changed.
     CUDALLOC_ERR_UNSUPPORTED = 42013,
 }
 

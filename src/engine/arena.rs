@@ -463,9 +463,19 @@ impl ArenaInner {
 
     /// Record the events of the blocks freed during a capture, now that it
     /// is over (their frees then complete as any `record_stream` free).
+    /// A block whose streams include one still capturing (or one the driver
+    /// will not answer about) stays deferred: an event recorded into a
+    /// capture proves nothing.
     pub fn record_deferred(&mut self, dev: &DeviceCore) {
         for (block, streams) in std::mem::take(&mut self.deferred) {
-            self.wait_for_streams(block, &streams, dev);
+            let capturing = streams
+                .iter()
+                .any(|&s| !matches!(dev.driver.stream_is_capturing(dev.index, s), Ok(false)));
+            if capturing {
+                self.deferred.push((block, streams));
+            } else {
+                self.wait_for_streams(block, &streams, dev);
+            }
         }
     }
 

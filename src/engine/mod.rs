@@ -14,7 +14,7 @@
 //! - **Free** trusts nothing the caller says but the pointer: the stream and
 //!   device arguments are hints for where to look first.
 //! - **Graph capture.** `cuMemAlloc` runs in relaxed capture mode (the CUDA
-//!   driver does that). A block freed while its stream is capturing a graph is
+//!   backend switches the thread's mode around it). A block freed while its stream is capturing a graph is
 //!   quarantined: the graph may still use it, so it is not reused until
 //!   `empty_cache` (a simple, documented policy for C and C++ captures).
 //!   Until a slow path first sees a capturing stream, frees do not ask.
@@ -57,11 +57,13 @@ pub(crate) struct DeviceCore {
     /// when its size is at most this (large-pool blocks serve larger requests).
     pub small_max: u64,
     /// Set once a slow path saw a stream capturing a graph; from then on each
-    /// free asks the driver whether its stream is capturing (quarantine), and
-    /// streams are no longer queried (see `ArenaInner::idle_free_complete`).
+    /// free asks the driver whether its stream is capturing (quarantine).
     pub capture_seen: AtomicBool,
-    /// Pools routing allocations now (captures under way; `pools.rs`): while
-    /// nonzero, nothing on this device calls the driver but `cuMemAlloc`.
+    /// Pools routing allocations now (`pools.rs`). The fast paths' cheap
+    /// test of a capture under way: while nonzero, they ask no event and a
+    /// `record_stream` free records none (its events wait for the end).
+    /// The slow paths ask `Device::capture_underway`, which tells a routing
+    /// that outlived a failed capture from a capture that runs.
     pub captures: AtomicUsize,
 }
 
@@ -868,14 +870,11 @@ impl Allocator {
             );
         }
         let limit = dev.limit();
-        let dinfo = if dev.core.capture_underway() {
-            // cuMemGetInfo could invalidate a graph capture (pools.rs).
-            "device memory not asked (a graph capture may be under way)".to_string()
-        } else {
-            match self.driver.mem_info(device) {
-                Ok((free, total)) => format!("device free {} of {}", fs(free), fs(total)),
-                Err(e) => format!("device memory unknown ({e})"),
-            }
+        // Not during a graph capture: cuMemGetInfo could invalidate it.
+        let dinfo = match self.mem_info_outside_capture(device) {
+            Some(Ok((free, total))) => format!("device free {} of {}", fs(free), fs(total)),
+            Some(Err(e)) => format!("device memory unknown ({e})"),
+            None => "device memory not asked (a graph capture may be under way)".to_string(),
         };
         let lim = if limit == u64::MAX {
             "none".to_string()

@@ -14,14 +14,21 @@
 //! - a block freed into a pool goes back to that pool, even during a capture
 //!   (no quarantine): only the pool's later allocations can reuse it, in the
 //!   order the graph (or the captures sharing the pool) fixes;
-//! - while a capture is under way on the device (between `begin_pool` and
-//!   `end_pool`), nothing on that device goes back to the driver, no idle
-//!   segment changes hands, no pending free is asked about, and a
-//!   `record_stream` free records its events only when the capture ends: a
-//!   `cuMemFree`, a synchronisation or an event or stream query would
-//!   invalidate a global-mode capture (PyTorch's allocator holds back the
-//!   same way); only `cuMemAlloc` runs, in relaxed mode. `begin_pool` waits
-//!   for the slow and fast paths already running;
+//! - while a capture may be under way on the device (a pool routes, and
+//!   nothing was routed yet or a stream something was routed on is still
+//!   capturing: `Device::capture_underway`), nothing on that device goes
+//!   back to the driver, no idle segment changes hands, no pending free is
+//!   asked about, no `cuMemGetInfo` is made (pressure sampling, the OOM
+//!   diagnosis), and a `record_stream` free records its events only once no
+//!   stream it waits on captures: a `cuMemFree`, a synchronisation, or an
+//!   event, stream or memory query would invalidate a global-mode capture
+//!   (PyTorch's allocator holds back the same way). What still runs:
+//!   `cuMemAlloc` in relaxed mode, and `cuStreamIsCapturing` (legal during a
+//!   capture). `begin_pool` waits for the slow and fast paths already
+//!   running, and reads the device's total before the capture starts;
+//! - two routings of one pool at once are refused (as PyTorch's allocator
+//!   does), unless the first outlived a failed capture: then it ends, and
+//!   its reference is dropped (PyTorch never releases a failed graph);
 //! - `begin_pool` takes a reference, `release_pool` drops one. At zero the
 //!   pool is *released*: its idle segments go back to the driver at the next
 //!   `empty_cache` or synchronising OOM-ladder step (which synchronise, and
@@ -101,15 +108,22 @@ impl Device {
             return false;
         }
         let pools = self.pools.lock();
-        pools.map.values().filter(|st| st.routing > 0).any(|st| {
-            st.routed_streams.is_empty()
-                || st.routed_streams.iter().any(|&s| {
-                    !matches!(
-                        self.core.driver.stream_is_capturing(self.core.index, s),
-                        Ok(false)
-                    )
-                })
-        })
+        pools
+            .map
+            .values()
+            .any(|st| st.routing > 0 && !self.routing_stale(st))
+    }
+
+    /// Whether `st`'s routing outlived its capture: something was routed,
+    /// and none of the streams it was routed on is capturing any more.
+    fn routing_stale(&self, st: &PoolState) -> bool {
+        !st.routed_streams.is_empty()
+            && st.routed_streams.iter().all(|&s| {
+                matches!(
+                    self.core.driver.stream_is_capturing(self.core.index, s),
+                    Ok(false)
+                )
+            })
     }
 
     /// The arena of pool `id` for `stream`, made (or taken from the spares)
@@ -229,21 +243,60 @@ impl Allocator {
     /// Start routing allocations to pool `id` of `device` (PyTorch's
     /// `beginAllocateToPool`; which allocations, the caller decides): the
     /// pool is made on first use, takes a reference, and until
-    /// [`Allocator::end_pool`] nothing on the device goes back to the driver.
-    pub fn begin_pool(&self, device: usize, id: PoolId) -> Result<()> {
+    /// [`Allocator::end_pool`] nothing on the device goes back to the driver
+    /// while the capture runs. A pool already routing is an error, unless
+    /// that routing outlived its capture (it failed before PyTorch ended
+    /// it): then that routing ends and its reference is dropped. Returns how
+    /// many routings it ended so (the caller drops their filters).
+    pub fn begin_pool(&self, device: usize, id: PoolId) -> Result<u64> {
         let dev = self.device(device)?;
         // No slow path is running once this is held, and none starts before
         // `captures` is raised: none can release or query after PyTorch
         // starts the capture.
         let _slow = dev.slow.lock();
-        {
+        // Read the device's total now: cuMemGetInfo once the capture runs
+        // could invalidate it.
+        dev.total();
+        let ended = {
             let mut pools = dev.pools.lock();
+            let ended = match pools.map.get(&id) {
+                Some(st) if st.routing > 0 => {
+                    if !dev.routing_stale(st) {
+                        // PyTorch's own allocator refuses this too.
+                        return Err(Error::new(
+                            ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT,
+                            format!(
+                                "{} of device {device} is already routing a capture",
+                                show(id)
+                            ),
+                        ));
+                    }
+                    st.routing
+                }
+                _ => 0,
+            };
             let st = pools.map.entry(id).or_default();
+            if ended > 0 {
+                // A capture that failed after its first allocation: PyTorch
+                // called neither the end hook nor, for that graph, the
+                // release hook. End its routing and drop its reference.
+                tracing::warn!(
+                    device,
+                    "{}: ending the routing of a capture that failed before PyTorch ended it",
+                    show(id)
+                );
+                st.routing = 0;
+                st.routed_streams.clear();
+                st.refs = st.refs.saturating_sub(ended);
+                dev.core
+                    .captures
+                    .fetch_sub(ended as usize, Ordering::AcqRel);
+            }
             for a in &st.arenas {
                 let mut inner = a.inner.lock();
                 inner.pool = PoolTag::Live(id);
                 // The pool's record_stream frees that completed meanwhile
-                // are its again (not during the capture: no queries then).
+                // are its again (not during another capture: no queries).
                 if !dev.core.capture_underway() {
                     inner.process_pending(&dev.core, false);
                 }
@@ -251,13 +304,14 @@ impl Allocator {
             st.refs += 1;
             st.routing += 1;
             dev.core.captures.fetch_add(1, Ordering::AcqRel);
-        }
+            ended
+        };
         // A fast path that read `captures` before the raise may still be
         // processing pending frees under its arena's lock: wait for it.
         for a in dev.arena_list() {
             drop(a.inner.lock());
         }
-        Ok(())
+        Ok(ended)
     }
 
     /// Stop routing to pool `id` (PyTorch's `endAllocateToPool`). The pool
@@ -298,6 +352,7 @@ impl Allocator {
     /// back to the driver at the next `empty_cache` once freed.
     pub fn release_pool(&self, device: usize, id: PoolId) -> Result<()> {
         let dev = self.device(device)?;
+        let _slow = dev.slow.lock();
         let mut pools = dev.pools.lock();
         match pools.map.get_mut(&id) {
             Some(st) if st.refs > 0 => {
@@ -348,13 +403,19 @@ impl Allocator {
         self.serve(dev, arena, rounded, size)
     }
 
-    /// Whether a pool routes allocations on `device` (a capture may be under
-    /// way): callers then make no driver call there but `cuMemAlloc`.
-    /// Cheap (one atomic load); false for a bad device.
-    pub fn capture_may_be_underway(&self, device: usize) -> bool {
-        self.devices
-            .get(device)
-            .is_some_and(|d| d.core.capture_underway())
+    /// The driver's `(free, total)` for `device`, unless a graph capture may
+    /// be under way there (`None`: cuMemGetInfo could invalidate it). Takes
+    /// the device's slow lock, so no capture starts meanwhile.
+    pub fn mem_info_outside_capture(
+        &self,
+        device: usize,
+    ) -> Option<crate::driver::DriverResult<(u64, u64)>> {
+        let dev = self.devices.get(device)?;
+        let _slow = dev.slow.lock();
+        if dev.capture_underway() {
+            return None;
+        }
+        Some(self.driver.mem_info(device))
     }
 
     /// Live pools of `device` and their reference counts (tests, diagnosis).
@@ -602,13 +663,10 @@ mod tests {
         let c = Config::parse("sim_memory:1GiB,pressure_interval:1ms").unwrap();
         let d = Arc::new(SimDriver::new(c.sim_devices, c.sim_memory));
         let a = Allocator::new(c, d.clone());
-        // The clock is looked at once every TICK_CALLS allocations.
         let tick = |a: &Allocator| {
-            std::thread::sleep(std::time::Duration::from_millis(3));
-            for _ in 0..crate::observe::TICK_CALLS {
-                let p = a.malloc(4096, 0, 0x20).unwrap();
-                a.free(p, Some(0), 0x20).unwrap();
-            }
+            let p = a.malloc(4096, 0, 0x20).unwrap();
+            a.free(p, Some(0), 0x20).unwrap();
+            a.observer().tick(a);
         };
         tick(&a);
         let before = d.counters().mem_info_calls;
@@ -633,6 +691,52 @@ mod tests {
     }
 
     #[test]
+    fn a_second_routing_of_a_pool_is_refused_unless_the_first_outlived_its_capture() {
+        let (a, d) = sim();
+        a.begin_pool(0, P).unwrap();
+        d.set_capturing(0x10, true);
+        let x = a.malloc_pool(MIB, 0, 0x10, P).unwrap();
+        assert_eq!(
+            a.begin_pool(0, P).unwrap_err().code,
+            ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT,
+            "PyTorch refuses two captures into one pool at once"
+        );
+        // The capture fails: no end hook, no release for that graph.
+        d.set_capturing(0x10, false);
+        assert_eq!(a.begin_pool(0, P).unwrap(), 1, "the stale routing ends");
+        assert_eq!(a.pools(0).unwrap(), vec![(P, 1)], "and its reference goes");
+        a.end_pool(0, P).unwrap();
+        assert!(!a.devices[0].core.capture_underway());
+        a.free(x, Some(0), 0x10).unwrap();
+        a.release_pool(0, P).unwrap();
+        assert_eq!(a.empty_cache(), 2 * MIB);
+        a.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn deferred_frees_wait_while_their_stream_captures() {
+        let (a, d) = sim();
+        let p = a.malloc(4096, 0, 0x10).unwrap();
+        a.record_stream(p, 0x20).unwrap();
+        a.begin_pool(0, P).unwrap();
+        a.free(p, Some(0), 0x10).unwrap();
+        d.set_capturing(0x20, true); // 0x20 captures past the end hook
+        let records = d.counters().event_records;
+        a.end_pool(0, P).unwrap();
+        assert_eq!(
+            d.counters().event_records,
+            records,
+            "no event into a capture"
+        );
+        assert_eq!(a.stats(0).unwrap().pending_free_bytes, 4096);
+        d.set_capturing(0x20, false);
+        a.empty_cache();
+        assert_eq!(d.counters().event_records, records + 1);
+        assert_eq!(a.malloc(4096, 0, 0x10).unwrap(), p);
+        a.check_invariants().unwrap();
+    }
+
+    #[test]
     fn bad_pool_calls_are_errors_and_change_nothing() {
         let (a, _) = sim();
         let code = |r: Result<()>| r.unwrap_err().code;
@@ -649,7 +753,7 @@ mod tests {
             ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT
         );
         assert_eq!(
-            code(a.begin_pool(3, P)),
+            a.begin_pool(3, P).unwrap_err().code,
             ErrorCode::CUDALLOC_ERR_INVALID_DEVICE
         );
         assert!(a.pools(0).unwrap().is_empty());

@@ -165,6 +165,8 @@ fn route_slow(device: c_int, stream: *mut c_void) -> Option<PoolId> {
     // called once its end hook returned (PyTorch's graph filter reads the
     // CUDAGraph, which may be gone by then). If a filter throws, the guard
     // is released as the exception passes.
+    // (PyTorch's filters never call back into cudalloc: a nested read here
+    // would wait behind a waiting writer.)
     let routes = ROUTES.read();
     routes
         .iter()

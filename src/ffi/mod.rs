@@ -181,7 +181,11 @@ pub unsafe extern "C-unwind" fn cudalloc_begin_allocate_to_pool(
                         format!("begin_allocate_to_pool on device {device}, pool ({}, {}): no filter (NULL or an empty std::function)", id.0, id.1),
                     )
                 })?;
-                a.begin_pool(d, id)?;
+                // Routings of this pool that outlived their failed captures
+                // ended: their filters go.
+                for _ in 0..a.begin_pool(d, id)? {
+                    cxx_function::remove(d, id);
+                }
                 cxx_function::add(d, id, f);
                 Ok(())
             });

@@ -228,9 +228,7 @@ impl Observer {
                 // driver would make the CUDA backend hold a context there.
                 continue;
             }
-            // No cuMemGetInfo (or trim) while a graph capture may be under
-            // way there: it could invalidate the capture (engine/pools.rs).
-            if self.pressure_on && !alloc.capture_may_be_underway(d) {
+            if self.pressure_on {
                 self.sample_pressure(alloc, d, w);
             }
             let Some(mut alarms) = w.alarms.try_lock() else {
@@ -251,7 +249,9 @@ impl Observer {
     }
 
     fn sample_pressure(&self, alloc: &Allocator, d: usize, w: &Watch) {
-        let Ok((free, total)) = alloc.driver().mem_info(d) else {
+        // Nothing while a graph capture may be under way there: cuMemGetInfo
+        // could invalidate it (engine/pools.rs; trim holds back too).
+        let Some(Ok((free, total))) = alloc.mem_info_outside_capture(d) else {
             return;
         };
         let used = total.saturating_sub(free);
@@ -271,7 +271,7 @@ impl Observer {
                 released,
                 "trim: released idle cached segments above trim_threshold"
             );
-            if let Ok((free, total)) = alloc.driver().mem_info(d) {
+            if let Some(Ok((free, total))) = alloc.mem_info_outside_capture(d) {
                 self.set_level(d, w, Level::of(total.saturating_sub(free), total));
             }
         }
