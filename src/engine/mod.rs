@@ -871,7 +871,7 @@ impl Allocator {
         }
         let limit = dev.limit();
         // Not during a graph capture: cuMemGetInfo could invalidate it.
-        let dinfo = match self.mem_info_outside_capture(device) {
+        let dinfo = match self.mem_info_outside_capture(device, true) {
             Some(Ok((free, total))) => format!("device free {} of {}", fs(free), fs(total)),
             Some(Err(e)) => format!("device memory unknown ({e})"),
             None => "device memory not asked (a graph capture may be under way)".to_string(),

@@ -404,14 +404,21 @@ impl Allocator {
     }
 
     /// The driver's `(free, total)` for `device`, unless a graph capture may
-    /// be under way there (`None`: cuMemGetInfo could invalidate it). Takes
-    /// the device's slow lock, so no capture starts meanwhile.
+    /// be under way there (`None`: cuMemGetInfo could invalidate it). Holds
+    /// the device's slow lock, so no capture starts meanwhile; without
+    /// `wait`, `None` too when another thread holds it (a periodic sample
+    /// skips rather than waits on a slow path).
     pub fn mem_info_outside_capture(
         &self,
         device: usize,
+        wait: bool,
     ) -> Option<crate::driver::DriverResult<(u64, u64)>> {
         let dev = self.devices.get(device)?;
-        let _slow = dev.slow.lock();
+        let _slow = if wait {
+            dev.slow.lock()
+        } else {
+            dev.slow.try_lock()?
+        };
         if dev.capture_underway() {
             return None;
         }

@@ -251,7 +251,7 @@ impl Observer {
     fn sample_pressure(&self, alloc: &Allocator, d: usize, w: &Watch) {
         // Nothing while a graph capture may be under way there: cuMemGetInfo
         // could invalidate it (engine/pools.rs; trim holds back too).
-        let Some(Ok((free, total))) = alloc.mem_info_outside_capture(d) else {
+        let Some(Ok((free, total))) = alloc.mem_info_outside_capture(d, false) else {
             return;
         };
         let used = total.saturating_sub(free);
@@ -271,7 +271,7 @@ impl Observer {
                 released,
                 "trim: released idle cached segments above trim_threshold"
             );
-            if let Some(Ok((free, total))) = alloc.mem_info_outside_capture(d) {
+            if let Some(Ok((free, total))) = alloc.mem_info_outside_capture(d, false) {
                 self.set_level(d, w, Level::of(total.saturating_sub(free), total));
             }
         }
