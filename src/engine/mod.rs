@@ -659,7 +659,10 @@ impl Allocator {
         let Some(seg_size) = self.policy.segment_size(rounded) else {
             return Err(self.oom(dev, size, arena.stream, "the size overflows"));
         };
-        if !dev.core.capture_seen.load(Ordering::Relaxed)
+        // A pool's capture needs no quarantine (pools.rs): seeing it must not
+        // make every later free ask the driver whether its stream captures.
+        if !arena.pooled
+            && !dev.core.capture_seen.load(Ordering::Relaxed)
             && matches!(
                 self.driver
                     .stream_is_capturing(dev.core.index, arena.stream),

@@ -744,6 +744,21 @@ mod tests {
     }
 
     #[test]
+    fn a_pools_capture_leaves_frees_without_driver_calls() {
+        let (a, d) = sim();
+        a.begin_pool(0, P).unwrap();
+        d.set_capturing(0x10, true);
+        let x = a.malloc_pool(MIB, 0, 0x10, P).unwrap();
+        a.free(x, Some(0), 0x10).unwrap();
+        d.set_capturing(0x10, false);
+        a.end_pool(0, P).unwrap();
+        assert!(
+            !a.devices[0].core.capture_seen.load(Ordering::Relaxed),
+            "later frees would each ask cuStreamIsCapturing"
+        );
+    }
+
+    #[test]
     fn bad_pool_calls_are_errors_and_change_nothing() {
         let (a, _) = sim();
         let code = |r: Result<()>| r.unwrap_err().code;
