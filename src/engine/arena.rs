@@ -463,14 +463,15 @@ impl ArenaInner {
 
     /// Record the events of the blocks freed during a capture, now that it
     /// is over (their frees then complete as any `record_stream` free).
-    /// A block whose streams include one still capturing (or one the driver
-    /// will not answer about) stays deferred: an event recorded into a
-    /// capture proves nothing.
+    /// A block whose streams include one still capturing stays deferred: an
+    /// event recorded into a capture proves nothing. (A stream the driver
+    /// will not answer about, say one destroyed meanwhile, is left to
+    /// `wait_for_streams`, which synchronises or quarantines.)
     pub fn record_deferred(&mut self, dev: &DeviceCore) {
         for (block, streams) in std::mem::take(&mut self.deferred) {
             let capturing = streams
                 .iter()
-                .any(|&s| !matches!(dev.driver.stream_is_capturing(dev.index, s), Ok(false)));
+                .any(|&s| matches!(dev.driver.stream_is_capturing(dev.index, s), Ok(true)));
             if capturing {
                 self.deferred.push((block, streams));
             } else {

@@ -75,6 +75,10 @@ struct PoolState {
     /// The streams allocations were routed on since routing began: where
     /// the capture runs (see `Device::capture_underway`).
     routed_streams: Vec<Stream>,
+    /// One of `routed_streams` was capturing when first routed: this
+    /// routing serves a capture (not `use_mem_pool`-style routing outside
+    /// one), so once none of them captures, the capture is over.
+    captured: bool,
     arenas: Vec<Arc<Arena>>,
 }
 
@@ -111,12 +115,13 @@ impl Device {
         pools
             .map
             .values()
-            .any(|st| st.routing > 0 && !self.routing_stale(st))
+            .any(|st| st.routing > 0 && !self.routing_idle(st))
     }
 
-    /// Whether `st`'s routing outlived its capture: something was routed,
-    /// and none of the streams it was routed on is capturing any more.
-    fn routing_stale(&self, st: &PoolState) -> bool {
+    /// Whether `st`'s routing holds nothing back now: something was routed,
+    /// and none of the streams it was routed on is capturing (its capture
+    /// ended, or it routes outside any capture).
+    fn routing_idle(&self, st: &PoolState) -> bool {
         !st.routed_streams.is_empty()
             && st.routed_streams.iter().all(|&s| {
                 matches!(
@@ -150,6 +155,12 @@ impl Device {
         };
         if st.routing > 0 && !st.routed_streams.contains(&stream) {
             st.routed_streams.push(stream);
+            st.captured |= matches!(
+                self.core
+                    .driver
+                    .stream_is_capturing(self.core.index, stream),
+                Ok(true)
+            );
         }
         let arc = match st.arenas.iter().find(|a| a.stream == stream) {
             Some(a) => a.clone(),
@@ -261,7 +272,10 @@ impl Allocator {
             let mut pools = dev.pools.lock();
             let ended = match pools.map.get(&id) {
                 Some(st) if st.routing > 0 => {
-                    if !dev.routing_stale(st) {
+                    // Stale: it served a capture that is over (one that
+                    // failed before PyTorch ended it). A routing outside
+                    // any capture is live however idle its streams are.
+                    if !(st.captured && dev.routing_idle(st)) {
                         // PyTorch's own allocator refuses this too.
                         return Err(Error::new(
                             ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT,
@@ -287,6 +301,7 @@ impl Allocator {
                 );
                 st.routing = 0;
                 st.routed_streams.clear();
+                st.captured = false;
                 st.refs = st.refs.saturating_sub(ended);
                 dev.core
                     .captures
@@ -325,6 +340,7 @@ impl Allocator {
                 st.routing -= 1;
                 if st.routing == 0 {
                     st.routed_streams.clear();
+                    st.captured = false;
                 }
                 let was = dev.core.captures.fetch_sub(1, Ordering::AcqRel);
                 drop(pools);
@@ -721,6 +737,24 @@ mod tests {
     }
 
     #[test]
+    fn a_routing_outside_any_capture_is_never_ended_by_another() {
+        // use_mem_pool-style routing: allocations sent to the pool with no
+        // capture; a second begin on that pool must be refused, not end it.
+        let (a, _) = sim();
+        a.begin_pool(0, P).unwrap();
+        let x = a.malloc_pool(MIB, 0, 0x10, P).unwrap();
+        assert_eq!(
+            a.begin_pool(0, P).unwrap_err().code,
+            ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT
+        );
+        assert_eq!(a.pools(0).unwrap(), vec![(P, 1)]);
+        a.end_pool(0, P).unwrap();
+        a.free(x, Some(0), 0x10).unwrap();
+        a.release_pool(0, P).unwrap();
+        a.check_invariants().unwrap();
+    }
+
+    #[test]
     fn deferred_frees_wait_while_their_stream_captures() {
         let (a, d) = sim();
         let p = a.malloc(4096, 0, 0x10).unwrap();
@@ -739,7 +773,7 @@ mod tests {
         d.set_capturing(0x20, false);
         a.empty_cache();
         assert_eq!(d.counters().event_records, records + 1);
-        assert_eq!(a.malloc(4096, 0, 0x10).unwrap(), p);
+        assert_eq!(a.stats(0).unwrap().pending_free_bytes, 0, "then freed");
         a.check_invariants().unwrap();
     }
 
@@ -756,6 +790,11 @@ mod tests {
             !a.devices[0].core.capture_seen.load(Ordering::Relaxed),
             "later frees would each ask cuStreamIsCapturing"
         );
+        // And they do not: a free on a stream's own arena asks nothing.
+        let p = a.malloc(4096, 0, 0x20).unwrap();
+        d.set_capturing(0x20, true); // would quarantine, were it asked
+        a.free(p, Some(0), 0x20).unwrap();
+        assert_eq!(a.stats(0).unwrap().pending_free_bytes, 0);
     }
 
     #[test]
