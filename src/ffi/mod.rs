@@ -24,6 +24,28 @@ fn device_index(device: c_int) -> Option<usize> {
     usize::try_from(device).ok()
 }
 
+/// `f` on the process-wide allocator with `device` as an index: a negative
+/// one is `CUDALLOC_ERR_INVALID_DEVICE` (the engine checks the upper bound).
+fn on_device<T>(
+    device: c_int,
+    f: impl FnOnce(&'static crate::engine::Allocator, usize) -> crate::error::Result<T>,
+) -> crate::error::Result<T> {
+    global::get().and_then(|a| match device_index(device) {
+        Some(d) => f(a, d),
+        None => Err(Error::invalid_device(device as i64, a.device_count())),
+    })
+}
+
+/// A void export's result as the thread's last error.
+fn set_result(r: crate::error::Result<()>) {
+    match r {
+        Ok(()) => set_ok(),
+        Err(e) => {
+            set_error(&e);
+        }
+    }
+}
+
 /// Allocate `size` bytes on `device` for use on `stream` (PyTorch's `alloc_fn`).
 ///
 /// Returns a 512-byte-aligned device pointer, or NULL. NULL with last error
@@ -48,10 +70,9 @@ fn malloc_in(
             set_error(&global::stopped_error());
             return std::ptr::null_mut();
         }
-        let r = global::get().and_then(|a| match (device_index(device), pool) {
-            (Some(d), None) => a.malloc(size as u64, d, stream as u64),
-            (Some(d), Some(id)) => a.malloc_pool(size as u64, d, stream as u64, id),
-            (None, _) => Err(Error::invalid_device(device as i64, a.device_count())),
+        let r = on_device(device, |a, d| match pool {
+            None => a.malloc(size as u64, d, stream as u64),
+            Some(id) => a.malloc_pool(size as u64, d, stream as u64, id),
         });
         match r {
             Ok(p) => {
@@ -172,9 +193,7 @@ pub unsafe extern "C-unwind" fn cudalloc_begin_allocate_to_pool(
         // value, i.e. a pointer to a live temporary (or NULL from a C caller).
         let copy = unsafe { cxx_function::Filter::copy_from(filter) };
         guard("cudalloc_begin_allocate_to_pool", move || {
-            let r = global::get().and_then(|a| {
-                let d = device_index(device)
-                    .ok_or_else(|| Error::invalid_device(device as i64, a.device_count()))?;
+            let r = on_device(device, |a, d| {
                 let f = copy.ok_or_else(|| {
                     Error::new(
                         ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT,
@@ -243,9 +262,7 @@ fn refuse_pools(device: c_int, id: crate::engine::PoolId) -> Option<String> {
 pub extern "C" fn cudalloc_end_allocate_to_pool(device: c_int, pool: cudalloc_mempool_id) {
     let id = (pool.first, pool.second);
     guard("cudalloc_end_allocate_to_pool", || {
-        let r = global::get().and_then(|a| {
-            let d = device_index(device)
-                .ok_or_else(|| Error::invalid_device(device as i64, a.device_count()))?;
+        let r = on_device(device, |a, d| {
             a.end_pool(d, id)?;
             cxx_function::remove(d, id);
             Ok(())
@@ -262,26 +279,19 @@ pub extern "C" fn cudalloc_end_allocate_to_pool(device: c_int, pool: cudalloc_me
 pub extern "C" fn cudalloc_release_pool(device: c_int, pool: cudalloc_mempool_id) {
     let id = (pool.first, pool.second);
     guard("cudalloc_release_pool", || {
-        let r = global::get().and_then(|a| {
-            let d = device_index(device)
-                .ok_or_else(|| Error::invalid_device(device as i64, a.device_count()))?;
-            a.release_pool(d, id)
-        });
+        let r = on_device(device, |a, d| a.release_pool(d, id));
         pool_hook_result(r);
     })
 }
 
 /// PyTorch cannot take an error from its void pool hooks: log it and set it.
 fn pool_hook_result(r: crate::error::Result<()>) {
-    match r {
-        Ok(()) => set_ok(),
-        Err(e) => {
-            if !global::exiting() {
-                tracing::warn!("cudalloc: {}", e.message);
-            }
-            set_error(&e);
+    if let Err(e) = &r {
+        if !global::exiting() {
+            tracing::warn!("cudalloc: {}", e.message);
         }
     }
+    set_result(r);
 }
 
 /// The exception text for a failed `cudalloc_malloc_torch`, from the
@@ -385,10 +395,7 @@ pub unsafe extern "C" fn cudalloc_get_stats(device: c_int, out: *mut cudalloc_st
             );
             return ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT as c_int;
         }
-        let r = global::get().and_then(|a| match device_index(device) {
-            Some(d) => a.stats(d),
-            None => Err(Error::invalid_device(device as i64, a.device_count())),
-        });
+        let r = on_device(device, |a, d| a.stats(d));
         match r {
             Ok(s) => {
                 // SAFETY: `out` is non-NULL and the caller promises it points to
@@ -406,16 +413,8 @@ pub unsafe extern "C" fn cudalloc_get_stats(device: c_int, out: *mut cudalloc_st
 #[no_mangle]
 pub extern "C" fn cudalloc_reset_peak_stats(device: c_int) {
     guard("cudalloc_reset_peak_stats", || {
-        let r = global::get().and_then(|a| match device_index(device) {
-            Some(d) => a.reset_peak(d),
-            None => Err(Error::invalid_device(device as i64, a.device_count())),
-        });
-        match r {
-            Ok(()) => set_ok(),
-            Err(e) => {
-                set_error(&e);
-            }
-        }
+        let r = on_device(device, |a, d| a.reset_peak(d));
+        set_result(r);
     })
 }
 
@@ -426,16 +425,8 @@ pub extern "C" fn cudalloc_reset_peak_stats(device: c_int) {
 #[no_mangle]
 pub extern "C" fn cudalloc_reset_accumulated_stats(device: c_int) {
     guard("cudalloc_reset_accumulated_stats", || {
-        let r = global::get().and_then(|a| match device_index(device) {
-            Some(d) => a.reset_accumulated(d),
-            None => Err(Error::invalid_device(device as i64, a.device_count())),
-        });
-        match r {
-            Ok(()) => set_ok(),
-            Err(e) => {
-                set_error(&e);
-            }
-        }
+        let r = on_device(device, |a, d| a.reset_accumulated(d));
+        set_result(r);
     })
 }
 
@@ -446,10 +437,7 @@ pub extern "C" fn cudalloc_reset_accumulated_stats(device: c_int) {
 #[no_mangle]
 pub extern "C" fn cudalloc_get_memory_fraction(device: c_int) -> f64 {
     guard("cudalloc_get_memory_fraction", || {
-        let r = global::get().and_then(|a| match device_index(device) {
-            Some(d) => a.memory_fraction(d),
-            None => Err(Error::invalid_device(device as i64, a.device_count())),
-        });
+        let r = on_device(device, |a, d| a.memory_fraction(d));
         match r {
             Ok(f) => {
                 set_ok();
@@ -468,16 +456,8 @@ pub extern "C" fn cudalloc_get_memory_fraction(device: c_int) -> f64 {
 #[no_mangle]
 pub extern "C" fn cudalloc_set_memory_fraction(fraction: f64, device: c_int) {
     guard("cudalloc_set_memory_fraction", || {
-        let r = global::get().and_then(|a| match device_index(device) {
-            Some(d) => a.set_memory_fraction(fraction, d),
-            None => Err(Error::invalid_device(device as i64, a.device_count())),
-        });
-        match r {
-            Ok(()) => set_ok(),
-            Err(e) => {
-                set_error(&e);
-            }
-        }
+        let r = on_device(device, |a, d| a.set_memory_fraction(fraction, d));
+        set_result(r);
     })
 }
 
