@@ -613,15 +613,34 @@ impl Allocator {
     /// count `num_ooms` and log a diagnosis.
     #[inline]
     pub fn malloc(&self, size: u64, device: usize, stream: Stream) -> Result<u64> {
-        let r = self.malloc_engine(size, device, stream);
+        self.malloc_from(size, device, stream, None)
+    }
+
+    /// [`Allocator::malloc`], from private pool `pool` when given
+    /// (`pools.rs`; [`Allocator::malloc_pool`]).
+    #[inline(always)]
+    pub(crate) fn malloc_from(
+        &self,
+        size: u64,
+        device: usize,
+        stream: Stream,
+        pool: Option<PoolId>,
+    ) -> Result<u64> {
+        let r = self.malloc_engine(size, device, stream, pool);
         if self.observe.on {
             self.observe.after_malloc(self, &r, size, device, stream);
         }
         r
     }
 
-    #[inline]
-    fn malloc_engine(&self, size: u64, device: usize, stream: Stream) -> Result<u64> {
+    #[inline(always)]
+    fn malloc_engine(
+        &self,
+        size: u64,
+        device: usize,
+        stream: Stream,
+        pool: Option<PoolId>,
+    ) -> Result<u64> {
         // A bad device is an error even for size 0 (as for a negative index).
         let dev = self.device(device)?;
         if size == 0 {
@@ -630,14 +649,10 @@ impl Allocator {
         let Some(rounded) = round_size(size) else {
             return Err(self.oom(dev, size, stream, "the size overflows"));
         };
-        let arena = dev.arena(self.id, stream);
-        self.serve(dev, arena, rounded, size)
-    }
-
-    /// Serve a request of `size` bytes (`rounded`) from `arena`: its cache,
-    /// else the slow path.
-    #[inline(always)]
-    fn serve(&self, dev: &Device, arena: &Arena, rounded: u64, size: u64) -> Result<u64> {
+        let arena = match pool {
+            None => dev.arena(self.id, stream),
+            Some(id) => dev.pool_arena(id, stream)?,
+        };
         {
             let mut a = arena.inner.lock();
             // cuEventQuery is illegal during a capture (pools.rs).

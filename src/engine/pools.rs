@@ -44,7 +44,6 @@ use super::arena::Arena;
 use super::{Allocator, Device};
 use crate::driver::Stream;
 use crate::error::{Error, ErrorCode, Result};
-use crate::size_class::round_size;
 use rustc_hash::FxHashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -133,7 +132,7 @@ impl Device {
 
     /// The arena of pool `id` for `stream`, made (or taken from the spares)
     /// on first use.
-    fn pool_arena(&self, id: PoolId, stream: Stream) -> Result<&Arena> {
+    pub(super) fn pool_arena(&self, id: PoolId, stream: Stream) -> Result<&Arena> {
         let mut pools = self.pools.lock();
         let Pools {
             map,
@@ -394,29 +393,7 @@ impl Allocator {
     /// must be live ([`Allocator::begin_pool`]). Freed with
     /// [`Allocator::free`], like any allocation.
     pub fn malloc_pool(&self, size: u64, device: usize, stream: Stream, id: PoolId) -> Result<u64> {
-        let r = self.malloc_pool_engine(size, device, stream, id);
-        if self.observe.on {
-            self.observe.after_malloc(self, &r, size, device, stream);
-        }
-        r
-    }
-
-    fn malloc_pool_engine(
-        &self,
-        size: u64,
-        device: usize,
-        stream: Stream,
-        id: PoolId,
-    ) -> Result<u64> {
-        let dev = self.device(device)?;
-        if size == 0 {
-            return Ok(0);
-        }
-        let Some(rounded) = round_size(size) else {
-            return Err(self.oom(dev, size, stream, "the size overflows"));
-        };
-        let arena = dev.pool_arena(id, stream)?;
-        self.serve(dev, arena, rounded, size)
+        self.malloc_from(size, device, stream, Some(id))
     }
 
     /// The driver's `(free, total)` for `device`, unless a graph capture may
