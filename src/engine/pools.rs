@@ -81,6 +81,17 @@ struct PoolState {
     arenas: Vec<Arc<Arena>>,
 }
 
+impl PoolState {
+    /// End `n` of the routings; the last one takes the routed streams with it.
+    fn end_routings(&mut self, n: u64) {
+        self.routing -= n;
+        if self.routing == 0 {
+            self.routed_streams.clear();
+            self.captured = false;
+        }
+    }
+}
+
 /// One device's pools.
 #[derive(Debug, Default)]
 pub(crate) struct Pools {
@@ -298,9 +309,7 @@ impl Allocator {
                     "{}: ending the routing of a capture that failed before PyTorch ended it",
                     show(id)
                 );
-                st.routing = 0;
-                st.routed_streams.clear();
-                st.captured = false;
+                st.end_routings(ended);
                 st.refs = st.refs.saturating_sub(ended);
                 dev.core
                     .captures
@@ -336,11 +345,7 @@ impl Allocator {
         let mut pools = dev.pools.lock();
         match pools.map.get_mut(&id) {
             Some(st) if st.routing > 0 => {
-                st.routing -= 1;
-                if st.routing == 0 {
-                    st.routed_streams.clear();
-                    st.captured = false;
-                }
+                st.end_routings(1);
                 let was = dev.core.captures.fetch_sub(1, Ordering::AcqRel);
                 drop(pools);
                 if was == 1 {
