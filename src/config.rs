@@ -263,14 +263,10 @@ pub static OPTIONS: &[OptionSpec] = &[
         default: "on",
         doc: "on: own segments of huge requests are split to serve smaller requests (torch); off: handed out whole to requests within large_segment of their size, and released before growing when they fit none",
         set: |c, v| {
-            c.huge_split = match v {
-                "on" => true,
-                "off" => false,
-                _ => return Err(String::new()),
-            };
+            c.huge_split = parse_on_off(v)?;
             Ok(())
         },
-        get: |c| if c.huge_split { "on" } else { "off" }.to_string(),
+        get: |c| on_off(c.huge_split),
     },
     OptionSpec {
         key: "graph_pools",
@@ -278,14 +274,10 @@ pub static OPTIONS: &[OptionSpec] = &[
         default: "off",
         doc: "on: PyTorch's private memory pools (torch.cuda.graph, make_graphed_callables) get pool-private segments, kept until the graph is released; off: cudalloc refuses them with a clear error (experimental until checked on a GPU)",
         set: |c, v| {
-            c.graph_pools = match v {
-                "on" => true,
-                "off" => false,
-                _ => return Err(String::new()),
-            };
+            c.graph_pools = parse_on_off(v)?;
             Ok(())
         },
-        get: |c| if c.graph_pools { "on" } else { "off" }.to_string(),
+        get: |c| on_off(c.graph_pools),
     },
     OptionSpec {
         key: "backtrace",
@@ -551,6 +543,19 @@ impl Config {
 
 fn keys() -> String {
     OPTIONS.iter().map(|o| o.key).collect::<Vec<_>>().join(", ")
+}
+
+/// An `on | off` value (the error is filled in by the caller's key).
+fn parse_on_off(v: &str) -> std::result::Result<bool, String> {
+    match v {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(String::new()),
+    }
+}
+
+fn on_off(b: bool) -> String {
+    if b { "on" } else { "off" }.to_string()
 }
 
 fn parse_int(v: &str) -> Option<u64> {
