@@ -169,23 +169,22 @@ pub unsafe extern "C-unwind" fn cudalloc_begin_allocate_to_pool(
     })
     .unwrap_or(false);
     let message = if !serve {
-        refuse_pools(device, id)
+        refuse_pool(format!(
+            "cudalloc does not serve PyTorch's private memory pools unless asked (device {device}, \
+             pool ({}, {})). CUDA graph capture (torch.cuda.graph, make_graphed_callables, \
+             torch.compile's cudagraphs) needs one, so that memory a graph replays into is never \
+             handed out again. Turn them on with CUDALLOC_CONF=graph_pools:on (experimental), or \
+             run this code with PyTorch's own allocator (without CUDALLOC=1 or cudalloc.enable()).",
+            id.0, id.1
+        ))
     } else if !cxx_throw::available() {
         // The filter is a libstdc++ std::function: without libstdc++ in the
         // process it is not one cudalloc can read.
-        guard("cudalloc_begin_allocate_to_pool", || {
-            let e = Error::new(
-                ErrorCode::CUDALLOC_ERR_UNSUPPORTED,
-                format!(
-                    "graph_pools:on: no libstdc++ in this process to read PyTorch's filter with \
-                     (device {device}, pool ({}, {})); the pool is refused",
-                    id.0, id.1
-                ),
-            );
-            set_error(&e);
-            Some(e.message)
-        })
-        .or_else(|| Some("cudalloc: the pool is refused".into()))
+        refuse_pool(format!(
+            "graph_pools:on: no libstdc++ in this process to read PyTorch's filter with \
+             (device {device}, pool ({}, {})); the pool is refused",
+            id.0, id.1
+        ))
     } else {
         // The copy constructor may throw: before anything changes, outside
         // the panic boundary.
@@ -233,17 +232,10 @@ pub unsafe extern "C-unwind" fn cudalloc_begin_allocate_to_pool(
     cxx_throw::throw_runtime_error(message);
 }
 
-/// The refusal of `graph_pools:off`: the message, with the last error set.
-fn refuse_pools(device: c_int, id: crate::engine::PoolId) -> Option<String> {
+/// Refuse a pool: set the last error (`CUDALLOC_ERR_UNSUPPORTED`) and
+/// return the exception's text.
+fn refuse_pool(message: String) -> Option<String> {
     guard("cudalloc_begin_allocate_to_pool", || {
-        let message = format!(
-            "cudalloc does not serve PyTorch's private memory pools unless asked (device {device}, \
-             pool ({}, {})). CUDA graph capture (torch.cuda.graph, make_graphed_callables, \
-             torch.compile's cudagraphs) needs one, so that memory a graph replays into is never \
-             handed out again. Turn them on with CUDALLOC_CONF=graph_pools:on (experimental), or \
-             run this code with PyTorch's own allocator (without CUDALLOC=1 or cudalloc.enable()).",
-            id.0, id.1
-        );
         set_error(&Error::new(
             ErrorCode::CUDALLOC_ERR_UNSUPPORTED,
             message.clone(),
@@ -251,7 +243,7 @@ fn refuse_pools(device: c_int, id: crate::engine::PoolId) -> Option<String> {
         Some(message)
     })
     // Even a panic above refuses.
-    .or_else(|| Some("cudalloc does not serve PyTorch's private memory pools".into()))
+    .or_else(|| Some("cudalloc: PyTorch's private memory pool is refused".into()))
 }
 
 /// PyTorch's `end_allocate_to_pool` hook (`set_end_allocate_to_pool_fn`):
