@@ -412,12 +412,12 @@ impl Device {
                 }
                 let idle = a.idle.clone();
                 let mut out = Vec::with_capacity(idle.len());
-                let mut stream_idle = None;
+                let mut stream_state = None;
                 for s in idle {
                     let wanted = match mode {
                         Release::All => true,
                         Release::Completed => {
-                            a.idle_free_complete(s, arena.stream, &self.core, &mut stream_idle)
+                            a.idle_free_complete(s, arena.stream, &self.core, &mut stream_state)
                         }
                         Release::Useless {
                             pool,
@@ -430,7 +430,7 @@ impl Device {
                                     s,
                                     arena.stream,
                                     &self.core,
-                                    &mut stream_idle,
+                                    &mut stream_state,
                                 )
                         }
                     };
@@ -489,10 +489,10 @@ impl Device {
                     })
                     .collect();
                 cands.sort_by_key(|&s| o.seg(s).size);
-                let mut stream_idle = None;
+                let mut stream_state = None;
                 cands
                     .into_iter()
-                    .find(|&s| o.idle_free_complete(s, other.stream, &self.core, &mut stream_idle))
+                    .find(|&s| o.idle_free_complete(s, other.stream, &self.core, &mut stream_state))
                     .map(|s| o.detach(s, &self.core))
             };
             if let Some(d) = found {
