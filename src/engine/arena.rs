@@ -453,7 +453,7 @@ impl ArenaInner {
     #[cold]
     #[inline(never)]
     fn free_recorded(&mut self, block: u32, streams: Vec<Stream>, dev: &DeviceCore) {
-        if dev.capture_underway() {
+        if dev.pools_routing() {
             self.blocks.get_mut(block).state = BlockState::Pending;
             self.deferred.push((block, streams));
         } else {

@@ -80,9 +80,10 @@ impl DeviceCore {
         self.events.lock().push(e);
     }
 
-    /// Whether a capture is under way on this device (a pool is routing):
-    /// then nothing calls the driver but `cuMemAlloc` (`pools.rs`).
-    pub fn capture_underway(&self) -> bool {
+    /// Whether a pool routes on this device: a capture may be under way.
+    /// The fast paths' cheap test (see `captures`); the slow paths ask
+    /// `Device::capture_underway`, which tells a failed capture apart.
+    pub fn pools_routing(&self) -> bool {
         self.captures.load(Ordering::Acquire) > 0
     }
 }
@@ -656,7 +657,7 @@ impl Allocator {
         {
             let mut a = arena.inner.lock();
             // cuEventQuery is illegal during a capture (pools.rs).
-            if !a.pending.is_empty() && !dev.core.capture_underway() {
+            if !a.pending.is_empty() && !dev.core.pools_routing() {
                 a.process_pending(&dev.core, false);
             }
             if let Some((p, block)) = a.try_alloc(rounded, size, &self.policy, &dev.core) {

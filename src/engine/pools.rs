@@ -118,7 +118,7 @@ impl Device {
     /// paths only: it may ask the driver (`cuStreamIsCapturing`, legal
     /// during a capture). Call with `slow` held.
     pub(super) fn capture_underway(&self) -> bool {
-        if !self.core.capture_underway() {
+        if !self.core.pools_routing() {
             return false;
         }
         let pools = self.pools.lock();
@@ -320,7 +320,7 @@ impl Allocator {
                 inner.pool = PoolTag::Live(id);
                 // The pool's record_stream frees that completed meanwhile
                 // are its again (not during another capture: no queries).
-                if !dev.core.capture_underway() {
+                if !dev.core.pools_routing() {
                     inner.process_pending(&dev.core, false);
                 }
             }
@@ -711,7 +711,7 @@ mod tests {
         assert_eq!(a.begin_pool(0, P).unwrap(), 1, "the stale routing ends");
         assert_eq!(a.pools(0).unwrap(), vec![(P, 1)], "and its reference goes");
         a.end_pool(0, P).unwrap();
-        assert!(!a.devices[0].core.capture_underway());
+        assert!(!a.devices[0].core.pools_routing());
         a.free(x, Some(0), 0x10).unwrap();
         a.release_pool(0, P).unwrap();
         assert_eq!(a.empty_cache(), 2 * MIB);
