@@ -124,7 +124,17 @@ def bench_alloc(torch, iters, seed):
     return dt / iters * 1e6
 
 
-def bench_train(torch, steps, seed, peaks, reset):
+def train_loop(
+    torch, device, steps, seed, warmup=5, after_warmup=None, place=None, after_step=None
+):
+    """The training workload: builds the model on the CPU, moves it to
+    `device` with `place(module)` (default `module.to(device)`), runs `warmup`
+    steps, calls `after_warmup()`, then runs `steps` more, calling
+    `after_step()` after each step (the host has synchronised with the device
+    by then, and the step's tensors are freed). Returns the sorted
+    step times (seconds) of the `steps` timed steps and a description of the
+    shape. On "cpu" it runs the same code (bf16 autocast on the CPU), which is
+    how scripts/torch_trace.py records its allocation trace without a GPU."""
     import time
 
     torch.manual_seed(seed)
@@ -132,22 +142,28 @@ def bench_train(torch, steps, seed, peaks, reset):
     layers = int(os.environ.get("BENCH_LAYERS", "6"))
     batch = int(os.environ.get("BENCH_BATCH", "16"))
     max_seq = int(os.environ.get("BENCH_MAX_SEQ", "1024"))
+    if place is None:
+        place = lambda module: module.to(device)  # noqa: E731
     model = torch.nn.TransformerEncoder(
         torch.nn.TransformerEncoderLayer(
             d_model=d, nhead=16, dim_feedforward=4 * d, dropout=0.0, batch_first=True
         ),
         num_layers=layers,
-    ).cuda()
-    head = torch.nn.Linear(d, 1).cuda()
-    opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=1e-4)
+    )
+    head = torch.nn.Linear(d, 1)
+    model, head = place(model), place(head)
+    # foreach=True is AdamW's default for CUDA parameters; named so that a CPU
+    # run takes the same (multi-tensor) path.
+    opt = torch.optim.AdamW(
+        list(model.parameters()) + list(head.parameters()), lr=1e-4, foreach=True
+    )
     g = torch.Generator().manual_seed(seed)
-    warmup = 5
 
     def step():
         seq = int(torch.randint(32, max_seq + 1, (1,), generator=g))
-        x = torch.randn(batch, seq, d, generator=g).cuda(non_blocking=True)
-        y = torch.randn(batch, 1, generator=g).cuda(non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        x = torch.randn(batch, seq, d, generator=g).to(device, non_blocking=True)
+        y = torch.randn(batch, 1, generator=g).to(device, non_blocking=True)
+        with torch.autocast(device, dtype=torch.bfloat16):
             loss = torch.nn.functional.mse_loss(head(model(x).mean(dim=1)).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -156,20 +172,31 @@ def bench_train(torch, steps, seed, peaks, reset):
 
     for _ in range(warmup):
         step()
-    reset()
+        if after_step is not None:
+            after_step()
+    if after_warmup is not None:
+        after_warmup()
     times = []
     for _ in range(steps):
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
+        if after_step is not None:
+            after_step()
     times.sort()
+    shape = f"d_model {d}, {layers} layers, batch {batch}, seq 32..{max_seq}, bf16 autocast"
+    return times, shape
+
+
+def bench_train(torch, steps, seed, peaks, reset):
+    times, shape = train_loop(torch, "cuda", steps, seed, after_warmup=reset)
     reserved, allocated = peaks()
     return {
         "step_ms_median": times[len(times) // 2] * 1e3,
         "step_ms_mean": sum(times) / len(times) * 1e3,
         "peak_reserved": reserved,
         "peak_allocated": allocated,
-        "shape": f"d_model {d}, {layers} layers, batch {batch}, seq 32..{max_seq}, bf16 autocast",
+        "shape": shape,
     }
 
 

@@ -30,6 +30,14 @@ GRANULE = 512
 PAGE = 2 << 20
 
 
+def read_events(path):
+    """The trace's events as (action, pointer, size, stream), in time order
+    (stable: events with one time stamp keep the file's order)."""
+    with open(path, newline="") as f:
+        rows = sorted(csv.DictReader(f), key=lambda r: r["Time"])
+    return [(r["Action"], r["Pointer"], int(r["Size"]), r.get("Stream", "0")) for r in rows]
+
+
 def bounds(path):
     free = []  # address-ordered (addr, size) free blocks below `top`
     top = 0
@@ -45,10 +53,7 @@ def bounds(path):
             else:
                 del pages[pg]
 
-    with open(path, newline="") as f:
-        rows = sorted(csv.DictReader(f), key=lambda r: r["Time"])
-    for r in rows:
-        action, ptr, asked = r["Action"], r["Pointer"], int(r["Size"])
+    for action, ptr, asked, _stream in read_events(path):
         if action == "allocate":
             if ptr in live:  # a reused pointer without a free: drop the old one
                 addr, size, n = live.pop(ptr)
