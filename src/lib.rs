@@ -16,8 +16,9 @@
 //! config     one options table; CUDALLOC_CONF parsing; effective-config print config.rs
 //! engine     per device: stream arenas -> segments -> blocks (TLSF free index) engine/
 //!            a per-arena stash of freed small blocks (deferred coalescing);
-//!            stream-ordered reuse; adoption of idle segments; OOM ladder;
-//!            limits; empty_cache; check_invariants()
+//!            stream-ordered reuse; adoption of idle segments, proven free
+//!            by epoch events, stream queries or per-segment events; OOM
+//!            ladder; limits; empty_cache; check_invariants()
 //!   pools       private pools for PyTorch's CUDA graphs (graph_pools:on)   engine/pools.rs
 //!   size_class  pure size -> granule, pool, segment, bin functions           size_class.rs
 //!   trim        oldest-first trim and the engine's hooks for observe/        engine/trim.rs
@@ -30,7 +31,7 @@
 //!                    raw result codes, primary context per device with
 //!                    the caller's restored, relaxed capture mode)
 //!              sim: simulated device (capacity, fake addresses, manual
-//!                   events, fault injection)
+//!                   or lagging events, fault injection)
 //!              exit_guard: refuses device calls once the process exits
 //! error      Error and the C result codes (base 42000)                       error.rs
 //! conformance the shared behaviour suite (tests and `cudalloc selftest`)     conformance.rs

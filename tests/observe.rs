@@ -329,10 +329,52 @@ fn a_logged_trace_replays_to_the_same_peak_live_bytes() {
     let text = std::fs::read_to_string(&path).unwrap();
     let events = cudalloc::trace::parse(&text).unwrap();
     assert_eq!(events.len(), 3001);
-    let r = replay(&events, &replay_config("", 4 << 30).unwrap(), false);
+    let r = replay(&events, &replay_config("", 4 << 30).unwrap(), false, 0);
     assert_eq!(r.peak_live, peak, "replay reaches the logged peak");
     assert_eq!((r.failures, r.trace_failures, r.unmatched_frees), (0, 1, 0));
     let _ = std::fs::remove_file(path);
+}
+
+/// `replay --gpu-lag`: with the GPU behind, a segment freed and wanted
+/// again within the lag is not proven free, so growth cannot release it;
+/// a `synchronize` line completes the device's work, and an epoch event
+/// (one per EPOCH_SPACING = 16 idle segments) recorded before it proves
+/// the segments freed before it.
+#[test]
+fn a_lagging_gpu_keeps_idle_segments_until_a_synchronize_line() {
+    const M: u64 = 1 << 20;
+    let trace = |sync: bool| {
+        let mut t = String::from("Thread,Time,Action,Pointer,Size,Stream\n");
+        let mut us = 0;
+        let mut line = |action: &str, ptr: u64, size: u64| {
+            us += 1;
+            t += &format!("1,00:00:00.{us:06},{action},{ptr:#x},{size},0\n");
+        };
+        for i in 1..=16 {
+            line("allocate", i, 30 * M);
+        }
+        for i in 1..=16 {
+            line("free", i, 30 * M);
+        }
+        if sync {
+            line("synchronize", 0, 0);
+        }
+        line("allocate", 99, 100 * M);
+        cudalloc::trace::parse(&t).unwrap()
+    };
+    let c = replay_config("", 4 << 30).unwrap();
+    let peak = |sync, lag| replay(&trace(sync), &c, false, lag).peak_reserved;
+    // Device work done at once: the 30 MiB segments go before growing.
+    assert_eq!(peak(false, 0), 480 * M);
+    assert_eq!(peak(true, 0), 480 * M);
+    // 100 trace events behind: still busy with them, so they stay.
+    assert_eq!(peak(false, 100), 580 * M);
+    // ... unless the host synchronised after freeing them.
+    assert_eq!(peak(true, 100), 480 * M);
+    // One event behind: the epoch event, recorded at the last free, has
+    // completed by the next line; two behind, it has not.
+    assert_eq!(peak(false, 1), 480 * M);
+    assert_eq!(peak(false, 2), 580 * M);
 }
 
 // ---- pressure and trim ------------------------------------------------------

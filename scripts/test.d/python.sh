@@ -11,7 +11,8 @@ if ! "$PY" -c 'import pytest' 2>/dev/null; then
     echo "pytest is missing: $PY -m pip install pytest (.ci/setup.d/python.sh does it)" >&2
     exit 1
 fi
-cargo build --lib
+# The library for ctypes, and the CLI for test_native_model.py's replays.
+cargo build --lib --bin cudalloc
 # Where cargo put it (CARGO_TARGET_DIR and .cargo/config are honoured).
 target_dir=$(cargo metadata --format-version 1 --no-deps |
     "$PY" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
@@ -26,6 +27,7 @@ if [ "${CI:-}" = true ] && [ -z "${CUDALLOC_TORCH_PYTHON:-}" ]; then
     echo "CI: no real-torch venv (.ci/setup.d/torch.sh makes it)" >&2
     exit 1
 fi
+export CUDALLOC_BIN="$target_dir/debug/cudalloc"
 CUDALLOC_LIBRARY="$target_dir/debug/libcudalloc.so" \
     "$PY" -m pytest tests/python -q -p no:cacheprovider -rs
 if [ "${CI:-}" = true ] || [ "${CUDALLOC_PIP_CHECK:-0}" = 1 ]; then

@@ -15,6 +15,11 @@
 //!   or when someone synchronises it or its stream, which is what lets the tests
 //!   check stream safety. `stream_query` answers "idle" in auto mode and
 //!   "not proven" in manual mode.
+//! - **A lagging device** ([`SimDriver::set_event_lag`], for `cudalloc replay
+//!   --gpu-lag`): an event recorded now completes `lag` ticks of a clock
+//!   that only [`SimDriver::tick`] advances (the replay ticks once per trace
+//!   event), or at a synchronisation; `stream_query` answers "not proven".
+//!   It stands for a GPU running behind the host, as a training loop's does.
 //! - **Faults** can be injected: the Nth driver allocation fails with OOM,
 //!   capacity can shrink mid-run, event calls can fail, the driver can report
 //!   itself deinitialised, and a stream can be marked as capturing.
@@ -76,6 +81,8 @@ struct SimEvent {
     device: usize,
     stream: Stream,
     complete: bool,
+    /// With a lag: the clock reading at which it completes.
+    ready_at: u64,
 }
 
 /// The simulated driver. Cheap to create; one per allocator instance.
@@ -85,6 +92,9 @@ pub struct SimDriver {
     events: Mutex<FxHashMap<Event, SimEvent>>,
     next_event: AtomicU64,
     manual_events: AtomicBool,
+    /// Ticks a recorded event takes to complete (0: at once).
+    event_lag: AtomicU64,
+    clock: AtomicU64,
     /// Fail the allocation whose 1-based ordinal equals this (0 = never).
     fail_alloc_at: AtomicU64,
     alloc_ordinal: AtomicU64,
@@ -104,6 +114,8 @@ impl SimDriver {
             events: Mutex::new(FxHashMap::default()),
             next_event: AtomicU64::new(1),
             manual_events: AtomicBool::new(false),
+            event_lag: AtomicU64::new(0),
+            clock: AtomicU64::new(0),
             fail_alloc_at: AtomicU64::new(0),
             alloc_ordinal: AtomicU64::new(0),
             fail_events: AtomicBool::new(false),
@@ -168,6 +180,19 @@ impl SimDriver {
     }
 
     /// Complete every event recorded on `stream` of `device`.
+    /// With `lag` > 0, a recorded event completes once [`SimDriver::tick`]
+    /// has been called `lag` times since (or when it or its stream is
+    /// synchronised, or [`SimDriver::complete_all`]), and streams are never
+    /// proven idle. 0 turns it off. Manual mode takes precedence.
+    pub fn set_event_lag(&self, lag: u64) {
+        self.event_lag.store(lag, Ordering::SeqCst);
+    }
+
+    /// Advance the lag clock by one.
+    pub fn tick(&self) {
+        self.clock.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn complete_stream(&self, device: usize, stream: Stream) {
         for e in self.events.lock().values_mut() {
             if e.device == device && e.stream == stream {
@@ -185,7 +210,12 @@ impl SimDriver {
 
     /// Number of recorded events not yet complete.
     pub fn pending_events(&self) -> usize {
-        self.events.lock().values().filter(|e| !e.complete).count()
+        let now = self.clock.load(Ordering::Relaxed);
+        self.events
+            .lock()
+            .values()
+            .filter(|e| !e.complete && now < e.ready_at)
+            .count()
     }
 
     /// A copy of the call counters.
@@ -301,6 +331,7 @@ impl Driver for SimDriver {
                 device,
                 stream: 0,
                 complete: true,
+                ready_at: 0,
             },
         );
         self.counters.lock().event_creates += 1;
@@ -310,12 +341,18 @@ impl Driver for SimDriver {
     fn event_record(&self, device: usize, event: Event, stream: Stream) -> DriverResult<()> {
         self.check_events(device)?;
         let manual = self.manual_events.load(Ordering::Relaxed);
+        let lag = self.event_lag.load(Ordering::Relaxed);
         let mut ev = self.events.lock();
         let e = ev.get_mut(&event).ok_or_else(|| bad_event(event))?;
         *e = SimEvent {
             device,
             stream,
-            complete: !manual,
+            complete: !manual && lag == 0,
+            ready_at: match (manual, lag) {
+                (true, _) => u64::MAX,
+                (false, 0) => 0,
+                (false, l) => self.clock.load(Ordering::Relaxed).saturating_add(l),
+            },
         };
         self.counters.lock().event_records += 1;
         Ok(())
@@ -324,10 +361,11 @@ impl Driver for SimDriver {
     fn event_query(&self, device: usize, event: Event) -> DriverResult<bool> {
         self.check_events(device)?;
         self.counters.lock().event_queries += 1;
+        let now = self.clock.load(Ordering::Relaxed);
         self.events
             .lock()
             .get(&event)
-            .map(|e| e.complete)
+            .map(|e| e.complete || now >= e.ready_at)
             .ok_or_else(|| bad_event(event))
     }
 
@@ -364,12 +402,13 @@ impl Driver for SimDriver {
     }
 
     /// Auto events: every stream is idle (its work completes at once, as
-    /// its events do). Manual events: never proven idle, so stream safety
-    /// rests on the events the tests complete.
+    /// its events do). Manual events or a lag: never proven idle, so stream
+    /// safety rests on the events the tests complete (or the lag clock).
     fn stream_query(&self, device: usize, _stream: Stream) -> DriverResult<bool> {
         self.check(device)?;
         self.counters.lock().stream_queries += 1;
-        Ok(!self.manual_events.load(Ordering::Relaxed))
+        Ok(!self.manual_events.load(Ordering::Relaxed)
+            && self.event_lag.load(Ordering::Relaxed) == 0)
     }
 
     fn stream_is_capturing(&self, device: usize, stream: Stream) -> DriverResult<bool> {
@@ -428,6 +467,33 @@ mod tests {
         assert!(!d.event_query(0, e).unwrap());
         d.complete_stream(0, 7);
         assert!(d.event_query(0, e).unwrap());
+    }
+
+    #[test]
+    fn lagging_events_complete_after_their_ticks_or_a_sync() {
+        let d = SimDriver::new(1, 1 << 30);
+        d.set_event_lag(3);
+        assert!(
+            !d.stream_query(0, 7).unwrap(),
+            "a lagging stream is never idle"
+        );
+        let e = d.event_create(0).unwrap();
+        d.event_record(0, e, 7).unwrap();
+        for _ in 0..2 {
+            d.tick();
+            assert!(!d.event_query(0, e).unwrap());
+        }
+        assert_eq!(d.pending_events(), 1);
+        d.tick();
+        assert!(d.event_query(0, e).unwrap(), "three ticks later");
+        assert_eq!(d.pending_events(), 0);
+        d.event_record(0, e, 7).unwrap();
+        assert!(!d.event_query(0, e).unwrap(), "recorded again: three more");
+        d.complete_all();
+        assert!(d.event_query(0, e).unwrap(), "or a synchronisation");
+        d.set_event_lag(0);
+        d.event_record(0, e, 7).unwrap();
+        assert!(d.event_query(0, e).unwrap() && d.stream_query(0, 7).unwrap());
     }
 
     #[test]

@@ -13,6 +13,15 @@
 //!   driver, else the OOM ladder in [`Allocator::malloc`]'s docs.
 //! - **Free** trusts nothing the caller says but the pointer: the stream and
 //!   device arguments are hints for where to look first.
+//! - **Proving a free complete.** An idle segment changes stream or goes
+//!   back to the driver only once the work queued before its last free has
+//!   run. Each arena records an *epoch event* on its stream after every 16
+//!   segments its frees make idle; once one completes, every segment idle
+//!   before it is proven. Failing that, the stream is asked (`cuStreamQuery`:
+//!   no work pending), then an event recorded for the segment when it is
+//!   wanted. On a GPU the host runs ahead, so only the epoch events, recorded
+//!   long before the segment is wanted, have usually completed
+//!   (`cudalloc replay --gpu-lag` shows the difference).
 //! - **Graph capture.** `cuMemAlloc` runs in relaxed capture mode (the CUDA
 //!   backend switches the thread's mode around it). A block freed while its stream is capturing a graph is
 //!   quarantined: the graph may still use it, so it is not reused until
@@ -975,6 +984,9 @@ impl Allocator {
                 let mut inner = a.inner.lock();
                 if let Some(block) = inner.free(ptr, &dev.core, || !a.pooled && dev.capturing(a)) {
                     dev.note_free(a, block);
+                    if inner.epoch_due() && !a.pooled {
+                        inner.record_epoch(a.stream, &dev.core);
+                    }
                     return Ok(());
                 }
             }
@@ -1525,6 +1537,83 @@ mod tests {
         let r = a.malloc(40 << 20, 0, 4).unwrap();
         assert!(r == p || r == q);
         assert_eq!(a.stats(0).unwrap().num_segments_adopted, 1);
+        a.check_invariants().unwrap();
+    }
+
+    /// A GPU that runs behind the host: idle segments freed before an epoch
+    /// event are proven free once it completes (the host synchronised, say),
+    /// though the stream is busy, so growth releases the ones too small.
+    /// Segments freed after it stay unproven (their fallback event is
+    /// recorded only when asked for, and has not completed).
+    #[test]
+    fn epoch_events_prove_segments_freed_before_them() {
+        const M: u64 = 1 << 20;
+        let (a, d) = sim("sim_memory:4GiB");
+        d.set_manual_events(true);
+        let s = 0x10;
+        let n = arena::EPOCH_SPACING as u64 + 3;
+        let ps: Vec<u64> = (0..n).map(|_| a.malloc(30 * M, 0, s).unwrap()).collect();
+        assert_eq!(a.stats(0).unwrap().reserved_bytes, n * 30 * M);
+        let before = d.counters().event_records;
+        for p in &ps {
+            a.free(*p, Some(0), s).unwrap();
+        }
+        // One epoch event, at the EPOCH_SPACING-th idle segment.
+        assert_eq!(d.counters().event_records, before + 1);
+        d.complete_all();
+        let big = a.malloc(100 * M, 0, s).unwrap();
+        let st = a.stats(0).unwrap();
+        assert_eq!(st.num_driver_frees, arena::EPOCH_SPACING as u64);
+        assert_eq!(st.reserved_bytes, 3 * 30 * M + 100 * M);
+        // The last three have fallback events now; once those complete,
+        // they go too, but not the segment freed since.
+        d.complete_all();
+        a.free(big, Some(0), s).unwrap();
+        a.malloc(200 * M, 0, s).unwrap();
+        let st = a.stats(0).unwrap();
+        assert_eq!(st.num_driver_frees, arena::EPOCH_SPACING as u64 + 3);
+        assert_eq!(st.reserved_bytes, 100 * M + 200 * M);
+        a.check_invariants().unwrap();
+    }
+
+    /// No epoch event goes on a capturing stream, nor on any stream of a
+    /// device where a capture was seen (a record on the legacy stream would
+    /// invalidate another stream's capture).
+    #[test]
+    fn no_epoch_event_during_a_capture() {
+        let (a, d) = sim("sim_memory:4GiB");
+        let (s, t) = (0x10, 0x20);
+        let alloc = |stream| -> Vec<u64> {
+            (0..arena::EPOCH_SPACING)
+                .map(|_| a.malloc(30 << 20, 0, stream).unwrap())
+                .collect()
+        };
+        let ps = alloc(s);
+        // The capture begins after the allocations: no slow path saw it, so
+        // the frees are not quarantined and make their segments idle.
+        d.set_capturing(s, true);
+        let before = d.counters().event_records;
+        for p in ps {
+            a.free(p, Some(0), s).unwrap();
+        }
+        assert_eq!(
+            a.stats(0).unwrap().cached_free_bytes,
+            arena::EPOCH_SPACING as u64 * (30 << 20)
+        );
+        assert_eq!(
+            d.counters().event_records,
+            before,
+            "none on a capturing stream"
+        );
+        d.set_capturing(s, false);
+        for p in alloc(t) {
+            a.free(p, Some(0), t).unwrap();
+        }
+        assert_eq!(
+            d.counters().event_records,
+            before,
+            "none once a capture was seen"
+        );
         a.check_invariants().unwrap();
     }
 

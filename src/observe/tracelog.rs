@@ -30,6 +30,11 @@ pub enum Action {
     Allocate,
     AllocateFailure,
     Free,
+    /// The host waited for all device work here (a training step's
+    /// `loss.item()`): cudalloc's extension of RMM's format, written by
+    /// scripts/torch_trace.py, never by the log. Only `replay --gpu-lag`
+    /// acts on it.
+    Synchronize,
 }
 
 impl Action {
@@ -38,6 +43,7 @@ impl Action {
             Action::Allocate => "allocate",
             Action::AllocateFailure => "allocate failure",
             Action::Free => "free",
+            Action::Synchronize => "synchronize",
         }
     }
 }

@@ -52,12 +52,21 @@ pub fn commands() -> Vec<Command> {
             .default_value("")
             .help("CUDALLOC_CONF-style options for the replayed allocator (periodic work is off unless set)")
     };
+    let gpu_lag = || {
+        Arg::new("gpu-lag")
+            .long("gpu-lag")
+            .value_name("EVENTS")
+            .value_parser(value_parser!(u64))
+            .default_value("0")
+            .help("simulate a GPU running EVENTS trace events behind the host: device work (the events cudalloc records) completes that much later, or at a `synchronize` line; 0: at once")
+    };
     vec![
         Command::new("replay")
             .about("Replay an RMM-format trace (Thread,Time,Action,Pointer,Size,Stream) on the sim device")
             .arg(Arg::new("trace").required(true).help("the trace CSV (log_file output, trace-gen, or RMM's logging adaptor)"))
             .arg(memory())
             .arg(conf())
+            .arg(gpu_lag())
             .arg(
                 Arg::new("compare")
                     .long("compare")
@@ -102,7 +111,8 @@ pub fn commands() -> Vec<Command> {
             .arg(Arg::new("trace").required(true))
             .arg(Arg::new("output").short('o').long("output").required(true).help("the file to write: .svg for the picture, .html for a page with the picture, figures and tables"))
             .arg(memory())
-            .arg(conf()),
+            .arg(conf())
+            .arg(gpu_lag()),
     ]
 }
 
@@ -147,6 +157,10 @@ fn rows(r: &ReplayResult) -> Vec<(&'static str, String)> {
         ),
         ("cache hit rate", format!("{:.4}", r.hit_rate)),
         ("driver calls", r.driver_calls.to_string()),
+        (
+            "events recorded / queried",
+            format!("{} / {}", r.event_records, r.event_queries),
+        ),
         ("failures (OOM at this capacity)", r.failures.to_string()),
         (
             "failures already in the trace",
@@ -162,14 +176,20 @@ fn replay_cmd(m: &ArgMatches) -> Result<(), String> {
     let memory = size_arg(m, "memory")?;
     let profiles = m.get_flag("profiles");
     let min_memory = profiles || m.get_flag("min-memory");
+    let lag = *m.get_one::<u64>("gpu-lag").expect("has a default");
     let confs: Vec<String> = match m.get_many::<String>("compare") {
         Some(v) => v.cloned().collect(),
         None if profiles => PROFILES.iter().map(|(c, _)| c.to_string()).collect(),
         None => vec![m.get_one::<String>("conf").cloned().unwrap_or_default()],
     };
     println!(
-        "replay of {path} on a simulated device of {}",
-        format_size(memory)
+        "replay of {path} on a simulated device of {}{}",
+        format_size(memory),
+        if lag > 0 {
+            format!(", its work {lag} trace events behind the host")
+        } else {
+            String::new()
+        }
     );
     let mut table: Vec<Vec<(&'static str, String)>> = Vec::new();
     let mut least: Vec<Option<u64>> = Vec::new();
@@ -179,12 +199,12 @@ fn replay_cmd(m: &ArgMatches) -> Result<(), String> {
     let mut calls: Vec<u64> = Vec::new();
     for conf in &confs {
         let c = replay_config(conf, memory).map_err(|e| e.to_string())?;
-        let r = replay(&ev, &c, false);
+        let r = replay(&ev, &c, false, lag);
         peaks.push((r.failures == 0).then_some(r.peak_reserved));
         calls.push(r.driver_calls);
         let mut t = rows(&r);
         if min_memory {
-            let found = min_capacity(&ev, &c);
+            let found = min_capacity(&ev, &c, lag);
             least.push(found.as_ref().map(|(min, _)| *min));
             match found {
                 Some((min, best)) => {
@@ -312,7 +332,12 @@ fn report_cmd(m: &ArgMatches) -> Result<(), String> {
         size_arg(m, "memory")?,
     )
     .map_err(|e| e.to_string())?;
-    let r = replay(&ev, &c, true);
+    let r = replay(
+        &ev,
+        &c,
+        true,
+        *m.get_one::<u64>("gpu-lag").expect("has a default"),
+    );
     let out = m.get_one::<String>("output").expect("required");
     let name = std::path::Path::new(&path)
         .file_name()

@@ -81,6 +81,7 @@ pub fn parse(text: &str) -> Result<Vec<Event>, String> {
             "allocate" => Action::Allocate,
             "allocate failure" => Action::AllocateFailure,
             "free" => Action::Free,
+            "synchronize" => Action::Synchronize,
             _ => return Err(bad("action")),
         };
         let mut t = parse_time(get(ctime)).ok_or_else(|| bad("time"))?;

@@ -46,6 +46,11 @@ pub struct ReplayResult {
     pub peak_reserved: u64,
     pub hit_rate: f64,
     pub driver_calls: u64,
+    /// Events recorded and queried on the simulated device (the engine's
+    /// proofs that freed memory is no longer in use: on a GPU each costs a
+    /// driver call of about a microsecond).
+    pub event_records: u64,
+    pub event_queries: u64,
     /// Allocations that failed in this replay (would OOM at this capacity).
     pub failures: u64,
     /// `allocate failure` lines already in the trace.
@@ -78,10 +83,15 @@ impl ReplayResult {
 }
 
 /// Replay `events` on a fresh sim-backed allocator configured by `config`.
+/// With `gpu_lag` > 0 the simulated GPU runs behind: an event recorded at
+/// one trace event completes `gpu_lag` trace events later, or at the next
+/// `synchronize` line, and streams are never proven idle
+/// ([`SimDriver::set_event_lag`]). With 0 device work completes at once.
 /// With `timeline`, sample live and reserved bytes after every event.
-pub fn replay(events: &[Event], config: &Config, timeline: bool) -> ReplayResult {
+pub fn replay(events: &[Event], config: &Config, timeline: bool, gpu_lag: u64) -> ReplayResult {
     let driver = Arc::new(SimDriver::new(1, config.sim_memory));
-    let a = Allocator::new(config.clone(), driver);
+    driver.set_event_lag(gpu_lag);
+    let a = Allocator::new(config.clone(), driver.clone());
     let mut map: FxHashMap<u64, (u64, u64)> = FxHashMap::default();
     let mut r = ReplayResult {
         events: events.len(),
@@ -91,6 +101,7 @@ pub fn replay(events: &[Event], config: &Config, timeline: bool) -> ReplayResult
     let (mut requested, mut live_now, mut live_peak) = (0u64, 0u64, 0u64);
     let t = Instant::now();
     for (i, e) in events.iter().enumerate() {
+        driver.tick();
         match e.action {
             Action::Allocate => {
                 if let Some((old, n)) = map.remove(&e.ptr) {
@@ -115,6 +126,7 @@ pub fn replay(events: &[Event], config: &Config, timeline: bool) -> ReplayResult
                 r.trace_failures += 1;
                 r.oom_times.push(e.time_us);
             }
+            Action::Synchronize => driver.complete_all(),
             Action::Free => match map.remove(&e.ptr) {
                 Some((p, n)) => {
                     let _ = a.free(p, Some(0), e.stream);
@@ -144,17 +156,24 @@ pub fn replay(events: &[Event], config: &Config, timeline: bool) -> ReplayResult
     r.peak_reserved = s.reserved_bytes_peak;
     r.hit_rate = s.num_cache_hits as f64 / s.num_allocs.max(1) as f64;
     r.driver_calls = s.num_driver_allocs + s.num_driver_frees;
+    let c = driver.counters();
+    r.event_records = c.event_records;
+    r.event_queries = c.event_queries;
     r
 }
 
 /// The least device capacity (to 1 MiB) at which `events` replay with no
 /// failure, found by bisection below `config.sim_memory`, with that replay.
 /// `None` when even `config.sim_memory` is not enough.
-pub fn min_capacity(events: &[Event], config: &Config) -> Option<(u64, ReplayResult)> {
+pub fn min_capacity(
+    events: &[Event],
+    config: &Config,
+    gpu_lag: u64,
+) -> Option<(u64, ReplayResult)> {
     let run = |mem: u64| {
         let mut c = config.clone();
         c.sim_memory = mem;
-        replay(events, &c, false)
+        replay(events, &c, false, gpu_lag)
     };
     let top = run(config.sim_memory);
     if top.failures > 0 {

@@ -22,7 +22,7 @@ pub fn largest_at_peak(events: &[Event], peak_event: usize, n: usize) -> Vec<(u6
             Action::Free => {
                 live.remove(&e.ptr);
             }
-            Action::AllocateFailure => {}
+            Action::AllocateFailure | Action::Synchronize => {}
         }
     }
     let mut v: Vec<(u64, u64, u64)> = live.into_iter().map(|(p, (s, t))| (p, s, t)).collect();
@@ -281,7 +281,7 @@ mod tests {
     #[test]
     fn html_page_holds_the_picture_figures_peak_allocations_and_ooms() {
         let (events, c) = trace();
-        let r = replay(&events, &c, true);
+        let r = replay(&events, &c, true, 0);
         assert_eq!(r.oom_times, vec![4], "the 30 MiB request fails");
         let rows = vec![("peak reserved", format_size(r.peak_reserved))];
         let h = render_html("a<b>&\"c\"", &events, &r, &rows).unwrap();
@@ -311,7 +311,7 @@ mod tests {
     #[test]
     fn fragmentation_counts_requested_bytes() {
         let (events, c) = trace();
-        let r = replay(&events, &c, false);
+        let r = replay(&events, &c, false, 0);
         assert_eq!(r.peak_requested, 8 * (1 << 20) + 1000);
         assert!(r.peak_live > r.peak_requested, "blocks are rounded up");
         let f = r.peak_reserved as f64 / r.peak_requested as f64;

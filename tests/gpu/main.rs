@@ -6,6 +6,8 @@
 //! - allocations are usable: memset on the device, copy back, verify;
 //! - cross-stream reuse with real streams keeps data intact;
 //! - an idle stream's segment is adopted on the first try (`cuStreamQuery`);
+//! - segments freed before an epoch event are released while their stream
+//!   is busy again (a training step's growth, with the GPU behind);
 //! - `record_stream` delays reuse until the other stream's work is done;
 //! - OOM at the real capacity, with the diagnosis, then recovery.
 
@@ -156,6 +158,55 @@ fn an_idle_streams_segment_is_adopted_on_the_first_try() {
     assert_eq!(after.num_segments_adopted, before.num_segments_adopted + 1);
     assert_eq!(after.num_driver_allocs, before.num_driver_allocs);
     a.free(q, Some(0), s2).unwrap();
+    a.empty_cache();
+    a.check_invariants().unwrap();
+}
+
+/// A training step's pattern: a step frees its activations (16 segments,
+/// the epoch spacing, so an epoch event follows them), the host waits for
+/// the device (`loss.item()`), the next step queues work and grows for a
+/// longer sequence. The stream is busy then, so neither `cuStreamQuery` nor
+/// an event recorded now proves anything; the epoch event recorded at the
+/// frees does, and the idle segments too small for the request go back to
+/// the driver before it grows.
+#[test]
+#[ignore = "needs a GPU: scripts/gpu-check.sh"]
+fn segments_freed_before_an_epoch_event_are_released_while_the_stream_is_busy() {
+    let (a, d) = gpu();
+    let s = d.stream_create(0).unwrap();
+    // A buffer the next step keeps writing, so that its stream stays busy
+    // (allocated first: growing for it later would release the segments).
+    let work = a.malloc(1 << 30, 0, s).unwrap();
+    let seg = 32usize << 20;
+    let ps: Vec<u64> = (0..16)
+        .map(|_| a.malloc(seg as u64, 0, s).unwrap())
+        .collect();
+    for &p in &ps {
+        memset(p, 0x55, seg, s);
+    }
+    for &p in &ps {
+        a.free(p, Some(0), s).unwrap();
+    }
+    d.stream_synchronize(0, s).unwrap(); // the step's loss.item()
+    for _ in 0..64 {
+        memset(work, 0x66, 1 << 30, s);
+    }
+    let before = a.stats(0).unwrap();
+    let big = a.malloc(64 << 20, 0, s).unwrap();
+    let after = a.stats(0).unwrap();
+    assert!(
+        matches!(d.stream_query(0, s), Ok(false)),
+        "the stream should still be busy: make the queued work longer"
+    );
+    assert_eq!(
+        after.num_driver_frees - before.num_driver_frees,
+        16,
+        "the 32 MiB segments are proven free by the epoch event"
+    );
+    memset(big, 0x77, 64 << 20, s);
+    a.free(big, Some(0), s).unwrap();
+    a.free(work, Some(0), s).unwrap();
+    d.stream_synchronize(0, s).unwrap();
     a.empty_cache();
     a.check_invariants().unwrap();
 }
