@@ -179,7 +179,6 @@ impl SimDriver {
         self.devices.get(device).map_or(0, |d| d.lock().live.len())
     }
 
-    /// Complete every event recorded on `stream` of `device`.
     /// With `lag` > 0, a recorded event completes once [`SimDriver::tick`]
     /// has been called `lag` times since (or when it or its stream is
     /// synchronised, or [`SimDriver::complete_all`]), and streams are never
@@ -193,6 +192,7 @@ impl SimDriver {
         self.clock.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Complete every event recorded on `stream` of `device`.
     pub fn complete_stream(&self, device: usize, stream: Stream) {
         for e in self.events.lock().values_mut() {
             if e.device == device && e.stream == stream {

@@ -124,6 +124,15 @@ pub(crate) struct ArenaInner {
     epoch_open: u32,
 }
 
+/// What one pass over an arena's idle segments learned (see
+/// [`ArenaInner::idle_free_complete`]).
+#[derive(Debug, Default)]
+pub(crate) struct ProofPass {
+    stream: Option<StreamState>,
+    /// The oldest epoch event found incomplete.
+    epoch_pending: Option<u64>,
+}
+
 /// What a stream was found to be, for one pass over an arena's idle
 /// segments (see [`ArenaInner::idle_free_complete`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -349,7 +358,10 @@ impl ArenaInner {
     /// epoch event closing `k` or later has completed. Events on one stream
     /// complete in order, so the oldest such event is the one asked, and the
     /// events up to it are done with.
-    fn epoch_proves(&mut self, k: u64, dev: &DeviceCore) -> bool {
+    ///
+    /// `pending` is the oldest epoch event found incomplete in this pass:
+    /// it and every later one are not asked again.
+    fn epoch_proves(&mut self, k: u64, dev: &DeviceCore, pending: &mut Option<u64>) -> bool {
         if k < self.epoch_proven {
             return true;
         }
@@ -357,7 +369,11 @@ impl ArenaInner {
             return false;
         };
         let (t, e) = self.epochs[pos];
+        if pending.is_some_and(|p| t >= p) {
+            return false;
+        }
         if !matches!(dev.driver.event_query(dev.index, e), Ok(true)) {
+            *pending = Some(t);
             return false;
         }
         self.epoch_proven = t + 1;
@@ -436,51 +452,54 @@ impl ArenaInner {
     }
 
     /// Whether the free of idle segment `s` is proven complete, so that the
-    /// segment may change hands or go back to the driver. First an epoch
-    /// event recorded since the segment went idle ([`Self::record_epoch`]),
-    /// if one has completed. Then `stream` itself: when it is not capturing and all its work so far has
-    /// completed (`cuStreamIsCapturing`, then `cuStreamQuery`), nothing
-    /// enqueued before the segment went idle can still run. `state` caches
-    /// that answer for one pass under one lock (start it at `None`). Else an
-    /// event recorded on `stream` since the segment went idle (recorded now
-    /// if there is none), once it has completed. A capturing stream is never
-    /// queried or recorded on (the query would invalidate the capture, and an
-    /// event recorded into a capture proves nothing): its segments stay
-    /// unproven. Errors count as "not proven".
+    /// segment may change hands or go back to the driver. Asked in order:
+    /// 1. `stream` itself (`cuStreamIsCapturing`, then `cuStreamQuery`): a
+    ///    capturing stream proves nothing and is never queried or recorded
+    ///    on (that would invalidate the capture, and an event recorded into
+    ///    a capture proves nothing); a stream with no work pending proves
+    ///    everything enqueued before the segment went idle done;
+    /// 2. an epoch event recorded since the segment went idle
+    ///    ([`Self::record_epoch`]), if one has completed;
+    /// 3. an event recorded on `stream` since the segment went idle
+    ///    (recorded now if there is none), once it has completed.
+    ///
+    /// `pass` caches the stream's answer and an epoch event found pending
+    /// for one pass under one lock (start each pass at its default).
+    /// Errors count as "not proven".
     pub fn idle_free_complete(
         &mut self,
         s: u32,
         stream: Stream,
         dev: &DeviceCore,
-        state: &mut Option<StreamState>,
+        pass: &mut ProofPass,
     ) -> bool {
-        if self.epoch_proves(self.seg(s).idle_epoch, dev) {
+        let st = *pass.stream.get_or_insert_with(|| {
+            match dev.driver.stream_is_capturing(dev.index, stream) {
+                Ok(false) => {
+                    if matches!(dev.driver.stream_query(dev.index, stream), Ok(true)) {
+                        StreamState::Idle
+                    } else {
+                        StreamState::Busy
+                    }
+                }
+                Ok(true) => {
+                    dev.capture_seen.store(true, Ordering::Relaxed);
+                    StreamState::Capturing
+                }
+                Err(_) => StreamState::Capturing,
+            }
+        });
+        match st {
+            StreamState::Idle => return true,
+            StreamState::Capturing => return false,
+            StreamState::Busy => {}
+        }
+        if self.epoch_proves(self.seg(s).idle_epoch, dev, &mut pass.epoch_pending) {
             return true;
         }
         let ev = match self.seg(s).event {
             Some(e) => e,
             None => {
-                let st = *state.get_or_insert_with(|| {
-                    match dev.driver.stream_is_capturing(dev.index, stream) {
-                        Ok(false) => {
-                            if matches!(dev.driver.stream_query(dev.index, stream), Ok(true)) {
-                                StreamState::Idle
-                            } else {
-                                StreamState::Busy
-                            }
-                        }
-                        Ok(true) => {
-                            dev.capture_seen.store(true, Ordering::Relaxed);
-                            StreamState::Capturing
-                        }
-                        Err(_) => StreamState::Capturing,
-                    }
-                });
-                match st {
-                    StreamState::Idle => return true,
-                    StreamState::Capturing => return false,
-                    StreamState::Busy => {}
-                }
                 let Ok(e) = dev.get_event() else { return false };
                 if dev.driver.event_record(dev.index, e, stream).is_err() {
                     dev.put_event(e);
@@ -706,7 +725,8 @@ impl ArenaInner {
         seg.used -= 1;
         if seg.used == 0 {
             self.make_idle(s);
-            self.epoch_open += 1;
+            // Saturating: arenas that never record (pools) never reset it.
+            self.epoch_open = self.epoch_open.saturating_add(1);
         }
     }
 

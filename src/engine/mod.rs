@@ -44,7 +44,7 @@ use crate::observe::Observer;
 use crate::size_class::{round_size, Policy, Pool};
 use crate::stats::{cudalloc_stats, DeviceCounters};
 use crate::tracking::LiveInfo;
-use arena::{Arena, Detached};
+use arena::{Arena, Detached, ProofPass};
 use once_cell::sync::OnceCell;
 use parking_lot::{Mutex, RwLock};
 use pools::PoolTag;
@@ -422,12 +422,12 @@ impl Device {
                 }
                 let idle = a.idle.clone();
                 let mut out = Vec::with_capacity(idle.len());
-                let mut stream_state = None;
+                let mut pass = ProofPass::default();
                 for s in idle {
                     let wanted = match mode {
                         Release::All => true,
                         Release::Completed => {
-                            a.idle_free_complete(s, arena.stream, &self.core, &mut stream_state)
+                            a.idle_free_complete(s, arena.stream, &self.core, &mut pass)
                         }
                         Release::Useless {
                             pool,
@@ -436,12 +436,7 @@ impl Device {
                         } => {
                             let seg = a.seg(s);
                             useless(seg.pool, seg.size, pool, rounded, &policy)
-                                && a.idle_free_complete(
-                                    s,
-                                    arena.stream,
-                                    &self.core,
-                                    &mut stream_state,
-                                )
+                                && a.idle_free_complete(s, arena.stream, &self.core, &mut pass)
                         }
                     };
                     if wanted {
@@ -499,10 +494,10 @@ impl Device {
                     })
                     .collect();
                 cands.sort_by_key(|&s| o.seg(s).size);
-                let mut stream_state = None;
+                let mut pass = ProofPass::default();
                 cands
                     .into_iter()
-                    .find(|&s| o.idle_free_complete(s, other.stream, &self.core, &mut stream_state))
+                    .find(|&s| o.idle_free_complete(s, other.stream, &self.core, &mut pass))
                     .map(|s| o.detach(s, &self.core))
             };
             if let Some(d) = found {
@@ -1614,6 +1609,30 @@ mod tests {
             before,
             "none once a capture was seen"
         );
+        a.check_invariants().unwrap();
+    }
+
+    /// A capture that begins after warm-up steps recorded epoch events: a
+    /// miss during it proves nothing on the capturing stream (no event
+    /// query, no segment released), as before epoch events.
+    #[test]
+    fn no_epoch_proof_on_a_capturing_stream() {
+        let (a, d) = sim("sim_memory:4GiB");
+        let s = 0x10;
+        let ps: Vec<u64> = (0..arena::EPOCH_SPACING)
+            .map(|_| a.malloc(30 << 20, 0, s).unwrap())
+            .collect();
+        for p in ps {
+            a.free(p, Some(0), s).unwrap();
+        }
+        d.set_capturing(s, true);
+        let before = d.counters();
+        a.malloc(100 << 20, 0, s).unwrap();
+        let after = d.counters();
+        assert_eq!(after.event_queries, before.event_queries);
+        assert_eq!(after.stream_queries, before.stream_queries);
+        assert_eq!(after.mem_frees, before.mem_frees);
+        d.set_capturing(s, false);
         a.check_invariants().unwrap();
     }
 

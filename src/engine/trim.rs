@@ -2,6 +2,7 @@
 //! call-site stamps and the lookups the trace log needs. Kept apart from the
 //! hot paths in `mod.rs`.
 
+use super::arena::ProofPass;
 use super::{Allocator, Detached};
 use crate::driver::Stream;
 use crate::error::Result;
@@ -54,7 +55,14 @@ impl Allocator {
                 match found {
                     // The stream is asked afresh under each lock: the segment
                     // may have been used and freed again meanwhile.
-                    Some(s) if inner.idle_free_complete(s, a.stream, &dev.core, &mut None) => {
+                    Some(s)
+                        if inner.idle_free_complete(
+                            s,
+                            a.stream,
+                            &dev.core,
+                            &mut ProofPass::default(),
+                        ) =>
+                    {
                         Some(inner.detach(s, &dev.core))
                     }
                     _ => None,

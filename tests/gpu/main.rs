@@ -191,13 +191,14 @@ fn segments_freed_before_an_epoch_event_are_released_while_the_stream_is_busy() 
     for _ in 0..64 {
         memset(work, 0x66, 1 << 30, s);
     }
+    // (Asked before the malloc: its cuMemFree calls wait for the device.)
+    assert!(
+        matches!(d.stream_query(0, s), Ok(false)),
+        "the stream should be busy: make the queued work longer"
+    );
     let before = a.stats(0).unwrap();
     let big = a.malloc(64 << 20, 0, s).unwrap();
     let after = a.stats(0).unwrap();
-    assert!(
-        matches!(d.stream_query(0, s), Ok(false)),
-        "the stream should still be busy: make the queued work longer"
-    );
     assert_eq!(
         after.num_driver_frees - before.num_driver_frees,
         16,
