@@ -83,6 +83,8 @@ struct SimEvent {
     complete: bool,
     /// With a lag: the clock reading at which it completes.
     ready_at: u64,
+    /// Order of its last record among all records (0: never recorded).
+    seq: u64,
 }
 
 /// The simulated driver. Cheap to create; one per allocator instance.
@@ -91,6 +93,7 @@ pub struct SimDriver {
     devices: Vec<Mutex<SimDevice>>,
     events: Mutex<FxHashMap<Event, SimEvent>>,
     next_event: AtomicU64,
+    records: AtomicU64,
     manual_events: AtomicBool,
     /// Ticks a recorded event takes to complete (0: at once).
     event_lag: AtomicU64,
@@ -113,6 +116,7 @@ impl SimDriver {
                 .collect(),
             events: Mutex::new(FxHashMap::default()),
             next_event: AtomicU64::new(1),
+            records: AtomicU64::new(0),
             manual_events: AtomicBool::new(false),
             event_lag: AtomicU64::new(0),
             clock: AtomicU64::new(0),
@@ -332,6 +336,7 @@ impl Driver for SimDriver {
                 stream: 0,
                 complete: true,
                 ready_at: 0,
+                seq: 0,
             },
         );
         self.counters.lock().event_creates += 1;
@@ -353,6 +358,7 @@ impl Driver for SimDriver {
                 (false, 0) => 0,
                 (false, l) => self.clock.load(Ordering::Relaxed).saturating_add(l),
             },
+            seq: self.records.fetch_add(1, Ordering::Relaxed) + 1,
         };
         self.counters.lock().event_records += 1;
         Ok(())
@@ -374,10 +380,12 @@ impl Driver for SimDriver {
         self.counters.lock().event_syncs += 1;
         let mut ev = self.events.lock();
         let e = ev.get_mut(&event).ok_or_else(|| bad_event(event))?;
-        // Waiting for the event means its stream's work up to the record is done.
-        let stream = e.stream;
+        // Waiting for the event means its stream's work up to the record is
+        // done: it and the events recorded there before it complete, not
+        // the ones recorded after it.
+        let (stream, seq) = (e.stream, e.seq);
         for e in ev.values_mut() {
-            if e.device == device && e.stream == stream {
+            if e.device == device && e.stream == stream && e.seq <= seq {
                 e.complete = true;
             }
         }
@@ -489,8 +497,16 @@ mod tests {
         assert_eq!(d.pending_events(), 0);
         d.event_record(0, e, 7).unwrap();
         assert!(!d.event_query(0, e).unwrap(), "recorded again: three more");
-        d.complete_all();
+        let later = d.event_create(0).unwrap();
+        d.event_record(0, later, 7).unwrap();
+        d.event_synchronize(0, e).unwrap();
         assert!(d.event_query(0, e).unwrap(), "or a synchronisation");
+        assert!(
+            !d.event_query(0, later).unwrap(),
+            "not of work recorded after it"
+        );
+        d.complete_all();
+        assert!(d.event_query(0, later).unwrap());
         d.set_event_lag(0);
         d.event_record(0, e, 7).unwrap();
         assert!(d.event_query(0, e).unwrap() && d.stream_query(0, 7).unwrap());
