@@ -46,12 +46,13 @@ def test_table_ratios():
     rows = [
         {"mode": "native", "alloc_us": 2.0, "step_ms_median": 100.0,
          "peak_reserved": 1000 * tb.MiB, "peak_allocated": 800 * tb.MiB},
-        {"mode": "cudalloc", "alloc_us": 1.0, "step_ms_median": 80.0,
+        {"mode": "cudalloc", "alloc_us": 1.0, "step_ms_median": 80.0, "step_ms_mean": 90.5,
          "peak_reserved": 850 * tb.MiB, "peak_allocated": 800 * tb.MiB},
         {"mode": "rmm", "error": "boom"},
     ]
     t = tb.table(rows).splitlines()
-    assert "| cudalloc | 1.00 | 80.0 | 1.25× | 850 | 0.85× | 800 |" in t
+    assert "| cudalloc | 1.00 | 80.0 | 1.25× | 90.5 | 850 | 0.85× | 800 |" in t
+    assert "| native | 2.00 | 100.0 | 1.00× | n/a | 1,000 | 1.00× | 800 |" in t
     assert t[-1].startswith("| rmm | failed: boom")
 
 
