@@ -69,8 +69,11 @@ def memory_events(chrome_trace):
         a = e["args"]
         if a.get("Device Type", 0) != 0:  # 0: the CPU
             continue
-        out.append((a.get("Ev Idx", 0), e["ts"], a["Addr"], a["Bytes"]))
-    out.sort()  # the profiler's own sequence number: the allocator's order
+        out.append((a.get("Ev Idx"), e["ts"], a["Addr"], a["Bytes"]))
+    if all(idx is not None for idx, *_ in out):
+        out.sort(key=lambda x: x[0])  # the profiler's sequence number: the allocator's order
+    else:
+        out.sort(key=lambda x: x[1])  # by time, stable: the file's order within a time stamp
     merged, marks = [], sorted(marks, reverse=True)
     for _, ts, addr, n in out:
         while marks and marks[-1] < ts:
@@ -86,7 +89,7 @@ def to_csv(events, path, min_size=0):
     as are allocations under `min_size` bytes and their frees. Returns (allocations, frees, still live)."""
     live = {}
     allocs = frees = 0
-    t0 = events[0][0] if events else 0
+    t0 = min((e[0] for e in events), default=0)
     with open(path, "w", encoding="utf-8") as f:
         f.write("Thread,Time,Action,Pointer,Size,Stream\n")
         for ts, addr, n in events:

@@ -51,6 +51,11 @@ pub(crate) struct Segment {
     /// event tagged with it or later was recorded after that (see
     /// [`ArenaInner::record_epoch`]).
     pub idle_epoch: u64,
+    /// 1 + the epoch in which a free last made the segment idle and was
+    /// counted towards [`EPOCH_SPACING`] (0: never): one segment freed
+    /// again and again (a large block alone in its segment, in a loop)
+    /// counts once per epoch, so it alone never triggers a record.
+    counted: u64,
 }
 
 /// A segment detached from an arena, in transit to another arena or the driver.
@@ -70,14 +75,15 @@ pub(crate) struct PendingFree {
 
 /// Most epoch events an arena keeps (see [`ArenaInner::record_epoch`]).
 const EPOCH_EVENTS: usize = 4;
-/// Segments a free makes idle between two epoch events of one arena. A
-/// count, not a time, so that replays (which run far faster than the
-/// trace) see what a GPU run does. On the CPU-recorded trace of
-/// bench/torch_bench.py's training loop, 16 records about 7 events a step
-/// and keeps 4.61 GiB reserved with the GPU behind the host, against 4.56
-/// GiB for an event at every idle segment (80 a step) and 6.12 GiB with
-/// none (docs/BENCHMARKS.md).
-pub(crate) const EPOCH_SPACING: u32 = 16;
+/// Distinct segments frees make idle between two epoch events of one
+/// arena. A count, not a time, so that replays (which run far faster than
+/// the trace) see what a GPU run does. On the CPU-recorded trace of
+/// bench/torch_bench.py's training loop, with the GPU behind the host
+/// (`replay --gpu-lag`), 8 records 7.5 events a step (with the fallback
+/// events) and keeps 4.59 GiB reserved, against 4.58 GiB and 16 events for
+/// 4, 4.69 GiB and 4.3 for 16, and 6.12 GiB with no epoch events
+/// (docs/BENCHMARKS.md).
+pub(crate) const EPOCH_SPACING: u32 = 8;
 
 /// Most blocks the stash holds.
 pub const STASH_BLOCKS: usize = 32;
@@ -120,7 +126,7 @@ pub(crate) struct ArenaInner {
     epoch: u64,
     /// Segments stamped with an epoch below this are proven free.
     epoch_proven: u64,
-    /// Segments frees made idle since the last epoch event.
+    /// Distinct segments frees made idle since the last epoch event.
     epoch_open: u32,
 }
 
@@ -310,7 +316,7 @@ impl ArenaInner {
     }
 
     /// Whether an epoch event is due: frees made [`EPOCH_SPACING`]
-    /// segments idle since the last one.
+    /// distinct segments idle since the last one.
     #[inline]
     pub fn epoch_due(&self) -> bool {
         self.epoch_open >= EPOCH_SPACING
@@ -412,6 +418,7 @@ impl ArenaInner {
             event: None,
             idle_since_ms: 0,
             idle_epoch: 0,
+            counted: 0,
         });
         self.index[d.pool as usize].insert(&mut self.blocks, b);
         self.make_idle(s);
@@ -725,8 +732,13 @@ impl ArenaInner {
         seg.used -= 1;
         if seg.used == 0 {
             self.make_idle(s);
-            // Saturating: arenas that never record (pools) never reset it.
-            self.epoch_open = self.epoch_open.saturating_add(1);
+            let epoch = self.epoch + 1;
+            let seg = self.seg_mut(s);
+            if seg.counted != epoch {
+                seg.counted = epoch;
+                // Saturating: arenas that never record (pools) never reset it.
+                self.epoch_open = self.epoch_open.saturating_add(1);
+            }
         }
     }
 

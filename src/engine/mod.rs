@@ -15,18 +15,20 @@
 //!   device arguments are hints for where to look first.
 //! - **Proving a free complete.** An idle segment changes stream or goes
 //!   back to the driver only once the work queued before its last free has
-//!   run. Each arena records an *epoch event* on its stream after every 16
-//!   segments its frees make idle; once one completes, every segment idle
-//!   before it is proven. Failing that, the stream is asked (`cuStreamQuery`:
-//!   no work pending), then an event recorded for the segment when it is
-//!   wanted. On a GPU the host runs ahead, so only the epoch events, recorded
-//!   long before the segment is wanted, have usually completed
-//!   (`cudalloc replay --gpu-lag` shows the difference).
+//!   run. The stream is asked first (`cuStreamIsCapturing`: a capturing
+//!   stream proves nothing; `cuStreamQuery`: no work pending proves all).
+//!   Then the *epoch events*: each arena records one on its stream after
+//!   every 8 distinct segments its frees make idle, and once one completes,
+//!   every segment idle before it is proven. Last, an event recorded for
+//!   the segment when it is wanted. On a GPU the host runs ahead, so only
+//!   the epoch events, recorded long before the segment is wanted, have
+//!   usually completed (`cudalloc replay --gpu-lag` shows the difference).
 //! - **Graph capture.** `cuMemAlloc` runs in relaxed capture mode (the CUDA
 //!   backend switches the thread's mode around it). A block freed while its stream is capturing a graph is
 //!   quarantined: the graph may still use it, so it is not reused until
 //!   `empty_cache` (a simple, documented policy for C and C++ captures).
-//!   Until a slow path first sees a capturing stream, frees do not ask.
+//!   Until a slow path (or an epoch event's `cuStreamIsCapturing`, once per
+//!   8 segments made idle) first sees a capturing stream, frees do not ask.
 //!   PyTorch's captures get private pools instead (`pools.rs`,
 //!   `graph_pools:on`).
 
@@ -996,6 +998,9 @@ impl Allocator {
                 let mut inner = a.inner.lock();
                 if let Some(block) = inner.free(ptr, &dev.core, || !a.pooled && dev.capturing(&a)) {
                     dev.note_free(&a, block);
+                    if inner.epoch_due() && !a.pooled {
+                        inner.record_epoch(a.stream, &dev.core);
+                    }
                     return Ok(());
                 }
             }
@@ -1634,6 +1639,85 @@ mod tests {
         assert_eq!(after.mem_frees, before.mem_frees);
         d.set_capturing(s, false);
         a.check_invariants().unwrap();
+    }
+
+    /// One large block freed again and again (alone in its segment) counts
+    /// as one segment per epoch: it records nothing by itself.
+    #[test]
+    fn one_segment_freed_in_a_loop_records_no_epoch_event() {
+        let (a, d) = sim("sim_memory:4GiB");
+        let before = d.counters().event_records;
+        for _ in 0..10 * arena::EPOCH_SPACING {
+            let p = a.malloc(30 << 20, 0, 0x10).unwrap();
+            a.free(p, Some(0), 0x10).unwrap();
+        }
+        assert_eq!(d.counters().event_records, before);
+        assert_eq!(a.stats(0).unwrap().num_driver_allocs, 1);
+    }
+
+    /// No epoch event while a pool routes (a PyTorch graph capture may be
+    /// under way: an event recorded on the legacy stream would invalidate
+    /// it), even on a stream that is not capturing.
+    #[test]
+    fn no_epoch_event_while_a_pool_routes() {
+        let (a, d) = sim("sim_memory:4GiB");
+        let s = 0x10;
+        let ps: Vec<u64> = (0..arena::EPOCH_SPACING)
+            .map(|_| a.malloc(30 << 20, 0, s).unwrap())
+            .collect();
+        a.begin_pool(0, (7, 0)).unwrap();
+        let before = d.counters().event_records;
+        for p in ps {
+            a.free(p, Some(0), s).unwrap();
+        }
+        assert_eq!(d.counters().event_records, before);
+        a.end_pool(0, (7, 0)).unwrap();
+        a.check_invariants().unwrap();
+    }
+
+    /// A segment with an event of its own is not asked about while its
+    /// stream captures: the stream's capture state comes first.
+    #[test]
+    fn a_segments_own_event_is_not_queried_during_a_capture() {
+        let (a, d) = sim("sim_memory:4GiB");
+        d.set_manual_events(true);
+        let s = 0x10;
+        let p = a.malloc(30 << 20, 0, s).unwrap();
+        a.free(p, Some(0), s).unwrap();
+        // A growth records the segment's own event (the stream is busy).
+        let q = a.malloc(100 << 20, 0, s).unwrap();
+        assert_eq!(a.stats(0).unwrap().num_driver_frees, 0);
+        a.free(q, Some(0), s).unwrap();
+        d.complete_all();
+        d.set_capturing(s, true);
+        let before = d.counters();
+        a.malloc(200 << 20, 0, s).unwrap();
+        let after = d.counters();
+        assert_eq!(after.event_queries, before.event_queries);
+        assert_eq!(after.mem_frees, before.mem_frees);
+        d.set_capturing(s, false);
+        a.check_invariants().unwrap();
+    }
+
+    /// A pass over idle segments asks a pending epoch event once, not once
+    /// per segment it would cover.
+    #[test]
+    fn a_pending_epoch_event_is_queried_once_a_pass() {
+        let (a, d) = sim("sim_memory:4GiB");
+        d.set_manual_events(true);
+        let s = 0x10;
+        let n = arena::EPOCH_SPACING as u64;
+        let ps: Vec<u64> = (0..n).map(|_| a.malloc(30 << 20, 0, s).unwrap()).collect();
+        for p in ps {
+            a.free(p, Some(0), s).unwrap();
+        }
+        let before = d.counters();
+        a.malloc(100 << 20, 0, s).unwrap();
+        let after = d.counters();
+        // The epoch event once, then each segment's own fallback event.
+        assert_eq!(after.event_queries - before.event_queries, 1 + n);
+        assert_eq!(after.stream_queries - before.stream_queries, 1);
+        assert_eq!(a.stats(0).unwrap().num_driver_frees, 0);
     }
 
     #[test]
