@@ -162,13 +162,13 @@ fn an_idle_streams_segment_is_adopted_on_the_first_try() {
     a.check_invariants().unwrap();
 }
 
-/// A training step's pattern: a step frees its activations (16 segments,
-/// the epoch spacing, so an epoch event follows them), the host waits for
-/// the device (`loss.item()`), the next step queues work and grows for a
-/// longer sequence. The stream is busy then, so neither `cuStreamQuery` nor
-/// an event recorded now proves anything; the epoch event recorded at the
-/// frees does, and the idle segments too small for the request go back to
-/// the driver before it grows.
+/// A training step's pattern: a step frees its activations (16 segments, a
+/// multiple of the epoch spacing, so epoch events follow them), the host
+/// waits for the device (`loss.item()`), the next step queues work and
+/// grows for a longer sequence. The stream is busy then, so neither
+/// `cuStreamQuery` nor an event recorded now proves anything; the epoch
+/// events recorded at the frees do, and the idle segments too small for the
+/// request go back to the driver before it grows.
 #[test]
 #[ignore = "needs a GPU: scripts/gpu-check.sh"]
 fn segments_freed_before_an_epoch_event_are_released_while_the_stream_is_busy() {
@@ -202,7 +202,7 @@ fn segments_freed_before_an_epoch_event_are_released_while_the_stream_is_busy() 
     assert_eq!(
         after.num_driver_frees - before.num_driver_frees,
         16,
-        "the 32 MiB segments are proven free by the epoch event"
+        "the 32 MiB segments are proven free by the epoch events"
     );
     memset(big, 0x77, 64 << 20, s);
     a.free(big, Some(0), s).unwrap();
