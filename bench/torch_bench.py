@@ -205,7 +205,9 @@ def worker(mode, args):
 
     peaks, reset = setup_allocator(mode)  # before the first CUDA tensor
     out = {"mode": mode, "torch": torch.__version__}
-    out["alloc_us"] = bench_alloc(torch, args.alloc_iters, args.seed)
+    # --alloc-iters 0: the training loop alone (scripts/gpu-all.sh records
+    # its trace that way).
+    out["alloc_us"] = bench_alloc(torch, args.alloc_iters, args.seed) if args.alloc_iters > 0 else None
     torch.cuda.synchronize()
     # Each allocator would carry its own leftovers from the alloc phase into
     # the training peaks: start the training phase from an empty cache.
@@ -241,8 +243,12 @@ def fmt_mib(n):
     return "n/a" if n is None else f"{n / MiB:,.0f}"
 
 
+def fmt_num(x, fmt):
+    return "n/a" if x is None else fmt.format(x)
+
+
 def fmt_ms(t):
-    return "n/a" if t is None else f"{t:.1f}"
+    return fmt_num(t, "{:.1f}")
 
 
 def ratio(a, b, fmt="{:.2f}×"):
@@ -263,7 +269,7 @@ def table(results):
         speed = ratio(native["step_ms_median"], r["step_ms_median"]) if native and "step_ms_median" in native else "n/a"
         rres = ratio(r["peak_reserved"], native.get("peak_reserved")) if native else "n/a"
         lines.append(
-            f"| {r['mode']} | {r['alloc_us']:.2f} | {r['step_ms_median']:.1f} | {speed} | "
+            f"| {r['mode']} | {fmt_num(r.get('alloc_us'), '{:.2f}')} | {r['step_ms_median']:.1f} | {speed} | "
             f"{fmt_ms(r.get('step_ms_mean'))} | "
             f"{fmt_mib(r['peak_reserved'])} | {rres} | {fmt_mib(r['peak_allocated'])} |"
         )

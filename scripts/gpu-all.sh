@@ -22,6 +22,12 @@
 # Usage: bash scripts/gpu-all.sh --prep | [OUTDIR]
 # Phase limits (seconds): GPU_CHECK_S, TORCH_TESTS_S, TORCH_BENCH_S; the
 # defaults add up to 9 minutes.
+# TORCH_TRACE=1 adds a phase (TORCH_TRACE_S, default 90 s; set the others
+# lower to fit): the training loop alone under cudalloc with log_file, and
+# the trace replayed by scripts/torch_native_model.py and `cudalloc replay`
+# (train-gpu.csv.gz and torch-trace.log come back). It checks the model of
+# native torch, and the CPU-recorded trace, against a GPU run
+# (docs/BENCHMARKS.md, "PyTorch's training loop without a GPU").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bundle=target/gpu-bundle
@@ -75,6 +81,15 @@ phase "torch tests" "${TORCH_TESTS_S:-240}" "$out/torch-tests.log" \
 cp docs/BENCHMARKS.md "$out/BENCHMARKS.md"
 phase "torch bench" "${TORCH_BENCH_S:-150}" "$out/torch-bench.log" \
     "$py" bench/torch_bench.py --doc "$out/BENCHMARKS.md"
+if [ "${TORCH_TRACE:-0}" = 1 ]; then
+    phase "torch trace" "${TORCH_TRACE_S:-90}" "$out/torch-trace.log" \
+        env CUDALLOC_BENCH_CONF="log_file:$out/train-gpu.csv" \
+        "$py" bench/torch_bench.py --modes cudalloc --alloc-iters 0 --no-doc
+    phase "trace replay" 60 "$out/torch-trace.log" bash -c \
+        "$py scripts/torch_native_model.py '$out/train-gpu.csv' &&
+         target/release/cudalloc replay '$out/train-gpu.csv' &&
+         gzip -9 '$out/train-gpu.csv'"
+fi
 rm -rf "$tmp"
 
 echo "== summary"

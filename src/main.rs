@@ -120,6 +120,11 @@ fn selftest_cmd() -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    // Output piped into `head` and the like: end quietly when the reader
+    // goes, as other command-line tools do, not with a panic on EPIPE.
+    // SAFETY: restoring the default disposition of SIGPIPE, before any
+    // thread starts, touches no memory of ours.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let m = cli().get_matches();
     let r = match m.subcommand() {
         Some(("bench", m)) => bench_cmd(m),

@@ -49,11 +49,15 @@ def test_table_ratios():
         {"mode": "cudalloc", "alloc_us": 1.0, "step_ms_median": 80.0, "step_ms_mean": 90.5,
          "peak_reserved": 850 * tb.MiB, "peak_allocated": 800 * tb.MiB},
         {"mode": "rmm", "error": "boom"},
+        {"mode": "cudalloc", "alloc_us": None, "step_ms_median": 100.0,
+         "peak_reserved": None, "peak_allocated": None},
     ]
     t = tb.table(rows).splitlines()
     assert "| cudalloc | 1.00 | 80.0 | 1.25× | 90.5 | 850 | 0.85× | 800 |" in t
     assert "| native | 2.00 | 100.0 | 1.00× | n/a | 1,000 | 1.00× | 800 |" in t
-    assert t[-1].startswith("| rmm | failed: boom")
+    assert t[-2].startswith("| rmm | failed: boom")
+    # --alloc-iters 0 (the training loop alone), and an allocator without peaks.
+    assert t[-1] == "| cudalloc | n/a | 100.0 | 1.00× | n/a | n/a | n/a | n/a |"
 
 
 def test_a_run_that_measures_nothing_leaves_the_doc_alone(tmp_path):
