@@ -46,7 +46,7 @@ use crate::observe::Observer;
 use crate::size_class::{round_size, Policy, Pool};
 use crate::stats::{cudalloc_stats, DeviceCounters};
 use crate::tracking::LiveInfo;
-use arena::{Arena, Detached, ProofPass};
+use arena::{Arena, ArenaInner, Detached, ProofPass};
 use once_cell::sync::OnceCell;
 use parking_lot::{Mutex, RwLock};
 use pools::PoolTag;
@@ -223,11 +223,15 @@ impl Device {
         }
     }
 
-    /// Account `size` freed bytes to `arena`. Call under the arena's lock.
+    /// Account `size` freed bytes to `arena`, whose lock is held as `inner`,
+    /// and record its epoch event when one is due (never in a pool's arena).
     #[inline]
-    fn note_free(&self, arena: &Arena, size: u64) {
+    fn note_free(&self, arena: &Arena, inner: &mut ArenaInner, size: u64) {
         let now = arena.bytes.current.load(Ordering::Relaxed) - size;
         arena.bytes.current.store(now, Ordering::Relaxed);
+        if inner.epoch_due() && !arena.pooled {
+            inner.record_epoch(arena.stream, &self.core);
+        }
     }
 
     /// `arena` passed its budget: sum the arenas, raise the peak if passed,
@@ -980,10 +984,7 @@ impl Allocator {
             if let Some(a) = dev.find_arena(self.id, stream) {
                 let mut inner = a.inner.lock();
                 if let Some(block) = inner.free(ptr, &dev.core, || !a.pooled && dev.capturing(a)) {
-                    dev.note_free(a, block);
-                    if inner.epoch_due() && !a.pooled {
-                        inner.record_epoch(a.stream, &dev.core);
-                    }
+                    dev.note_free(a, &mut inner, block);
                     return Ok(());
                 }
             }
@@ -997,10 +998,7 @@ impl Allocator {
             for a in dev.arena_list() {
                 let mut inner = a.inner.lock();
                 if let Some(block) = inner.free(ptr, &dev.core, || !a.pooled && dev.capturing(&a)) {
-                    dev.note_free(&a, block);
-                    if inner.epoch_due() && !a.pooled {
-                        inner.record_epoch(a.stream, &dev.core);
-                    }
+                    dev.note_free(&a, &mut inner, block);
                     return Ok(());
                 }
             }
@@ -1265,6 +1263,17 @@ mod tests {
         let c = Config::parse(conf).unwrap();
         let d = Arc::new(SimDriver::new(c.sim_devices, c.sim_memory));
         (Allocator::new(c, d.clone()), d)
+    }
+
+    /// `n` blocks of 30 MiB on stream `s`, each alone in its own segment.
+    fn own_segments(a: &Allocator, s: Stream, n: u64) -> Vec<u64> {
+        (0..n).map(|_| a.malloc(30 << 20, 0, s).unwrap()).collect()
+    }
+
+    fn free_all(a: &Allocator, s: Stream, ps: &[u64]) {
+        for &p in ps {
+            a.free(p, Some(0), s).unwrap();
+        }
     }
 
     /// An OOM with enough cached free bytes but no block that fits says so,
@@ -1552,12 +1561,10 @@ mod tests {
         d.set_manual_events(true);
         let s = 0x10;
         let n = arena::EPOCH_SPACING as u64 + 3;
-        let ps: Vec<u64> = (0..n).map(|_| a.malloc(30 * M, 0, s).unwrap()).collect();
+        let ps = own_segments(&a, s, n);
         assert_eq!(a.stats(0).unwrap().reserved_bytes, n * 30 * M);
         let before = d.counters().event_records;
-        for p in &ps {
-            a.free(*p, Some(0), s).unwrap();
-        }
+        free_all(&a, s, &ps);
         // One epoch event, at the EPOCH_SPACING-th idle segment.
         assert_eq!(d.counters().event_records, before + 1);
         d.complete_all();
@@ -1583,19 +1590,13 @@ mod tests {
     fn no_epoch_event_during_a_capture() {
         let (a, d) = sim("sim_memory:4GiB");
         let (s, t) = (0x10, 0x20);
-        let alloc = |stream| -> Vec<u64> {
-            (0..arena::EPOCH_SPACING)
-                .map(|_| a.malloc(30 << 20, 0, stream).unwrap())
-                .collect()
-        };
-        let ps = alloc(s);
+        let n = arena::EPOCH_SPACING as u64;
+        let ps = own_segments(&a, s, n);
         // The capture begins after the allocations: no slow path saw it, so
         // the frees are not quarantined and make their segments idle.
         d.set_capturing(s, true);
         let before = d.counters().event_records;
-        for p in ps {
-            a.free(p, Some(0), s).unwrap();
-        }
+        free_all(&a, s, &ps);
         assert_eq!(
             a.stats(0).unwrap().cached_free_bytes,
             arena::EPOCH_SPACING as u64 * (30 << 20)
@@ -1606,9 +1607,7 @@ mod tests {
             "none on a capturing stream"
         );
         d.set_capturing(s, false);
-        for p in alloc(t) {
-            a.free(p, Some(0), t).unwrap();
-        }
+        free_all(&a, t, &own_segments(&a, t, n));
         assert_eq!(
             d.counters().event_records,
             before,
@@ -1624,12 +1623,7 @@ mod tests {
     fn no_epoch_proof_on_a_capturing_stream() {
         let (a, d) = sim("sim_memory:4GiB");
         let s = 0x10;
-        let ps: Vec<u64> = (0..arena::EPOCH_SPACING)
-            .map(|_| a.malloc(30 << 20, 0, s).unwrap())
-            .collect();
-        for p in ps {
-            a.free(p, Some(0), s).unwrap();
-        }
+        free_all(&a, s, &own_segments(&a, s, arena::EPOCH_SPACING as u64));
         d.set_capturing(s, true);
         let before = d.counters();
         a.malloc(100 << 20, 0, s).unwrap();
@@ -1662,14 +1656,10 @@ mod tests {
     fn no_epoch_event_while_a_pool_routes() {
         let (a, d) = sim("sim_memory:4GiB");
         let s = 0x10;
-        let ps: Vec<u64> = (0..arena::EPOCH_SPACING)
-            .map(|_| a.malloc(30 << 20, 0, s).unwrap())
-            .collect();
+        let ps = own_segments(&a, s, arena::EPOCH_SPACING as u64);
         a.begin_pool(0, (7, 0)).unwrap();
         let before = d.counters().event_records;
-        for p in ps {
-            a.free(p, Some(0), s).unwrap();
-        }
+        free_all(&a, s, &ps);
         assert_eq!(d.counters().event_records, before);
         a.end_pool(0, (7, 0)).unwrap();
         a.check_invariants().unwrap();
@@ -1707,10 +1697,7 @@ mod tests {
         d.set_manual_events(true);
         let s = 0x10;
         let n = arena::EPOCH_SPACING as u64;
-        let ps: Vec<u64> = (0..n).map(|_| a.malloc(30 << 20, 0, s).unwrap()).collect();
-        for p in ps {
-            a.free(p, Some(0), s).unwrap();
-        }
+        free_all(&a, s, &own_segments(&a, s, n));
         let before = d.counters();
         a.malloc(100 << 20, 0, s).unwrap();
         let after = d.counters();
