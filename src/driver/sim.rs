@@ -80,8 +80,8 @@ impl SimDevice {
 struct SimEvent {
     device: usize,
     stream: Stream,
-    complete: bool,
-    /// With a lag: the clock reading at which it completes.
+    /// The lag clock's reading from which it is complete: 0 when complete
+    /// at once or told so, `u64::MAX` until told (manual mode).
     ready_at: u64,
     /// Order of its last record among all records (0: never recorded).
     seq: u64,
@@ -200,7 +200,7 @@ impl SimDriver {
     pub fn complete_stream(&self, device: usize, stream: Stream) {
         for e in self.events.lock().values_mut() {
             if e.device == device && e.stream == stream {
-                e.complete = true;
+                e.ready_at = 0;
             }
         }
     }
@@ -208,7 +208,7 @@ impl SimDriver {
     /// Complete every recorded event.
     pub fn complete_all(&self) {
         for e in self.events.lock().values_mut() {
-            e.complete = true;
+            e.ready_at = 0;
         }
     }
 
@@ -218,7 +218,7 @@ impl SimDriver {
         self.events
             .lock()
             .values()
-            .filter(|e| !e.complete && now < e.ready_at)
+            .filter(|e| now < e.ready_at)
             .count()
     }
 
@@ -334,7 +334,6 @@ impl Driver for SimDriver {
             SimEvent {
                 device,
                 stream: 0,
-                complete: true,
                 ready_at: 0,
                 seq: 0,
             },
@@ -352,7 +351,6 @@ impl Driver for SimDriver {
         *e = SimEvent {
             device,
             stream,
-            complete: !manual && lag == 0,
             ready_at: match (manual, lag) {
                 (true, _) => u64::MAX,
                 (false, 0) => 0,
@@ -371,7 +369,7 @@ impl Driver for SimDriver {
         self.events
             .lock()
             .get(&event)
-            .map(|e| e.complete || now >= e.ready_at)
+            .map(|e| now >= e.ready_at)
             .ok_or_else(|| bad_event(event))
     }
 
@@ -386,7 +384,7 @@ impl Driver for SimDriver {
         let (stream, seq) = (e.stream, e.seq);
         for e in ev.values_mut() {
             if e.device == device && e.stream == stream && e.seq <= seq {
-                e.complete = true;
+                e.ready_at = 0;
             }
         }
         Ok(())
