@@ -321,7 +321,13 @@ fn deinitialised_driver_is_quiet_and_exit_calls_nothing() {
 
 #[test]
 fn capture_uses_relaxed_mode_and_quarantines_frees() {
-    let r = scenario("capture", &[("FAKE_CUDA_CAPTURING", "0x7777".into())]);
+    let r = scenario(
+        "capture",
+        &[
+            ("FAKE_CUDA_CAPTURING", "0x7777".into()),
+            ("FAKE_CUDA_HOST_STREAMS", "0x7777".into()),
+        ],
+    );
     assert!(r.stdout().contains("ok capture"), "{}", r.stdout());
     assert!(
         !r.log.contains("CAPTURE_UNSUPPORTED"),
@@ -333,6 +339,21 @@ fn capture_uses_relaxed_mode_and_quarantines_frees() {
         "allocations ran in relaxed mode:\n{}",
         r.log
     );
+    assert!(!r.log.contains("CAPTURE_VIOLATION"), "{}", tail(&r.log));
+}
+
+/// During a C/C++ capture nothing goes back to the driver: not the idle
+/// segments too small for a growth, not the OOM ladder's. cuMemFree (it
+/// synchronises the context) and cuStreamSynchronize would invalidate the
+/// capture.
+#[test]
+fn a_capture_grows_and_ooms_without_freeing_or_synchronising() {
+    let r = scenario(
+        "capture_release",
+        &[("FAKE_CUDA_HOST_STREAMS", "0x10,0x7777".into())],
+    );
+    assert!(!r.log.contains("CAPTURE_VIOLATION"), "{}", tail(&r.log));
+    assert!(r.log.contains("cuMemFree_v2"), "{}", tail(&r.log));
 }
 
 /// On a GPU an event recorded a moment ago is usually not complete yet.

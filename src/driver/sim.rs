@@ -22,7 +22,8 @@
 //!   It stands for a GPU running behind the host, as a training loop's does.
 //! - **Faults** can be injected: the Nth driver allocation fails with OOM,
 //!   capacity can shrink mid-run, event calls can fail, the driver can report
-//!   itself deinitialised, and a stream can be marked as capturing.
+//!   itself deinitialised, and a stream can be marked as capturing (the
+//!   calls a GPU would take as invalidating the capture are counted).
 //! - **Counters** of every call are kept for tests ([`SimDriver::counters`]).
 
 use super::{Driver, DriverError, DriverResult, Event, Stream};
@@ -51,6 +52,11 @@ pub struct SimCounters {
     pub event_destroys: u64,
     pub stream_syncs: u64,
     pub stream_queries: u64,
+    /// Calls that would invalidate a capture on a GPU: `mem_free` while any
+    /// stream captures (cuMemFree synchronises the context), and
+    /// `stream_synchronize` or `stream_query` on a capturing stream. They
+    /// still succeed here; tests assert there are none.
+    pub capture_violations: u64,
 }
 
 #[derive(Debug)]
@@ -237,6 +243,13 @@ impl SimDriver {
         Ok(())
     }
 
+    /// Count a synchronisation or query of a capturing stream.
+    fn note_if_capturing(&self, stream: Stream) {
+        if self.capturing.lock().contains(&stream) {
+            self.counters.lock().capture_violations += 1;
+        }
+    }
+
     fn check_events(&self, device: usize) -> DriverResult<()> {
         self.check(device)?;
         if self.fail_events.load(Ordering::Relaxed) {
@@ -288,6 +301,9 @@ impl Driver for SimDriver {
 
     fn mem_free(&self, device: usize, ptr: u64, size: u64) -> DriverResult<()> {
         self.check(device)?;
+        if !self.capturing.lock().is_empty() {
+            self.counters.lock().capture_violations += 1;
+        }
         let mut d = self.devices[device].lock();
         let Some((asked, take)) = d.live.remove(&ptr) else {
             self.counters.lock().bad_frees += 1;
@@ -402,6 +418,7 @@ impl Driver for SimDriver {
 
     fn stream_synchronize(&self, device: usize, stream: Stream) -> DriverResult<()> {
         self.check(device)?;
+        self.note_if_capturing(stream);
         self.counters.lock().stream_syncs += 1;
         self.complete_stream(device, stream);
         Ok(())
@@ -410,8 +427,9 @@ impl Driver for SimDriver {
     /// Auto events: every stream is idle (its work completes at once, as
     /// its events do). Manual events or a lag: never proven idle, so stream
     /// safety rests on the events the tests complete (or the lag clock).
-    fn stream_query(&self, device: usize, _stream: Stream) -> DriverResult<bool> {
+    fn stream_query(&self, device: usize, stream: Stream) -> DriverResult<bool> {
         self.check(device)?;
+        self.note_if_capturing(stream);
         self.counters.lock().stream_queries += 1;
         Ok(!self.manual_events.load(Ordering::Relaxed)
             && self.event_lag.load(Ordering::Relaxed) == 0)

@@ -29,6 +29,9 @@
 //!   `empty_cache` (a simple, documented policy for C and C++ captures).
 //!   Until a slow path (or an epoch event's `cuStreamIsCapturing`, once per
 //!   8 segments made idle) first sees a capturing stream, frees do not ask.
+//!   While an arena's stream captures, nothing goes back to the driver and
+//!   no segment changes streams (`Device::capture_underway`): cuMemFree
+//!   synchronises the context, which would invalidate the capture.
 //!   PyTorch's captures get private pools instead (`pools.rs`,
 //!   `graph_pools:on`).
 
@@ -307,8 +310,9 @@ impl Device {
     }
 
     /// `empty_cache` for this device: end the quarantine and release every
-    /// idle segment. Nothing while a capture is under way (pools.rs): that
-    /// would invalidate it. Call with `slow` held.
+    /// idle segment. Nothing while a capture is under way (pools.rs; a
+    /// C/C++ capture on one of the device's streams too): that would
+    /// invalidate it. Call with `slow` held.
     fn empty(&self) -> u64 {
         if self.capture_underway() {
             tracing::debug!(
@@ -621,7 +625,9 @@ impl Allocator {
     /// then the OOM ladder: (1) release idle segments whose events completed,
     /// retry; (2) synchronise and release every idle segment, retry; (3) run
     /// the OOM callbacks, retry; (4) fail with `CUDALLOC_ERR_OUT_OF_MEMORY`,
-    /// count `num_ooms` and log a diagnosis.
+    /// count `num_ooms` and log a diagnosis. While a capture is under way on
+    /// the device, no segment is adopted or released: only the cache, the
+    /// driver (in relaxed mode) and the callbacks can serve.
     #[inline]
     pub fn malloc(&self, size: u64, device: usize, stream: Stream) -> Result<u64> {
         self.malloc_from(size, device, stream, None)
@@ -687,8 +693,10 @@ impl Allocator {
         };
         // A pool's capture needs no quarantine (pools.rs): seeing it must not
         // make every later free ask the driver whether its stream captures.
+        // A C/C++ capture is asked for on every slow path, seen before or
+        // not: seeing it keeps this one's growth and OOM ladder from giving
+        // memory back to the driver (`capture_underway`).
         if !arena.pooled
-            && !dev.core.capture_seen.load(Ordering::Relaxed)
             && matches!(
                 self.driver
                     .stream_is_capturing(dev.core.index, arena.stream),
@@ -1632,6 +1640,34 @@ mod tests {
         assert_eq!(after.stream_queries, before.stream_queries);
         assert_eq!(after.mem_frees, before.mem_frees);
         d.set_capturing(s, false);
+        a.check_invariants().unwrap();
+    }
+
+    /// A C/C++ capture (no pool) gives nothing back to the driver and
+    /// synchronises no capturing stream (either would invalidate it on a
+    /// GPU): not the idle segment too small for its growth, not its OOM
+    /// ladder's, not `empty_cache`'s. Once it ends, all of them are.
+    #[test]
+    fn a_c_capture_gives_nothing_back_to_the_driver() {
+        let (a, d) = sim("sim_memory:1GiB");
+        let (s, c) = (0x10, 0x20);
+        let p = a.malloc(30 << 20, 0, s).unwrap();
+        a.free(p, Some(0), s).unwrap();
+        d.set_capturing(c, true);
+        let q = a.malloc(100 << 20, 0, c).unwrap();
+        let e = a.malloc(1000 << 20, 0, c).unwrap_err();
+        assert_eq!(e.code, ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY);
+        a.empty_cache();
+        assert_eq!(d.counters().capture_violations, 0);
+        assert_eq!(d.counters().mem_frees, 0);
+        assert_eq!(a.stats(0).unwrap().reserved_bytes, 130 << 20);
+        d.set_capturing(c, false);
+        a.free(q, Some(0), c).unwrap();
+        let r = a.malloc(1000 << 20, 0, c).unwrap();
+        assert_eq!(d.counters().mem_frees, 2, "the ladder released both");
+        a.free(r, Some(0), c).unwrap();
+        a.empty_cache();
+        assert_eq!(a.stats(0).unwrap().reserved_bytes, 0);
         a.check_invariants().unwrap();
     }
 

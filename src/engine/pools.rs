@@ -106,7 +106,29 @@ fn show(id: PoolId) -> String {
 
 impl Device {
     /// Whether a capture may be under way on this device: then nothing goes
-    /// back to the driver, and no stream or event is asked. A pool routes
+    /// back to the driver, no idle segment moves between streams, and no
+    /// stream or event is asked. Either a pool's (PyTorch's graphs) or a
+    /// C/C++ one: once a capture was seen on the device (`capture_seen`),
+    /// one of its arenas' streams is capturing now. (A C/C++ capture on a
+    /// stream cudalloc has not served, or before a slow path saw it, is not
+    /// noticed: README.) Slow paths only: it may ask the driver
+    /// (`cuStreamIsCapturing`, legal during a capture). Call with `slow`
+    /// held.
+    pub(super) fn capture_underway(&self) -> bool {
+        self.pool_capture_underway()
+            || (self.core.capture_seen.load(Ordering::Relaxed)
+                && self.arena_list().iter().any(|a| {
+                    !a.pooled
+                        && matches!(
+                            self.core
+                                .driver
+                                .stream_is_capturing(self.core.index, a.stream),
+                            Ok(true)
+                        )
+                }))
+    }
+
+    /// Whether a pool's capture may be under way on this device. A pool routes
     /// (between `begin_pool` and `end_pool`) and either nothing was routed
     /// to it yet, or a stream something was routed on is capturing (or the
     /// driver will not say). So a routing whose capture failed before
@@ -114,10 +136,8 @@ impl Device {
     /// fails) holds nothing back once its streams stop capturing; one that
     /// failed before its first allocation does, until the process ends (see
     /// docs/PYTHON.md). Routing outside a capture (a thread's allocations
-    /// sent to a pool) holds back only until its first allocation. Slow
-    /// paths only: it may ask the driver (`cuStreamIsCapturing`, legal
-    /// during a capture). Call with `slow` held.
-    pub(super) fn capture_underway(&self) -> bool {
+    /// sent to a pool) holds back only until its first allocation.
+    fn pool_capture_underway(&self) -> bool {
         if !self.core.pools_routing() {
             return false;
         }

@@ -9,6 +9,7 @@
 //! - segments freed before an epoch event are released while their stream
 //!   is busy again (a training step's growth, with the GPU behind);
 //! - `record_stream` delays reuse until the other stream's work is done;
+//! - a global-mode graph capture survives growth, OOM and `empty_cache`;
 //! - OOM at the real capacity, with the diagnosis, then recovery.
 
 use cudalloc::conformance::{run_all, STREAMS};
@@ -230,6 +231,76 @@ fn record_stream_delays_reuse() {
     d.stream_synchronize(0, s2).unwrap();
     expect(q, 0x44, n);
     a.free(q, Some(0), s1).unwrap();
+    a.check_invariants().unwrap();
+}
+
+/// A C/C++ graph capture in global mode grows past another stream's idle
+/// segment too small for it, runs out of memory and calls `empty_cache`,
+/// and stays valid: no cuMemFree or synchronisation reaches the driver
+/// meanwhile (each would invalidate it). The graph then replays and writes
+/// the memory the capture got.
+#[test]
+#[ignore = "needs a GPU: scripts/gpu-check.sh"]
+fn a_global_capture_survives_growth_oom_and_empty_cache() {
+    let (a, d) = gpu();
+    let (_, total) = d.mem_info(0).unwrap();
+    let (s, c) = (d.stream_create(0).unwrap(), d.stream_create(0).unwrap());
+    let p = a.malloc(30 << 20, 0, s).unwrap();
+    memset(p, 0x11, 30 << 20, s);
+    a.free(p, Some(0), s).unwrap();
+    d.stream_synchronize(0, s).unwrap(); // s's segment is proven idle
+    let begin: unsafe extern "C" fn(cu::CUstream, c_int) -> cu::CUresult =
+        entry(c"cuStreamBeginCapture_v2");
+    let status: unsafe extern "C" fn(cu::CUstream, *mut c_int) -> cu::CUresult =
+        entry(c"cuStreamIsCapturing");
+    let end: unsafe extern "C" fn(cu::CUstream, *mut cu::CUgraph) -> cu::CUresult =
+        entry(c"cuStreamEndCapture");
+    let instantiate: unsafe extern "C" fn(*mut cu::CUgraphExec, cu::CUgraph, u64) -> cu::CUresult =
+        entry(c"cuGraphInstantiateWithFlags");
+    let launch: unsafe extern "C" fn(cu::CUgraphExec, cu::CUstream) -> cu::CUresult =
+        entry(c"cuGraphLaunch");
+    let exec_destroy: unsafe extern "C" fn(cu::CUgraphExec) -> cu::CUresult =
+        entry(c"cuGraphExecDestroy");
+    let graph_destroy: unsafe extern "C" fn(cu::CUgraph) -> cu::CUresult = entry(c"cuGraphDestroy");
+    let cs = c as usize as cu::CUstream;
+    let active = |after: &str| {
+        let mut st: c_int = -1;
+        // SAFETY: `cs` is a live stream; `st` is a valid out-pointer.
+        check(unsafe { status(cs, &mut st) });
+        assert_eq!(
+            st, 1,
+            "the capture is not active after {after} (2: invalidated)"
+        );
+    };
+    // SAFETY: `cs` is a live stream, not capturing; 0 is the global mode.
+    check(unsafe { begin(cs, 0) });
+    let q = a.malloc(100 << 20, 0, c).unwrap();
+    active("a growth past an idle segment too small for it");
+    memset(q, 0x22, 100 << 20, c);
+    let e = a.malloc(total - (256 << 20), 0, c).unwrap_err();
+    assert_eq!(e.code, ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY);
+    active("an OOM");
+    a.empty_cache();
+    active("empty_cache");
+    assert_eq!(a.stats(0).unwrap().reserved_bytes, 130 << 20);
+    let mut graph: cu::CUgraph = std::ptr::null_mut();
+    let mut exec: cu::CUgraphExec = std::ptr::null_mut();
+    // SAFETY: valid out-pointers; `cs` is capturing; the graph is live until destroyed.
+    unsafe {
+        check(end(cs, &mut graph));
+        check(instantiate(&mut exec, graph, 0));
+        check(launch(exec, cs));
+    }
+    d.stream_synchronize(0, c).unwrap();
+    expect(q, 0x22, 100 << 20);
+    // SAFETY: both were made above and are not used again.
+    unsafe {
+        check(exec_destroy(exec));
+        check(graph_destroy(graph));
+    }
+    a.free(q, Some(0), c).unwrap();
+    a.empty_cache();
+    assert_eq!(a.stats(0).unwrap().reserved_bytes, 0);
     a.check_invariants().unwrap();
 }
 

@@ -22,8 +22,10 @@
  *                                record (a GPU's event recorded a moment ago); default 0
  *   FAKE_CUDA_STREAM_BUSY=1      cuStreamQuery answers NOT_READY (work pending); by default
  *                                every stream is idle (the stand-in runs no work)
- * cuStreamQuery on a capturing stream is logged as CAPTURE_VIOLATION and fails with
- * CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: on a GPU it would invalidate the capture. An
+ * cuStreamQuery or cuStreamSynchronize on a capturing stream, and cuMemFree while any
+ * stream captures (it synchronises the context), are logged as CAPTURE_VIOLATION and
+ * fail with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: on a GPU they would invalidate the
+ * capture (the memory stays allocated). An
  * event recorded on a capturing stream is a node of the graph, not a record: querying
  * it fails with CUDA_ERROR_CAPTURED_EVENT, as on a GPU.
  * cuGetErrorString answers codes >= 1000 as the real driver answers unknown
@@ -235,6 +237,10 @@ CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n) {
 CUresult cuMemFree_v2(CUdeviceptr p) {
     ENTER("cuMemFree_v2");
     if (cur_dev < 0) LEAVE(INVALID_CONTEXT);
+    if (getenv("FAKE_CUDA_CAPTURING")) {
+        logf_("CAPTURE_VIOLATION cuMemFree_v2 ptr=0x%llx", p);
+        LEAVE(CAPTURE_UNSUPPORTED);
+    }
     for (int i = 0; i < nlive; i++) {
         if (live[i].p == p) {
             if (live[i].dev != cur_dev) logf_("WRONG_CTX cuMemFree_v2 ptr=0x%llx of device %d in ctx %d", p, live[i].dev, cur_dev);
@@ -327,6 +333,10 @@ CUresult cuEventDestroy_v2(CUevent e) {
 CUresult cuStreamSynchronize(CUstream s) {
     ENTER("cuStreamSynchronize");
     CHECK_STREAM("cuStreamSynchronize", s);
+    if (capturing(s)) {
+        logf_("CAPTURE_VIOLATION cuStreamSynchronize stream=%p", s);
+        LEAVE(CAPTURE_UNSUPPORTED);
+    }
     logf_("cuStreamSynchronize ctx=%d stream=%p", cur_dev, s);
     LEAVE(OK);
 }

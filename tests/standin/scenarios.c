@@ -1,7 +1,7 @@
 /* Scenarios for the libcuda stand-in (tests/cuda_standin.rs). Each prints
  * "ok <name>" and exits 0, or prints what went wrong and exits 1.
  * Usage: scenarios oom|multidev|deinit|capture|unknown_error|ctx_restore|fork|one_device|adopt|
- *        capture_other */
+ *        capture_other|capture_release */
 #define _POSIX_C_SOURCE 200809L /* unsetenv */
 #include "cudalloc.h"
 
@@ -99,9 +99,47 @@ static int capture(void) {
     if (cudalloc_get_stats(0, &st) != CUDALLOC_OK || st.pending_free_bytes != 4 * MiB)
         FAIL("quarantined bytes %llu", (unsigned long long)st.pending_free_bytes);
     cudalloc_free(q, 0, 0, s);
+    /* empty_cache during the capture releases nothing: cuMemFree would
+     * invalidate it, and the graph may use the quarantined blocks. */
+    cudalloc_empty_cache();
+    if (cudalloc_get_stats(0, &st) != CUDALLOC_OK || st.pending_free_bytes != 8 * MiB)
+        FAIL("empty_cache during the capture released %llu quarantined bytes",
+             8 * MiB - (unsigned long long)st.pending_free_bytes);
+    unsetenv("FAKE_CUDA_CAPTURING"); /* the capture ends */
     cudalloc_empty_cache();
     if (cudalloc_get_stats(0, &st) != CUDALLOC_OK || st.pending_free_bytes != 0 || st.reserved_bytes != 0)
         FAIL("empty_cache did not end the quarantine");
+    return 0;
+}
+
+/* A C/C++ capture on 0x7777 (FAKE_CUDA_CAPTURING set after 0x10's segment
+ * went idle) grows past that too-small idle segment, then asks for more than
+ * the device holds. cuMemFree and cuStreamSynchronize during the capture
+ * would invalidate it (the stand-in logs CAPTURE_VIOLATION): nothing goes
+ * back to the driver until the capture ends, and the OOM is a plain NULL.
+ * After the capture, the OOM ladder releases the idle memory again. */
+static int capture_release(void) {
+    void *c = (void *)0x7777;
+    void *p = cudalloc_malloc(30 * MiB, 0, (void *)0x10);
+    if (!p) FAIL("allocation on 0x10 failed");
+    cudalloc_free(p, 0, 0, (void *)0x10);
+    setenv("FAKE_CUDA_CAPTURING", "0x7777", 1);
+    void *q = cudalloc_malloc(100 * MiB, 0, c);
+    if (!q) FAIL("growth during the capture failed");
+    void *big = cudalloc_malloc(1000 * MiB, 0, c);
+    if (big) FAIL("1000 MiB during the capture fit in 1 GiB beside 130 MiB");
+    if (cudalloc_last_error() != CUDALLOC_ERR_OUT_OF_MEMORY) FAIL("code %d", cudalloc_last_error());
+    cudalloc_stats st;
+    if (cudalloc_get_stats(0, &st) != CUDALLOC_OK || st.reserved_bytes != 130 * MiB)
+        FAIL("reserved %llu during the capture", (unsigned long long)st.reserved_bytes);
+    unsetenv("FAKE_CUDA_CAPTURING");
+    cudalloc_free(q, 0, 0, c);
+    big = cudalloc_malloc(1000 * MiB, 0, c);
+    if (!big) FAIL("1000 MiB after the capture: the idle segments were not released");
+    cudalloc_free(big, 0, 0, c);
+    if (cudalloc_check_invariants() != 0) FAIL("invariants");
+    cudalloc_empty_cache();
+    if (cudalloc_get_stats(0, &st) != CUDALLOC_OK || st.reserved_bytes != 0) FAIL("not emptied");
     return 0;
 }
 
@@ -287,6 +325,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[1], "one_device")) r = one_device();
     else if (!strcmp(argv[1], "adopt")) r = adopt();
     else if (!strcmp(argv[1], "capture_other")) r = capture_other();
+    else if (!strcmp(argv[1], "capture_release")) r = capture_release();
     if (r == 0) printf("ok %s\n", argv[1]);
     return r;
 }
