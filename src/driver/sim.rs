@@ -21,7 +21,7 @@
 //!   event), or at a synchronisation; `stream_query` answers "not proven".
 //!   It stands for a GPU running behind the host, as a training loop's does.
 //! - **Faults** can be injected: the Nth driver allocation fails with OOM,
-//!   capacity can shrink mid-run, event calls can fail, the driver can report
+//!   capacity can shrink mid-run, event calls and frees can fail, the driver can report
 //!   itself deinitialised, and a stream can be marked as capturing (the
 //!   calls a GPU would take as invalidating the capture are counted).
 //! - **Counters** of every call are kept for tests ([`SimDriver::counters`]).
@@ -108,6 +108,7 @@ pub struct SimDriver {
     fail_alloc_at: AtomicU64,
     alloc_ordinal: AtomicU64,
     fail_events: AtomicBool,
+    fail_frees: AtomicBool,
     deinitialized: AtomicBool,
     capturing: Mutex<Vec<Stream>>,
     counters: Mutex<SimCounters>,
@@ -129,6 +130,7 @@ impl SimDriver {
             fail_alloc_at: AtomicU64::new(0),
             alloc_ordinal: AtomicU64::new(0),
             fail_events: AtomicBool::new(false),
+            fail_frees: AtomicBool::new(false),
             deinitialized: AtomicBool::new(false),
             capturing: Mutex::new(Vec::new()),
             counters: Mutex::new(SimCounters::default()),
@@ -155,6 +157,11 @@ impl SimDriver {
     /// Make every event call fail (`Other`), or work again.
     pub fn set_fail_events(&self, fail: bool) {
         self.fail_events.store(fail, Ordering::SeqCst);
+    }
+
+    /// Make every `mem_free` fail (`Other`, the memory kept), or work again.
+    pub fn set_fail_frees(&self, fail: bool) {
+        self.fail_frees.store(fail, Ordering::SeqCst);
     }
 
     /// Make every call report `Deinitialized`, as at process exit.
@@ -303,6 +310,12 @@ impl Driver for SimDriver {
         self.check(device)?;
         if !self.capturing.lock().is_empty() {
             self.counters.lock().capture_violations += 1;
+        }
+        if self.fail_frees.load(Ordering::Relaxed) {
+            return Err(DriverError::Other {
+                code: 999,
+                message: "injected free failure".into(),
+            });
         }
         let mut d = self.devices[device].lock();
         let Some((asked, take)) = d.live.remove(&ptr) else {

@@ -456,8 +456,10 @@ impl Device {
                 out
             };
             for d in detached {
-                released += d.size;
-                self.driver_free(d);
+                let size = d.size;
+                if self.driver_free(&arena, d) {
+                    released += size;
+                }
             }
         }
         if mode == Release::All {
@@ -466,17 +468,28 @@ impl Device {
         released
     }
 
-    fn driver_free(&self, d: Detached) {
+    /// Give segment `d`, detached from `arena`, back to the driver. Returns
+    /// whether it went. One the driver refuses to free is still allocated:
+    /// it goes back into `arena` as an idle segment, so nothing is lost and
+    /// `reserved` stays true (a later release tries again). After the
+    /// driver's shutdown the memory is gone with it.
+    fn driver_free(&self, arena: &Arena, d: Detached) -> bool {
         match self.core.driver.mem_free(self.core.index, d.base, d.size) {
-            Ok(()) | Err(DriverError::Deinitialized) => {}
-            Err(e) => tracing::warn!(
-                device = self.core.index,
-                "freeing a segment of {} bytes failed: {e}",
-                d.size
-            ),
+            Ok(()) | Err(DriverError::Deinitialized) => {
+                self.core.counters.reserved.sub(d.size);
+                self.core.counters.driver_frees.inc();
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    device = self.core.index,
+                    "freeing a segment of {} bytes failed: {e}; it stays cached",
+                    d.size
+                );
+                arena.inner.lock().attach(d);
+                false
+            }
         }
-        self.core.counters.reserved.sub(d.size);
-        self.core.counters.driver_frees.inc();
     }
 
     /// Take an idle segment of another stream, whose free is proven complete,
@@ -1668,6 +1681,31 @@ mod tests {
         a.free(r, Some(0), c).unwrap();
         a.empty_cache();
         assert_eq!(a.stats(0).unwrap().reserved_bytes, 0);
+        a.check_invariants().unwrap();
+    }
+
+    /// A segment the driver refuses to free stays cached: nothing is lost,
+    /// `reserved` stays true, the segment serves again, and a later release
+    /// frees it.
+    #[test]
+    fn a_refused_driver_free_keeps_the_segment() {
+        let (a, d) = sim("sim_memory:1GiB");
+        let p = a.malloc(30 << 20, 0, 0x10).unwrap();
+        a.free(p, Some(0), 0x10).unwrap();
+        d.set_fail_frees(true);
+        assert_eq!(a.empty_cache(), 0);
+        let st = a.stats(0).unwrap();
+        assert_eq!((st.reserved_bytes, st.num_driver_frees), (30 << 20, 0));
+        a.check_invariants().unwrap();
+        assert_eq!(
+            a.malloc(30 << 20, 0, 0x10).unwrap(),
+            p,
+            "served from the cache"
+        );
+        a.free(p, Some(0), 0x10).unwrap();
+        d.set_fail_frees(false);
+        assert_eq!(a.empty_cache(), 30 << 20);
+        assert_eq!((a.stats(0).unwrap().reserved_bytes, d.used(0)), (0, 0));
         a.check_invariants().unwrap();
     }
 

@@ -69,8 +69,10 @@ impl Allocator {
                 }
             };
             if let Some(d) = d {
-                released += d.size;
-                dev.driver_free(d);
+                let size = d.size;
+                if dev.driver_free(a, d) {
+                    released += size;
+                }
             }
         }
         released
