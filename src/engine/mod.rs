@@ -71,7 +71,9 @@ pub(crate) struct DeviceCore {
     /// when its size is at most this (large-pool blocks serve larger requests).
     pub small_max: u64,
     /// Set once a slow path saw a stream capturing a graph; from then on each
-    /// free asks the driver whether its stream is capturing (quarantine).
+    /// free asks the driver whether its stream is capturing (quarantine),
+    /// and the slow paths ask every arena's stream before giving memory
+    /// back or moving it between streams (`Device::capture_underway`).
     pub capture_seen: AtomicBool,
     /// Pools routing allocations now (`pools.rs`). The fast paths' cheap
     /// test of a capture under way: while nonzero, they ask no event and a
