@@ -356,6 +356,21 @@ fn a_capture_grows_and_ooms_without_freeing_or_synchronising() {
     assert!(r.log.contains("cuMemFree_v2"), "{}", tail(&r.log));
 }
 
+/// The legacy stream while another stream captures: the driver answers
+/// "implicit" to cuStreamIsCapturing, and cudalloc takes it as capturing, so
+/// `empty_cache` neither synchronises it nor frees until the capture ends.
+#[test]
+fn the_legacy_stream_counts_as_capturing_while_another_stream_captures() {
+    let r = scenario("capture_legacy", &[]);
+    assert!(!r.log.contains("CAPTURE_VIOLATION"), "{}", tail(&r.log));
+    assert!(
+        r.log
+            .contains("cuStreamIsCapturing ctx=0 stream=(nil) IMPLICIT"),
+        "{}",
+        tail(&r.log)
+    );
+}
+
 /// On a GPU an event recorded a moment ago is usually not complete yet.
 /// cudalloc proves an idle segment's free by the stream's own state first
 /// (`cuStreamQuery`), so another stream adopts the segment on its first slow

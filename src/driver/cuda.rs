@@ -92,6 +92,7 @@ const OUT_OF_MEMORY: Raw = cu::CUresult::CUDA_ERROR_OUT_OF_MEMORY as Raw;
 const NOT_INITIALIZED: Raw = cu::CUresult::CUDA_ERROR_NOT_INITIALIZED as Raw;
 const DEINITIALIZED: Raw = cu::CUresult::CUDA_ERROR_DEINITIALIZED as Raw;
 const NOT_READY: Raw = cu::CUresult::CUDA_ERROR_NOT_READY as Raw;
+const CAPTURE_IMPLICIT: Raw = cu::CUresult::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT as Raw;
 const CAPTURE_STATUS_NONE: u32 = cu::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE as u32;
 const CAPTURE_MODE_RELAXED: u32 = cu::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED as u32;
 
@@ -290,6 +291,23 @@ impl CudaDriver {
         Ok(CudaDriver { api, devices })
     }
 
+    /// Run the driver call `f` with this thread in relaxed capture mode,
+    /// then restore its mode. cuMemAlloc and cuMemGetInfo are "potentially
+    /// unsafe" calls: in global mode, during a capture, they would fail and
+    /// invalidate it. Relaxed mode permits them (PyTorch's allocator does the
+    /// same for cudaMalloc).
+    fn relaxed(&self, f: impl FnOnce() -> Raw) -> DriverResult<()> {
+        let mut mode = CAPTURE_MODE_RELAXED;
+        // SAFETY: `mode` is a valid in/out pointer; the old mode comes back in it.
+        let swapped = unsafe { (self.api.exchange_capture_mode)(&mut mode) } == SUCCESS;
+        let r = self.api.check(f());
+        if swapped {
+            // SAFETY: restores the mode this thread had before.
+            unsafe { (self.api.exchange_capture_mode)(&mut mode) };
+        }
+        r
+    }
+
     /// Make `device`'s primary context current on this thread until the
     /// returned guard drops, which puts the caller's context back.
     fn enter(&self, device: usize) -> DriverResult<CtxGuard<'_>> {
@@ -342,19 +360,10 @@ impl Driver for CudaDriver {
 
     fn mem_alloc(&self, device: usize, size: u64) -> DriverResult<u64> {
         let _ctx = self.enter(device)?;
-        let mut mode = CAPTURE_MODE_RELAXED;
-        // SAFETY: `mode` is a valid in/out pointer; the old mode comes back in it.
-        let swapped = unsafe { (self.api.exchange_capture_mode)(&mut mode) } == SUCCESS;
         let mut ptr: cu::CUdeviceptr = 0;
         // SAFETY: `ptr` is a valid out-pointer; the context is current.
-        let r = self
-            .api
-            .check(unsafe { (self.api.mem_alloc)(&mut ptr, size as usize) });
-        if swapped {
-            // SAFETY: restores the mode this thread had before.
-            unsafe { (self.api.exchange_capture_mode)(&mut mode) };
-        }
-        r.map(|()| ptr)
+        self.relaxed(|| unsafe { (self.api.mem_alloc)(&mut ptr, size as usize) })
+            .map(|()| ptr)
     }
 
     fn mem_free(&self, device: usize, ptr: u64, _size: u64) -> DriverResult<()> {
@@ -367,8 +376,7 @@ impl Driver for CudaDriver {
         let _ctx = self.enter(device)?;
         let (mut free, mut total) = (0usize, 0usize);
         // SAFETY: both are valid out-pointers; the context is current.
-        self.api
-            .check(unsafe { (self.api.mem_get_info)(&mut free, &mut total) })?;
+        self.relaxed(|| unsafe { (self.api.mem_get_info)(&mut free, &mut total) })?;
         Ok((free as u64, total as u64))
     }
 
@@ -433,8 +441,13 @@ impl Driver for CudaDriver {
         let _ctx = self.enter(device)?;
         let mut status = CAPTURE_STATUS_NONE;
         // SAFETY: `status` is a valid out-pointer; `s` is a valid stream.
-        self.api
-            .check(unsafe { (self.api.stream_is_capturing)(stream(s), &mut status) })?;
+        let r = unsafe { (self.api.stream_is_capturing)(stream(s), &mut status) };
+        if r == CAPTURE_IMPLICIT {
+            // The legacy stream while a blocking stream captures: using it now
+            // would join that capture, so it counts as capturing.
+            return Ok(true);
+        }
+        self.api.check(r)?;
         // Active or invalidated, or a status this build does not know: capturing
         // (the cautious answer: frees are quarantined, nothing is reused).
         Ok(status != CAPTURE_STATUS_NONE)

@@ -184,6 +184,13 @@ impl Arena {
 }
 
 impl ArenaInner {
+    /// Whether this arena holds any segment. Only then may its stream be
+    /// handed to the driver unasked: a program may destroy a stream once
+    /// its blocks are freed and `empty_cache` emptied its arena (README).
+    pub fn holds_memory(&self) -> bool {
+        self.segs.len() > self.seg_vacant.len()
+    }
+
     pub fn seg(&self, s: u32) -> &Segment {
         self.segs[s as usize].as_ref().expect("segment slot in use")
     }
@@ -572,14 +579,26 @@ impl ArenaInner {
     }
 
     /// The free of a block used on other streams (`record_stream`): it waits
-    /// for their work; during a capture no event or synchronisation is made
-    /// now (pools.rs), the events are recorded when the capture ends.
+    /// for their work; during a pool's capture no event or synchronisation
+    /// is made now (pools.rs), the events are recorded when the capture
+    /// ends. A block used on a stream capturing outside a pool (C/C++) is in
+    /// that graph, which may replay it: it is quarantined until
+    /// `empty_cache`, as a block freed on a capturing stream is (an event
+    /// recorded there would be a node of the graph, and a synchronisation
+    /// would invalidate the capture).
     #[cold]
     #[inline(never)]
     fn free_recorded(&mut self, block: u32, streams: Vec<Stream>, dev: &DeviceCore) {
         if dev.pools_routing() {
             self.blocks.get_mut(block).state = BlockState::Pending;
             self.deferred.push((block, streams));
+        } else if streams
+            .iter()
+            .any(|&s| matches!(dev.driver.stream_is_capturing(dev.index, s), Ok(true)))
+        {
+            dev.capture_seen.store(true, Ordering::Relaxed);
+            self.blocks.get_mut(block).state = BlockState::Pending;
+            self.quarantined.push(block);
         } else {
             self.wait_for_streams(block, &streams, dev);
         }

@@ -29,9 +29,11 @@
 //!   `empty_cache` (a simple, documented policy for C and C++ captures).
 //!   Until a slow path (or an epoch event's `cuStreamIsCapturing`, once per
 //!   8 segments made idle) first sees a capturing stream, frees do not ask.
-//!   While an arena's stream captures, nothing goes back to the driver and
-//!   no segment changes streams (`Device::capture_underway`): cuMemFree
-//!   synchronises the context, which would invalidate the capture.
+//!   While the stream asking, or any stream an arena holds memory for,
+//!   captures, nothing goes back to the driver and no segment changes
+//!   streams (`Device::capture_underway`): cuMemFree synchronises the
+//!   context, which would invalidate the capture. A `record_stream` free
+//!   onto a capturing stream is quarantined too.
 //!   PyTorch's captures get private pools instead (`pools.rs`,
 //!   `graph_pools:on`).
 
@@ -70,10 +72,10 @@ pub(crate) struct DeviceCore {
     /// The policy's `small_max`: a live block is in the small pool exactly
     /// when its size is at most this (large-pool blocks serve larger requests).
     pub small_max: u64,
-    /// Set once a slow path saw a stream capturing a graph; from then on each
-    /// free asks the driver whether its stream is capturing (quarantine),
-    /// and the slow paths ask every arena's stream before giving memory
-    /// back or moving it between streams (`Device::capture_underway`).
+    /// Set once a capture was seen outside a pool (a slow path's stream, an
+    /// arena's stream in `Device::capture_underway`, or a `record_stream`
+    /// free's): from then on each free asks the driver whether its stream
+    /// is capturing (quarantine), and no epoch event is recorded.
     pub capture_seen: AtomicBool,
     /// Pools routing allocations now (`pools.rs`). The fast paths' cheap
     /// test of a capture under way: while nonzero, they ask no event and a
@@ -126,6 +128,18 @@ enum Release {
 /// request of `rounded` bytes from `pool`.
 fn useless(seg_pool: Pool, seg_size: u64, pool: Pool, rounded: u64, policy: &Policy) -> bool {
     seg_pool == pool && (seg_size < rounded || !policy.may_serve(pool, seg_size, seg_size, rounded))
+}
+
+/// A slow path's request, as `try_serve` is asked it again and again.
+#[derive(Clone, Copy)]
+struct Want {
+    pool: Pool,
+    /// The segment a growth asks the driver for.
+    seg_size: u64,
+    rounded: u64,
+    size: u64,
+    /// The stream asking is capturing a graph: adopt nothing, release nothing.
+    hold: bool,
 }
 
 /// Subtract `base`'s accumulated counters from `s`'s (every `num_*` count
@@ -709,15 +723,17 @@ impl Allocator {
         // A pool's capture needs no quarantine (pools.rs): seeing it must not
         // make every later free ask the driver whether its stream captures.
         // A C/C++ capture is asked for on every slow path, seen before or
-        // not: seeing it keeps this one's growth and OOM ladder from giving
-        // memory back to the driver (`capture_underway`).
-        if !arena.pooled
+        // not: while it runs, this slow path gives nothing back to the
+        // driver (cuMemFree would invalidate it) and takes no other stream's
+        // segment. (Its arena may hold nothing yet, so `capture_underway`,
+        // which asks the other streams, cannot tell.)
+        let capturing = !arena.pooled
             && matches!(
                 self.driver
                     .stream_is_capturing(dev.core.index, arena.stream),
                 Ok(true)
-            )
-        {
+            );
+        if capturing {
             dev.core.capture_seen.store(true, Ordering::Relaxed);
         }
         if seg_size > dev.limit() || seg_size > dev.total() {
@@ -729,23 +745,32 @@ impl Allocator {
                 "the request is larger than the device or its limit",
             ));
         }
+        let want = Want {
+            pool,
+            seg_size,
+            rounded,
+            size,
+            hold: capturing,
+        };
         let mut slow = dev.slow.lock();
-        match self.try_serve(dev, arena, pool, seg_size, rounded, size) {
+        match self.try_serve(dev, arena, &want) {
             Ok(p) => return Ok(p),
             Err(e) if e.code != ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY => return Err(e),
             Err(_) => {}
         }
         dev.core.counters.alloc_retries.inc();
-        for mode in [Release::Completed, Release::All] {
-            let freed = dev.release_idle(mode);
-            tracing::debug!(
-                device = dev.core.index,
-                ?mode,
-                freed,
-                "OOM ladder: released idle segments"
-            );
-            if let Ok(p) = self.try_serve(dev, arena, pool, seg_size, rounded, size) {
-                return Ok(p);
+        if !capturing {
+            for mode in [Release::Completed, Release::All] {
+                let freed = dev.release_idle(mode);
+                tracing::debug!(
+                    device = dev.core.index,
+                    ?mode,
+                    freed,
+                    "OOM ladder: released idle segments"
+                );
+                if let Ok(p) = self.try_serve(dev, arena, &want) {
+                    return Ok(p);
+                }
             }
         }
         // Callbacks may free memory (and so take arena locks): run them unlocked.
@@ -754,8 +779,10 @@ impl Allocator {
             cb(dev.core.index, size);
         }
         slow = dev.slow.lock();
-        dev.release_idle(Release::All);
-        let last = self.try_serve(dev, arena, pool, seg_size, rounded, size);
+        if !capturing {
+            dev.release_idle(Release::All);
+        }
+        let last = self.try_serve(dev, arena, &want);
         drop(slow);
         last.map_err(|e| {
             if e.code == ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY {
@@ -767,15 +794,14 @@ impl Allocator {
     }
 
     /// Own arena, then adoption, then the driver. Call with `slow` held.
-    fn try_serve(
-        &self,
-        dev: &Device,
-        arena: &Arena,
-        pool: Pool,
-        seg_size: u64,
-        rounded: u64,
-        size: u64,
-    ) -> Result<u64> {
+    fn try_serve(&self, dev: &Device, arena: &Arena, want: &Want) -> Result<u64> {
+        let Want {
+            pool,
+            seg_size,
+            rounded,
+            size,
+            hold,
+        } = *want;
         {
             let mut a = arena.inner.lock();
             a.flush_stash();
@@ -788,7 +814,8 @@ impl Allocator {
         // A pool's memory comes only from the driver, and proving another
         // stream's segment free (stream and event queries) is illegal during
         // a capture (pools.rs).
-        let adopted = if arena.pooled || dev.capture_underway() {
+        let hold = hold || dev.capture_underway();
+        let adopted = if arena.pooled || hold {
             None
         } else {
             dev.adopt(arena, pool, rounded, &self.policy)
@@ -804,11 +831,13 @@ impl Allocator {
         // About to grow: first give back idle segments of this pool that cannot
         // serve the request (too small, or whole-handed and far too big under
         // huge_split:off): they would only sit in the cache.
-        dev.release_idle(Release::Useless {
-            pool,
-            rounded,
-            policy: self.policy,
-        });
+        if !hold {
+            dev.release_idle(Release::Useless {
+                pool,
+                rounded,
+                policy: self.policy,
+            });
+        }
         let reserved = dev.core.counters.reserved.current();
         if reserved.saturating_add(seg_size) > dev.limit() {
             return Err(Error::new(
@@ -1683,6 +1712,62 @@ mod tests {
         a.free(r, Some(0), c).unwrap();
         a.empty_cache();
         assert_eq!(a.stats(0).unwrap().reserved_bytes, 0);
+        a.check_invariants().unwrap();
+    }
+
+    /// A capture served from the cache alone (warmed up first, the usual
+    /// pattern) never reaches a slow path on its stream. It is still seen:
+    /// `empty_cache`, another stream's growth and the pressure sampler's
+    /// trim give nothing back and synchronise nothing meanwhile.
+    #[test]
+    fn a_capture_served_from_the_cache_alone_is_still_seen() {
+        let (a, d) = sim("sim_memory:200MiB");
+        let (s, c, t) = (0x10, 0x20, 0x30);
+        let warm: Vec<u64> = (0..2).map(|_| a.malloc(30 << 20, 0, c).unwrap()).collect();
+        free_all(&a, c, &warm);
+        let p = a.malloc(30 << 20, 0, s).unwrap();
+        d.set_capturing(c, true);
+        let q = a.malloc(30 << 20, 0, c).unwrap(); // a cache hit
+        a.free(p, Some(0), s).unwrap();
+        let before = d.counters();
+        assert_eq!(a.empty_cache(), 0);
+        let r = a.malloc(100 << 20, 0, t).unwrap(); // s's idle 30 MiB is too small
+        a.observer().tick(&a);
+        let after = d.counters();
+        assert_eq!(after.capture_violations, 0);
+        assert_eq!(after.mem_frees, before.mem_frees);
+        assert_eq!(after.stream_syncs, before.stream_syncs);
+        assert_eq!(after.mem_info_calls, before.mem_info_calls);
+        d.set_capturing(c, false);
+        for (x, st) in [(q, c), (r, t)] {
+            a.free(x, Some(0), st).unwrap();
+        }
+        a.empty_cache();
+        assert_eq!(a.stats(0).unwrap().reserved_bytes, 0);
+        a.check_invariants().unwrap();
+    }
+
+    /// A block `record_stream`ed onto a stream capturing a C/C++ graph is in
+    /// that graph, which may replay it: its free records no event there
+    /// (it would be a node of the graph) and quarantines it until the first
+    /// `empty_cache` after the capture.
+    #[test]
+    fn a_block_used_by_a_capture_is_quarantined_at_its_free() {
+        let (a, d) = sim("sim_memory:1GiB");
+        let (s, c) = (0x10, 0x20);
+        let p = a.malloc(4096, 0, s).unwrap();
+        a.record_stream(p, c).unwrap();
+        d.set_capturing(c, true);
+        let before = d.counters();
+        a.free(p, Some(0), s).unwrap();
+        let after = d.counters();
+        assert_eq!(after.event_records, before.event_records);
+        assert_eq!(after.capture_violations, 0);
+        assert_eq!(a.stats(0).unwrap().pending_free_bytes, 4096);
+        assert_ne!(a.malloc(4096, 0, s).unwrap(), p, "not reused");
+        d.set_capturing(c, false);
+        a.empty_cache();
+        assert_eq!(a.stats(0).unwrap().pending_free_bytes, 0);
         a.check_invariants().unwrap();
     }
 

@@ -108,24 +108,32 @@ impl Device {
     /// Whether a capture may be under way on this device: then nothing goes
     /// back to the driver, no idle segment moves between streams, and no
     /// stream or event is asked. Either a pool's (PyTorch's graphs) or a
-    /// C/C++ one: once a capture was seen on the device (`capture_seen`),
-    /// one of its arenas' streams is capturing now. (A C/C++ capture on a
-    /// stream cudalloc has not served, or before a slow path saw it, is not
-    /// noticed: README.) Slow paths only: it may ask the driver
-    /// (`cuStreamIsCapturing`, legal during a capture). Call with `slow`
-    /// held.
+    /// C/C++ one: a stream cudalloc holds memory for (one of the device's
+    /// arenas', not emptied) is capturing now, or is the legacy stream while another captures
+    /// (`cuStreamIsCapturing` answers "implicit"). Finding one also sets
+    /// `capture_seen`, so that frees on capturing streams are quarantined
+    /// from then on. (A C/C++ capture on a stream cudalloc has not served is
+    /// not noticed: README.) Slow paths only: it asks the driver once per
+    /// arena (`cuStreamIsCapturing`, legal during a capture). Call with
+    /// `slow` held.
     pub(super) fn capture_underway(&self) -> bool {
-        self.pool_capture_underway()
-            || (self.core.capture_seen.load(Ordering::Relaxed)
-                && self.arena_list().iter().any(|a| {
-                    !a.pooled
-                        && matches!(
-                            self.core
-                                .driver
-                                .stream_is_capturing(self.core.index, a.stream),
-                            Ok(true)
-                        )
-                }))
+        if self.pool_capture_underway() {
+            return true;
+        }
+        let found = self.arena_list().iter().any(|a| {
+            !a.pooled
+                && a.inner.lock().holds_memory()
+                && matches!(
+                    self.core
+                        .driver
+                        .stream_is_capturing(self.core.index, a.stream),
+                    Ok(true)
+                )
+        });
+        if found {
+            self.core.capture_seen.store(true, Ordering::Relaxed);
+        }
+        found
     }
 
     /// Whether a pool's capture may be under way on this device. A pool routes

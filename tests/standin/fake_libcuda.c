@@ -22,10 +22,14 @@
  *                                record (a GPU's event recorded a moment ago); default 0
  *   FAKE_CUDA_STREAM_BUSY=1      cuStreamQuery answers NOT_READY (work pending); by default
  *                                every stream is idle (the stand-in runs no work)
- * cuStreamQuery or cuStreamSynchronize on a capturing stream, and cuMemFree while any
- * stream captures (it synchronises the context), are logged as CAPTURE_VIOLATION and
- * fail with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: on a GPU they would invalidate the
- * capture (the memory stays allocated). An
+ * cuStreamQuery or cuStreamSynchronize on a capturing stream, cuMemFree while any
+ * stream captures (it synchronises the context), cuMemGetInfo then outside relaxed
+ * mode, and cuStreamQuery, cuStreamSynchronize or cuEventRecord on the legacy stream
+ * (NULL or CU_STREAM_LEGACY) while another stream captures are logged as
+ * CAPTURE_VIOLATION and fail (CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, or _IMPLICIT for
+ * the legacy stream): on a GPU they would invalidate the capture (the memory stays
+ * allocated). cuStreamIsCapturing on the legacy stream then answers
+ * CUDA_ERROR_STREAM_CAPTURE_IMPLICIT, as a GPU's driver does. An
  * event recorded on a capturing stream is a node of the graph, not a record: querying
  * it fails with CUDA_ERROR_CAPTURED_EVENT, as on a GPU.
  * cuGetErrorString answers codes >= 1000 as the real driver answers unknown
@@ -61,6 +65,7 @@ enum {
     INVALID_HANDLE = 400,
     NOT_READY = 600,
     CAPTURE_UNSUPPORTED = 900,
+    CAPTURE_IMPLICIT = 906,
     CAPTURED_EVENT = 907,
 };
 
@@ -131,6 +136,19 @@ static int capturing(CUstream s) {
     const char *c = getenv("FAKE_CUDA_CAPTURING");
     return c && (uintptr_t)strtoull(c, NULL, 0) == (uintptr_t)s;
 }
+
+/* The legacy stream while another stream captures (the stand-in's capturing
+ * stream counts as a blocking one): using it would join the capture. */
+static int legacy_blocked(CUstream s) {
+    return ((uintptr_t)s == 0 || (uintptr_t)s == 1) && getenv("FAKE_CUDA_CAPTURING") && !capturing(s);
+}
+
+/* Call with the lock held. */
+#define CHECK_LEGACY(name, s)                                            \
+    if (legacy_blocked(s)) {                                             \
+        logf_("CAPTURE_VIOLATION %s on the legacy stream", name);       \
+        LEAVE(CAPTURE_IMPLICIT);                                         \
+    }
 
 #define MAX_STREAMS 1024
 static CUstream created[MAX_STREAMS]; /* live streams of cuStreamCreate */
@@ -257,6 +275,10 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
 CUresult cuMemGetInfo_v2(size_t *free_, size_t *total) {
     ENTER("cuMemGetInfo_v2");
     if (cur_dev < 0) LEAVE(INVALID_CONTEXT);
+    if (getenv("FAKE_CUDA_CAPTURING") && capture_mode != 2) {
+        logf_("CAPTURE_VIOLATION cuMemGetInfo_v2 mode=%d", capture_mode);
+        LEAVE(CAPTURE_UNSUPPORTED);
+    }
     logf_("cuMemGetInfo_v2 ctx=%d", cur_dev);
     *free_ = capacity - used[cur_dev];
     *total = capacity;
@@ -285,6 +307,7 @@ static struct {
 CUresult cuEventRecord(CUevent e, CUstream s) {
     ENTER("cuEventRecord");
     CHECK_STREAM("cuEventRecord", s);
+    CHECK_LEGACY("cuEventRecord", s);
     if ((int)((uintptr_t)e & 0xff) != cur_dev) logf_("WRONG_CTX cuEventRecord event of device %d in ctx %d", (int)((uintptr_t)e & 0xff), cur_dev);
     logf_("cuEventRecord ctx=%d stream=%p", cur_dev, s);
     const char *lag = getenv("FAKE_CUDA_EVENT_LAG");
@@ -333,6 +356,7 @@ CUresult cuEventDestroy_v2(CUevent e) {
 CUresult cuStreamSynchronize(CUstream s) {
     ENTER("cuStreamSynchronize");
     CHECK_STREAM("cuStreamSynchronize", s);
+    CHECK_LEGACY("cuStreamSynchronize", s);
     if (capturing(s)) {
         logf_("CAPTURE_VIOLATION cuStreamSynchronize stream=%p", s);
         LEAVE(CAPTURE_UNSUPPORTED);
@@ -344,6 +368,7 @@ CUresult cuStreamSynchronize(CUstream s) {
 CUresult cuStreamQuery(CUstream s) {
     ENTER("cuStreamQuery");
     CHECK_STREAM("cuStreamQuery", s);
+    CHECK_LEGACY("cuStreamQuery", s);
     if (capturing(s)) {
         logf_("CAPTURE_VIOLATION cuStreamQuery stream=%p", s);
         LEAVE(CAPTURE_UNSUPPORTED);
@@ -356,6 +381,10 @@ CUresult cuStreamQuery(CUstream s) {
 CUresult cuStreamIsCapturing(CUstream s, int *status) {
     ENTER("cuStreamIsCapturing");
     CHECK_STREAM("cuStreamIsCapturing", s);
+    if (legacy_blocked(s)) {
+        logf_("cuStreamIsCapturing ctx=%d stream=%p IMPLICIT", cur_dev, s);
+        LEAVE(CAPTURE_IMPLICIT);
+    }
     *status = capturing(s) ? 1 : 0;
     logf_("cuStreamIsCapturing ctx=%d stream=%p %d", cur_dev, s, *status);
     LEAVE(OK);

@@ -1,7 +1,7 @@
 /* Scenarios for the libcuda stand-in (tests/cuda_standin.rs). Each prints
  * "ok <name>" and exits 0, or prints what went wrong and exits 1.
  * Usage: scenarios oom|multidev|deinit|capture|unknown_error|ctx_restore|fork|one_device|adopt|
- *        capture_other|capture_release */
+ *        capture_other|capture_release|capture_legacy */
 #define _POSIX_C_SOURCE 200809L /* unsetenv */
 #include "cudalloc.h"
 
@@ -195,6 +195,28 @@ static int capture_other(void) {
     return 0;
 }
 
+/* The legacy stream (NULL) holds an idle segment when a capture begins on
+ * 0x7777, a stream cudalloc never served (another thread's, say). Asked about
+ * the legacy stream then, the driver answers CUDA_ERROR_STREAM_CAPTURE_IMPLICIT:
+ * cudalloc takes that as capturing, so empty_cache neither synchronises the
+ * legacy stream nor frees (either would invalidate the capture). */
+static int capture_legacy(void) {
+    void *p = cudalloc_malloc(4 * MiB, 0, NULL);
+    if (!p) FAIL("allocation on the legacy stream failed");
+    cudalloc_free(p, 0, 0, NULL);
+    cudalloc_stats before, st;
+    if (cudalloc_get_stats(0, &before) != CUDALLOC_OK || before.reserved_bytes == 0) FAIL("stats");
+    setenv("FAKE_CUDA_CAPTURING", "0x7777", 1);
+    cudalloc_empty_cache();
+    if (cudalloc_get_stats(0, &st) != CUDALLOC_OK || st.reserved_bytes != before.reserved_bytes)
+        FAIL("empty_cache during the capture released %llu bytes",
+             (unsigned long long)(before.reserved_bytes - st.reserved_bytes));
+    unsetenv("FAKE_CUDA_CAPTURING");
+    cudalloc_empty_cache();
+    if (cudalloc_get_stats(0, &st) != CUDALLOC_OK || st.reserved_bytes != 0) FAIL("not emptied");
+    return 0;
+}
+
 /* FAKE_CUDA_ALLOC_ERROR holds a CUresult no CUDA release defines: the
  * allocation fails with a driver error naming the number, and once the
  * driver stops failing, service resumes. */
@@ -326,6 +348,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[1], "adopt")) r = adopt();
     else if (!strcmp(argv[1], "capture_other")) r = capture_other();
     else if (!strcmp(argv[1], "capture_release")) r = capture_release();
+    else if (!strcmp(argv[1], "capture_legacy")) r = capture_legacy();
     if (r == 0) printf("ok %s\n", argv[1]);
     return r;
 }
