@@ -422,7 +422,9 @@ int cudalloc_last_error(void);
 
 /**
  * The calling thread's last error message, never NULL. Owned by cudalloc;
- * valid until this thread's next cudalloc call.
+ * valid until this thread's next cudalloc call. (Once the thread's exit has
+ * torn down its thread-locals, as at process exit, it is the code's
+ * description.)
  */
 const char *cudalloc_last_error_message(void);
 

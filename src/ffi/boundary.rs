@@ -5,7 +5,7 @@
 //! [`PanicDefault`] (NULL, an error code, or nothing). Nothing unwinds into C.
 
 use crate::error::{Error, ErrorCode};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ffi::CString;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -55,35 +55,36 @@ impl PanicDefault for usize {
     }
 }
 
-struct LastError {
-    code: ErrorCode,
-    message: CString,
-}
-
 thread_local! {
-    static LAST: RefCell<LastError> = RefCell::new(LastError { code: ErrorCode::CUDALLOC_OK, message: CString::default() });
+    /// The code of the thread's last call. No destructor, so it works during
+    /// the thread's exit and the process's (glibc tears the main thread's
+    /// thread-locals down before the atexit handlers run) too.
+    static CODE: Cell<ErrorCode> = const { Cell::new(ErrorCode::CUDALLOC_OK) };
+    /// Its message (empty: the code's description). This one has a
+    /// destructor: once torn down, the code's description stands in.
+    static MESSAGE: RefCell<CString> = RefCell::new(CString::default());
 }
 
 /// Record the outcome of the current call for `cudalloc_last_error*`.
-/// Safe to call during thread exit (it then does nothing).
+/// Safe to call during thread exit (the message then is the code's
+/// description).
 pub fn set_last(code: ErrorCode, message: &str) {
-    let _ = LAST.try_with(|l| {
-        if let Ok(mut l) = l.try_borrow_mut() {
-            l.code = code;
-            l.message = CString::new(message.replace('\0', " ")).unwrap_or_default();
+    CODE.set(code);
+    let _ = MESSAGE.try_with(|m| {
+        if let Ok(mut m) = m.try_borrow_mut() {
+            *m = CString::new(message.replace('\0', " ")).unwrap_or_default();
         }
     });
 }
 
 pub fn set_ok() {
-    let _ = LAST.try_with(|l| {
-        if let Ok(mut l) = l.try_borrow_mut() {
-            if l.code != ErrorCode::CUDALLOC_OK {
-                l.code = ErrorCode::CUDALLOC_OK;
-                l.message = CString::default();
+    if CODE.replace(ErrorCode::CUDALLOC_OK) != ErrorCode::CUDALLOC_OK {
+        let _ = MESSAGE.try_with(|m| {
+            if let Ok(mut m) = m.try_borrow_mut() {
+                *m = CString::default();
             }
-        }
-    });
+        });
+    }
 }
 
 pub fn set_error(e: &Error) -> i32 {
@@ -92,34 +93,31 @@ pub fn set_error(e: &Error) -> i32 {
 }
 
 pub fn last_code() -> ErrorCode {
-    LAST.try_with(|l| {
-        l.try_borrow()
-            .map(|l| l.code)
-            .unwrap_or(ErrorCode::CUDALLOC_OK)
-    })
-    .unwrap_or(ErrorCode::CUDALLOC_OK)
+    CODE.get()
 }
 
 /// The thread's last error message, copied (empty when none).
 pub fn last_message() -> String {
-    LAST.try_with(|l| {
-        l.try_borrow()
-            .map(|l| l.message.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    })
-    .unwrap_or_default()
+    MESSAGE
+        .try_with(|m| {
+            m.try_borrow()
+                .map(|m| m.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
+        .unwrap_or_default()
 }
 
-/// Pointer to the thread's last message; valid until the thread's next cudalloc call.
+/// Pointer to the thread's last message, or the last code's description
+/// when it has none; valid until the thread's next cudalloc call.
 pub fn last_message_ptr() -> *const libc::c_char {
-    LAST.try_with(|l| match l.try_borrow() {
-        Ok(l) if !l.message.as_bytes().is_empty() => l.message.as_ptr(),
-        _ => l
-            .try_borrow()
-            .map(|l| l.code.description().as_ptr() as *const libc::c_char)
-            .unwrap_or(std::ptr::null()),
-    })
-    .unwrap_or(c"".as_ptr())
+    let own = MESSAGE.try_with(|m| match m.try_borrow() {
+        Ok(m) if !m.as_bytes().is_empty() => Some(m.as_ptr()),
+        _ => None,
+    });
+    match own {
+        Ok(Some(p)) => p,
+        _ => CODE.get().description().as_ptr() as *const libc::c_char,
+    }
 }
 
 /// Run an export's body, catching any panic.

@@ -549,7 +549,9 @@ pub extern "C" fn cudalloc_last_error() -> c_int {
 }
 
 /// The calling thread's last error message, never NULL. Owned by cudalloc;
-/// valid until this thread's next cudalloc call.
+/// valid until this thread's next cudalloc call. (Once the thread's exit has
+/// torn down its thread-locals, as at process exit, it is the code's
+/// description.)
 #[no_mangle]
 pub extern "C" fn cudalloc_last_error_message() -> *const c_char {
     guard("cudalloc_last_error_message", boundary::last_message_ptr)

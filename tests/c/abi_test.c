@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static int passed = 0;
 
@@ -63,8 +64,24 @@ static size_t fill_and_free(int device, void *stream, size_t chunk) {
     return n;
 }
 
+/* A call during process exit (from an atexit handler: glibc has torn down the
+ * main thread's thread-locals by then, and cudalloc's exit hook has run) fails
+ * cleanly, and the last error says why. */
+static void at_exit_call(void) {
+    void *p = cudalloc_malloc(1000, 0, NULL);
+    int code = cudalloc_last_error();
+    const char *m = cudalloc_last_error_message();
+    if (p != NULL || code == CUDALLOC_OK || m == NULL || m[0] == '\0') {
+        fprintf(stderr, "FAIL: malloc during exit gave %p, last error %d \"%s\"\n", p, code,
+                m ? m : "(null)");
+        _exit(1);
+    }
+}
+
 int main(void) {
     cudalloc_stats st;
+
+    atexit(at_exit_call); /* before the first call: runs after cudalloc's exit hook */
 
     /* A bad configuration is refused, names the key, and changes nothing. */
     CHECK(cudalloc_init("bogus_key:1") == CUDALLOC_ERR_CONFIG, "bad key refused");
