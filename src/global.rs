@@ -6,6 +6,10 @@
 //! string still succeeds. At process exit (an `atexit` hook) the allocator
 //! stops calling the driver (its driver is wrapped in an `ExitGuard`): frees
 //! are ignored quietly, and the exit-time reports of `observe::at_exit` run.
+//! Nor is it created during exit: a first call from a destructor that runs
+//! after `main` returned gets `CUDALLOC_ERR_SHUTTING_DOWN` (the library's
+//! constructor marks the loading thread, whose thread-locals `exit()` tears
+//! down first).
 //!
 //! A child process forked after the first call into cudalloc (a `fork` start
 //! method of Python's multiprocessing, a DataLoader worker) shares none of
@@ -76,6 +80,41 @@ extern "C" fn on_fork_child() {
     FORKED.store(true, Ordering::SeqCst);
     EXITING.store(true, Ordering::SeqCst);
 }
+
+/// Dropped with the thread's other thread-locals: for the thread that
+/// calls `exit()`, before the atexit handlers and the `.fini_array`
+/// destructors run.
+struct Alive;
+
+impl Drop for Alive {
+    fn drop(&mut self) {}
+}
+
+thread_local! {
+    static ALIVE: Alive = const { Alive };
+}
+
+/// Whether this thread's thread-locals are torn down: it is exiting (and,
+/// for the thread that called `exit()`, the process is). Only a thread that
+/// touched `ALIVE` before can tell: the library's constructor does, on the
+/// thread that loads it (the main thread, for a program linked to it).
+fn thread_torn_down() -> bool {
+    ALIVE.try_with(|_| ()).is_err()
+}
+
+/// The library's constructor: touches `ALIVE`, so that a first call from a
+/// destructor after `main` returned (a C or C++ library's, or the
+/// program's) is refused as a call during exit instead of starting the
+/// driver then.
+#[cfg(target_os = "linux")]
+#[used]
+#[link_section = ".init_array"]
+static TOUCH_ALIVE: extern "C" fn() = {
+    extern "C" fn touch() {
+        let _ = ALIVE.try_with(|_| ());
+    }
+    touch
+};
 
 extern "C" fn on_exit() {
     if FORKED.load(Ordering::SeqCst) {
@@ -166,7 +205,9 @@ pub fn get() -> Result<&'static Allocator> {
 
 #[cold]
 fn get_slow() -> Result<&'static Allocator> {
-    if forked() {
+    if exiting() || thread_torn_down() {
+        // Forked, or a first call during exit: starting the driver now
+        // could meet it half torn down.
         return Err(stopped_error());
     }
     if let Some(e) = ENV_ERROR.get() {
@@ -202,7 +243,7 @@ pub fn init(conf: Option<&str>) -> Result<&'static Allocator> {
 
 /// [`init`] with a parsed configuration.
 pub fn init_config(config: Config) -> Result<&'static Allocator> {
-    if forked() {
+    if exiting() || thread_torn_down() {
         return Err(stopped_error());
     }
     register_fork_hook();

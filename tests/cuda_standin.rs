@@ -356,6 +356,19 @@ fn a_capture_grows_and_ooms_without_freeing_or_synchronising() {
     assert!(r.log.contains("cuMemFree_v2"), "{}", tail(&r.log));
 }
 
+/// A first call from a destructor after `main` returned is refused as a
+/// call during exit: the driver is never started then.
+#[test]
+fn a_first_call_during_exit_starts_nothing() {
+    let r = scenario("exit_first_call", &[]);
+    assert!(
+        r.stderr().contains("destructor: malloc (nil), code 42009"),
+        "{}",
+        r.stderr()
+    );
+    assert!(!r.log.contains("cuInit"), "{}", tail(&r.log));
+}
+
 /// The legacy stream while another stream captures: the driver answers
 /// "implicit" to cuStreamIsCapturing, and cudalloc takes it as capturing, so
 /// `empty_cache` neither synchronises it nor frees until the capture ends.

@@ -1,7 +1,7 @@
 /* Scenarios for the libcuda stand-in (tests/cuda_standin.rs). Each prints
  * "ok <name>" and exits 0, or prints what went wrong and exits 1.
  * Usage: scenarios oom|multidev|deinit|capture|unknown_error|ctx_restore|fork|one_device|adopt|
- *        capture_other|capture_release|capture_legacy */
+ *        capture_other|capture_release|capture_legacy|exit_first_call */
 #define _POSIX_C_SOURCE 200809L /* unsetenv */
 #include "cudalloc.h"
 
@@ -334,6 +334,19 @@ static int one_device(void) {
     return 0;
 }
 
+/* A first call from a destructor that runs after main returned (a C or C++
+ * library's, or the program's .fini_array): refused as a call during exit,
+ * and the driver is never started (the Rust test checks the log). */
+static int call_in_destructor = 0;
+
+__attribute__((destructor)) static void late_first_call(void) {
+    if (!call_in_destructor) return;
+    void *p = cudalloc_malloc(4096, 0, NULL);
+    int code = cudalloc_last_error();
+    fprintf(stderr, "destructor: malloc %p, code %d\n", p, code);
+    if (p || code != CUDALLOC_ERR_SHUTTING_DOWN) _exit(1);
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) return 2;
     int r = 2;
@@ -349,6 +362,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[1], "capture_other")) r = capture_other();
     else if (!strcmp(argv[1], "capture_release")) r = capture_release();
     else if (!strcmp(argv[1], "capture_legacy")) r = capture_legacy();
+    else if (!strcmp(argv[1], "exit_first_call")) r = (call_in_destructor = 1, 0);
     if (r == 0) printf("ok %s\n", argv[1]);
     return r;
 }
