@@ -386,7 +386,8 @@ impl Device {
         };
         let f = self.fraction();
         if f < 1.0 && total != u64::MAX {
-            limit = limit.min((total as f64 * f) as u64);
+            // At least 1 byte: 0 would read as "no limit" in the statistics.
+            limit = limit.min(((total as f64 * f) as u64).max(1));
         }
         limit
     }
@@ -1917,6 +1918,11 @@ mod tests {
         assert_eq!(a.empty_cache(), 80 << 20);
         assert!(a.malloc(80 << 20, 0, 0).is_err());
         assert_eq!(a.stats(0).unwrap().limit_bytes, (1u64 << 30) / 20);
+        // A fraction too small for one byte caps at 1 byte, not at 0 ("none").
+        a.set_memory_fraction(1e-12, 0).unwrap();
+        assert_eq!(a.stats(0).unwrap().limit_bytes, 1);
+        assert!(a.malloc(512, 0, 0).is_err());
+        a.set_memory_fraction(0.05, 0).unwrap();
         assert!(a.set_memory_fraction(0.0, 0).is_err());
         assert_eq!(
             a.memory_fraction(0).unwrap(),
