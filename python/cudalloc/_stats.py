@@ -33,19 +33,30 @@ def device_index(device=None):
     if isinstance(device, bool):
         raise TypeError(f"invalid device {device!r}")
     if isinstance(device, int):
-        return device
+        return _checked(device)
     if isinstance(device, str):
         kind, _, idx = device.partition(":")
         if kind != "cuda":
             raise ValueError(f"expected a CUDA device, got {device!r}")
-        return int(idx) if idx else device_index(None)
+        return _checked(int(idx)) if idx else device_index(None)
     kind = getattr(device, "type", None)
     if kind is not None:  # torch.device
         if kind != "cuda":
             raise ValueError(f"expected a CUDA device, got {device!r}")
         idx = getattr(device, "index", None)
-        return device_index(None) if idx is None else int(idx)
+        return device_index(None) if idx is None else _checked(int(idx))
     raise TypeError(f"invalid device {device!r}")
+
+
+def _checked(index):
+    """``index``, unless the C ``int`` it is passed as cannot hold it (ctypes
+    would wrap it silently onto another device)."""
+    if not -(2**31) <= index < 2**31:
+        raise _lib.InvalidDeviceError(
+            f"device {index} is not valid: out of a C int's range",
+            _lib.ERR_INVALID_DEVICE,
+        )
+    return index
 
 
 def raw_stats(device=None):

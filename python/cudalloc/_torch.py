@@ -118,7 +118,21 @@ def enable(conf=None, *, patch_torch=None):
             )
         if torch.cuda.is_initialized():
             raise _lib.CudallocError(_TOO_LATE)
-        _lib.init(eff)  # ConfigError names the key
+        try:
+            _lib.init(eff)  # ConfigError names the key
+        except _lib.CudallocError as e:
+            if e.code != _lib.ERR_ALREADY_INITIALIZED:
+                raise
+            env = os.environ.get(CONF_ENV)
+            raise _lib.CudallocError(
+                "cudalloc was already started, with a configuration other than "
+                f"enable()'s {eff!r}: an earlier cudalloc call (memory_stats(), "
+                f"device_count(), ...) starts it from {CONF_ENV} ({env!r}; naming no "
+                "backend there means backend:auto). Call cudalloc.enable() before any "
+                f"other cudalloc call, or name the backend in {CONF_ENV} "
+                "(backend:cuda) so that both agree",
+                e.code,
+            ) from None
         graph_pools = "graph_pools:on" in eff.replace(" ", "")
         if "backend:sim" in eff.replace(" ", ""):
             warnings.warn(

@@ -217,6 +217,27 @@ def test_conf_from_environment_and_no_silent_sim():
     )
 
 
+def test_enable_after_another_cudalloc_call_says_what_started_it():
+    # memory_stats() starts cudalloc from CUDALLOC_CONF (no backend: auto);
+    # enable() asks for backend:cuda, so the two differ: the error says which
+    # call started cudalloc and how to make them agree.
+    r = run(
+        """
+        cudalloc.device_count()
+        try:
+            cudalloc.enable()
+            raise AssertionError("must refuse")
+        except cudalloc.CudallocError as e:
+            assert e.code == _lib.ERR_ALREADY_INITIALIZED, e.code
+            print("ERR", e)
+        assert not cudalloc.is_enabled() and torch.cuda.memory._current is None
+        """,
+        CUDALLOC_CONF="sim_devices:1",
+    )
+    assert "an earlier cudalloc call" in r.stdout, r.stdout
+    assert "'sim_devices:1'" in r.stdout and "backend:cuda" in r.stdout, r.stdout
+
+
 def test_patching_can_be_turned_off():
     body = f"""
         cudalloc.enable({SIM_CONF!r}{{kw}})

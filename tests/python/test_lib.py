@@ -142,6 +142,10 @@ def test_bad_device(lib):
     assert isinstance(ei.value, ValueError) and "device 7" in str(ei.value)
     with pytest.raises(ValueError):
         cudalloc.memory_stats("cpu")
+    # Past a C int, ctypes would wrap the index onto another device.
+    for big in (2**32, -(2**32), 2**31, "cuda:4294967296"):
+        with pytest.raises(cudalloc.InvalidDeviceError, match="out of a C int"):
+            cudalloc.memory_allocated(big)
     assert cudalloc.device_count() == 2
 
 
