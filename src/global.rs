@@ -95,23 +95,28 @@ thread_local! {
 }
 
 /// Whether this thread's thread-locals are torn down: it is exiting (and,
-/// for the thread that called `exit()`, the process is). Only a thread that
-/// touched `ALIVE` before can tell: the library's constructor does, on the
-/// thread that loads it (the main thread, for a program linked to it).
+/// for the main thread, so is the process, but for a `pthread_exit`).
+/// Only a thread that touched `ALIVE` before can tell: the library's
+/// constructor does, on the main thread only (it loads a program's linked
+/// libraries; a thread that `dlopen`s the library may exit while the
+/// process goes on).
 fn thread_torn_down() -> bool {
     ALIVE.try_with(|_| ()).is_err()
 }
 
-/// The library's constructor: touches `ALIVE`, so that a first call from a
-/// destructor after `main` returned (a C or C++ library's, or the
-/// program's) is refused as a call during exit instead of starting the
-/// driver then.
+/// The library's constructor: touches `ALIVE` on the main thread, so that
+/// a first call from a destructor after `main` returned (a C or C++
+/// library's, or the program's) is refused as a call during exit instead of
+/// starting the driver then.
 #[cfg(target_os = "linux")]
 #[used]
 #[link_section = ".init_array"]
 static TOUCH_ALIVE: extern "C" fn() = {
     extern "C" fn touch() {
-        let _ = ALIVE.try_with(|_| ());
+        // SAFETY: plain system calls without arguments.
+        if unsafe { libc::getpid() == libc::gettid() } {
+            let _ = ALIVE.try_with(|_| ());
+        }
     }
     touch
 };
@@ -243,7 +248,7 @@ pub fn init(conf: Option<&str>) -> Result<&'static Allocator> {
 
 /// [`init`] with a parsed configuration.
 pub fn init_config(config: Config) -> Result<&'static Allocator> {
-    if exiting() || thread_torn_down() {
+    if forked() {
         return Err(stopped_error());
     }
     register_fork_hook();
@@ -256,6 +261,10 @@ pub fn init_config(config: Config) -> Result<&'static Allocator> {
             ErrorCode::CUDALLOC_ERR_ALREADY_INITIALIZED,
             format!("cudalloc is already initialised with another configuration; set {CONF_ENV} before the first allocation"),
         ));
+    }
+    if exiting() || thread_torn_down() {
+        // Not started during exit (see `get_slow`).
+        return Err(stopped_error());
     }
     let a = create(config)?;
     Ok(GLOBAL.get_or_init(|| a))

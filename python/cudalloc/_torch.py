@@ -126,11 +126,11 @@ def enable(conf=None, *, patch_torch=None):
             env = os.environ.get(CONF_ENV)
             raise _lib.CudallocError(
                 "cudalloc was already started, with a configuration other than "
-                f"enable()'s {eff!r}: an earlier cudalloc call (memory_stats(), "
-                f"device_count(), ...) starts it from {CONF_ENV} ({env!r}; naming no "
-                "backend there means backend:auto). Call cudalloc.enable() before any "
-                f"other cudalloc call, or name the backend in {CONF_ENV} "
-                "(backend:cuda) so that both agree",
+                f"enable()'s {eff!r}: by cudalloc.configure(), or by another cudalloc "
+                f"call (memory_stats(), device_count(), ...), which starts it from "
+                f"{CONF_ENV} ({env!r}; naming no backend there means backend:auto). "
+                "Call cudalloc.enable() before any other cudalloc call, or give both "
+                f"the same configuration (name the backend in {CONF_ENV}: backend:cuda)",
                 e.code,
             ) from None
         graph_pools = "graph_pools:on" in eff.replace(" ", "")

@@ -108,9 +108,11 @@ pub(crate) struct ArenaInner {
     pub sites: FxHashMap<u64, u32>,
     pub idle: Vec<u32>,
     pub pending: Vec<PendingFree>,
-    /// Blocks freed while their stream was capturing a CUDA graph: the graph
-    /// may still use them, so they stay out of reuse until `empty_cache`.
-    pub quarantined: Vec<u32>,
+    /// Blocks freed while their stream was capturing a CUDA graph (or one
+    /// `record_stream` named was): the graph may still use them, so they
+    /// stay out of reuse until `empty_cache`, and then wait for the streams
+    /// listed with them ([`ArenaInner::release_quarantine`]).
+    pub quarantined: Vec<(u32, Vec<Stream>)>,
     /// Blocks freed during a capture (`pools.rs`) that wait on other
     /// streams (`record_stream`): their events are recorded when the
     /// capture ends ([`ArenaInner::record_deferred`]).
@@ -184,13 +186,6 @@ impl Arena {
 }
 
 impl ArenaInner {
-    /// Whether this arena holds any segment. Only then may its stream be
-    /// handed to the driver unasked: a program may destroy a stream once
-    /// its blocks are freed and `empty_cache` emptied its arena (README).
-    pub fn holds_memory(&self) -> bool {
-        self.segs.len() > self.seg_vacant.len()
-    }
-
     pub fn seg(&self, s: u32) -> &Segment {
         self.segs[s as usize].as_ref().expect("segment slot in use")
     }
@@ -550,7 +545,7 @@ impl ArenaInner {
         self.counters.requested -= rec.requested;
         if quarantine() {
             self.blocks.get_mut(rec.block).state = BlockState::Pending;
-            self.quarantined.push(rec.block);
+            self.quarantined.push((rec.block, Vec::new()));
             return Some(size);
         }
         if rec.streams.is_empty() {
@@ -585,20 +580,16 @@ impl ArenaInner {
     /// that graph, which may replay it: it is quarantined until
     /// `empty_cache`, as a block freed on a capturing stream is (an event
     /// recorded there would be a node of the graph, and a synchronisation
-    /// would invalidate the capture).
+    /// would invalidate the capture), then waits for all its streams.
     #[cold]
     #[inline(never)]
     fn free_recorded(&mut self, block: u32, streams: Vec<Stream>, dev: &DeviceCore) {
         if dev.pools_routing() {
             self.blocks.get_mut(block).state = BlockState::Pending;
             self.deferred.push((block, streams));
-        } else if streams
-            .iter()
-            .any(|&s| matches!(dev.driver.stream_is_capturing(dev.index, s), Ok(true)))
-        {
-            dev.capture_seen.store(true, Ordering::Relaxed);
+        } else if dev.note_capturing(&streams) {
             self.blocks.get_mut(block).state = BlockState::Pending;
-            self.quarantined.push(block);
+            self.quarantined.push((block, streams));
         } else {
             self.wait_for_streams(block, &streams, dev);
         }
@@ -657,7 +648,7 @@ impl ArenaInner {
                 for (e, _) in events {
                     dev.put_event(e);
                 }
-                self.quarantined.push(block);
+                self.quarantined.push((block, Vec::new()));
                 return;
             }
             self.pending.push(PendingFree { block, events });
@@ -678,10 +669,16 @@ impl ArenaInner {
         true
     }
 
-    /// Return quarantined blocks (freed during a graph capture) to the free index.
-    pub fn release_quarantine(&mut self) {
-        for i in std::mem::take(&mut self.quarantined) {
-            self.release_block(i);
+    /// End the quarantine (the capture is over): each block goes back to the
+    /// free index, or, if it was used on other streams (`record_stream`),
+    /// waits for the work enqueued on them so far.
+    pub fn release_quarantine(&mut self, dev: &DeviceCore) {
+        for (i, streams) in std::mem::take(&mut self.quarantined) {
+            if streams.is_empty() {
+                self.release_block(i);
+            } else {
+                self.wait_for_streams(i, &streams, dev);
+            }
         }
     }
 
@@ -777,7 +774,8 @@ impl ArenaInner {
             + self
                 .quarantined
                 .iter()
-                .chain(self.deferred.iter().map(|(i, _)| i))
+                .chain(&self.deferred)
+                .map(|(i, _)| i)
                 .map(|&i| self.blocks.get(i).size)
                 .sum::<u64>()
     }
@@ -786,8 +784,9 @@ impl ArenaInner {
         self.segs.iter().flatten().map(|s| s.size).sum()
     }
 
+    /// Segments held (every vacant slot is in `seg_vacant`).
     pub fn segment_count(&self) -> u64 {
-        self.segs.iter().flatten().count() as u64
+        (self.segs.len() - self.seg_vacant.len()) as u64
     }
 
     pub fn live_infos(&self, device: usize, stream: Stream, out: &mut Vec<LiveInfo>) {

@@ -83,6 +83,10 @@ pub(crate) struct DeviceCore {
     /// The slow paths ask `Device::capture_underway`, which tells a routing
     /// that outlived a failed capture from a capture that runs.
     pub captures: AtomicUsize,
+    /// Streams seen capturing outside a pool (`note_capturing`), asked again
+    /// by every slow path until `empty_cache`: a `record_stream` free onto a
+    /// stream with no arena of its own leaves no other trace of it.
+    pub capture_streams: Mutex<Vec<Stream>>,
 }
 
 impl DeviceCore {
@@ -92,6 +96,26 @@ impl DeviceCore {
             return Ok(e);
         }
         self.driver.event_create(self.index)
+    }
+
+    /// Whether any of `streams` is capturing a graph now (the legacy stream
+    /// while another captures counts). Each one found is remembered in
+    /// `capture_streams`, and sets `capture_seen`.
+    pub fn note_capturing(&self, streams: &[Stream]) -> bool {
+        let mut found = false;
+        for &s in streams {
+            if matches!(self.driver.stream_is_capturing(self.index, s), Ok(true)) {
+                found = true;
+                let mut c = self.capture_streams.lock();
+                if !c.contains(&s) {
+                    c.push(s);
+                }
+            }
+        }
+        if found {
+            self.capture_seen.store(true, Ordering::Relaxed);
+        }
+        found
     }
 
     pub fn put_event(&self, e: Event) {
@@ -138,7 +162,8 @@ struct Want {
     seg_size: u64,
     rounded: u64,
     size: u64,
-    /// The stream asking is capturing a graph: adopt nothing, release nothing.
+    /// A capture is under way (the stream asking captures, or
+    /// `Device::capture_underway`): adopt nothing, release nothing.
     hold: bool,
 }
 
@@ -338,13 +363,15 @@ impl Device {
             return 0;
         }
         self.release_quarantine();
+        // The captures are over: a stream they named may be destroyed now.
+        self.core.capture_streams.lock().clear();
         self.release_idle(Release::All)
     }
 
-    /// Return every quarantined block to its arena's free index. Call with `slow` held.
+    /// End every arena's quarantine. Call with `slow` held.
     fn release_quarantine(&self) {
         for a in self.arena_list() {
-            a.inner.lock().release_quarantine();
+            a.inner.lock().release_quarantine(&self.core);
         }
     }
 
@@ -393,11 +420,9 @@ impl Device {
     }
 
     /// Release idle segments of every arena of this device to the driver.
-    /// Returns the bytes released. Call with `slow` held.
+    /// Returns the bytes released. Call with `slow` held, and only when no
+    /// capture is under way (`capture_underway`: that would invalidate it).
     fn release_idle(&self, mode: Release) -> u64 {
-        if self.capture_underway() {
-            return 0;
-        }
         let mut released = 0;
         for arena in self.arena_list() {
             let detached: Vec<Detached> = {
@@ -598,6 +623,7 @@ impl Allocator {
                     small_max: config.small_max,
                     capture_seen: AtomicBool::new(false),
                     captures: AtomicUsize::new(0),
+                    capture_streams: Mutex::new(Vec::new()),
                 },
                 arenas: RwLock::new(FxHashMap::default()),
                 slow: Mutex::new(()),
@@ -746,21 +772,21 @@ impl Allocator {
                 "the request is larger than the device or its limit",
             ));
         }
-        let want = Want {
+        let mut slow = dev.slow.lock();
+        let mut want = Want {
             pool,
             seg_size,
             rounded,
             size,
-            hold: capturing,
+            hold: capturing || dev.capture_underway(),
         };
-        let mut slow = dev.slow.lock();
         match self.try_serve(dev, arena, &want) {
             Ok(p) => return Ok(p),
             Err(e) if e.code != ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY => return Err(e),
             Err(_) => {}
         }
         dev.core.counters.alloc_retries.inc();
-        if !capturing {
+        if !want.hold {
             for mode in [Release::Completed, Release::All] {
                 let freed = dev.release_idle(mode);
                 tracing::debug!(
@@ -780,7 +806,8 @@ impl Allocator {
             cb(dev.core.index, size);
         }
         slow = dev.slow.lock();
-        if !capturing {
+        want.hold = capturing || dev.capture_underway();
+        if !want.hold {
             dev.release_idle(Release::All);
         }
         let last = self.try_serve(dev, arena, &want);
@@ -795,6 +822,7 @@ impl Allocator {
     }
 
     /// Own arena, then adoption, then the driver. Call with `slow` held.
+    /// With `want.hold` (a capture is under way), no adoption and no release.
     fn try_serve(&self, dev: &Device, arena: &Arena, want: &Want) -> Result<u64> {
         let Want {
             pool,
@@ -815,7 +843,6 @@ impl Allocator {
         // A pool's memory comes only from the driver, and proving another
         // stream's segment free (stream and event queries) is illegal during
         // a capture (pools.rs).
-        let hold = hold || dev.capture_underway();
         let adopted = if arena.pooled || hold {
             None
         } else {
@@ -1749,25 +1776,35 @@ mod tests {
     }
 
     /// A block `record_stream`ed onto a stream capturing a C/C++ graph is in
-    /// that graph, which may replay it: its free records no event there
-    /// (it would be a node of the graph) and quarantines it until the first
-    /// `empty_cache` after the capture.
+    /// that graph, which may replay it: its free records no event (one on the
+    /// capturing stream would be a node of the graph) and quarantines it,
+    /// through an `empty_cache` during the capture too (the capturing stream
+    /// has no arena of its own), until the first `empty_cache` after it,
+    /// which then waits for every stream it was used on.
     #[test]
     fn a_block_used_by_a_capture_is_quarantined_at_its_free() {
         let (a, d) = sim("sim_memory:1GiB");
-        let (s, c) = (0x10, 0x20);
+        let (s, c, t) = (0x10, 0x20, 0x30);
         let p = a.malloc(4096, 0, s).unwrap();
         a.record_stream(p, c).unwrap();
+        a.record_stream(p, t).unwrap();
         d.set_capturing(c, true);
         let before = d.counters();
         a.free(p, Some(0), s).unwrap();
-        let after = d.counters();
-        assert_eq!(after.event_records, before.event_records);
-        assert_eq!(after.capture_violations, 0);
+        assert_eq!(d.counters().event_records, before.event_records);
+        a.empty_cache();
         assert_eq!(a.stats(0).unwrap().pending_free_bytes, 4096);
         assert_ne!(a.malloc(4096, 0, s).unwrap(), p, "not reused");
+        assert_eq!(d.counters().capture_violations, 0);
         d.set_capturing(c, false);
+        let before = d.counters();
         a.empty_cache();
+        let after = d.counters();
+        assert_eq!(
+            after.event_records - before.event_records,
+            2,
+            "it waits for c's and t's work"
+        );
         assert_eq!(a.stats(0).unwrap().pending_free_bytes, 0);
         a.check_invariants().unwrap();
     }

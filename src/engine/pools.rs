@@ -16,7 +16,7 @@
 //!   order the graph (or the captures sharing the pool) fixes;
 //! - while a capture may be under way on the device (a pool routes, and
 //!   nothing was routed yet or a stream something was routed on is still
-//!   capturing: `Device::capture_underway`), nothing on that device goes
+//!   capturing: `Device::pool_capture_underway`), nothing on that device goes
 //!   back to the driver, no idle segment changes hands, no pending free is
 //!   asked about, no `cuMemGetInfo` is made (pressure sampling, the OOM
 //!   diagnosis), and a `record_stream` free records its events only once no
@@ -72,7 +72,7 @@ struct PoolState {
     /// `begin_pool` calls not yet ended.
     routing: u64,
     /// The streams allocations were routed on since routing began: where
-    /// the capture runs (see `Device::capture_underway`).
+    /// the capture runs (see `Device::pool_capture_underway`).
     routed_streams: Vec<Stream>,
     /// One of `routed_streams` was capturing when first routed: this
     /// routing serves a capture (not `use_mem_pool`-style routing outside
@@ -109,31 +109,28 @@ impl Device {
     /// back to the driver, no idle segment moves between streams, and no
     /// stream or event is asked. Either a pool's (PyTorch's graphs) or a
     /// C/C++ one: a stream cudalloc holds memory for (one of the device's
-    /// arenas', not emptied) is capturing now, or is the legacy stream while another captures
-    /// (`cuStreamIsCapturing` answers "implicit"). Finding one also sets
-    /// `capture_seen`, so that frees on capturing streams are quarantined
-    /// from then on. (A C/C++ capture on a stream cudalloc has not served is
-    /// not noticed: README.) Slow paths only: it asks the driver once per
-    /// arena (`cuStreamIsCapturing`, legal during a capture). Call with
-    /// `slow` held.
+    /// arenas', not emptied) or quarantined a `record_stream` free for
+    /// (`DeviceCore::capture_streams`) is capturing now, or is the legacy
+    /// stream while another captures (`cuStreamIsCapturing` answers
+    /// "implicit"). Finding one also sets `capture_seen`, so that frees on
+    /// capturing streams are quarantined from then on. (A C/C++ capture on
+    /// a stream cudalloc knows nothing of is not noticed: README.) Slow
+    /// paths only: it asks the driver once per stream (`cuStreamIsCapturing`,
+    /// legal during a capture). Call with `slow` held.
     pub(super) fn capture_underway(&self) -> bool {
         if self.pool_capture_underway() {
             return true;
         }
-        let found = self.arena_list().iter().any(|a| {
-            !a.pooled
-                && a.inner.lock().holds_memory()
-                && matches!(
-                    self.core
-                        .driver
-                        .stream_is_capturing(self.core.index, a.stream),
-                    Ok(true)
-                )
-        });
-        if found {
-            self.core.capture_seen.store(true, Ordering::Relaxed);
-        }
-        found
+        // Only an arena holding memory: a program may destroy a stream once
+        // its blocks are freed and `empty_cache` emptied its arena (README).
+        let mut streams: Vec<Stream> = self
+            .arena_list()
+            .iter()
+            .filter(|a| !a.pooled && a.inner.lock().segment_count() > 0)
+            .map(|a| a.stream)
+            .collect();
+        streams.extend(self.core.capture_streams.lock().iter());
+        self.core.note_capturing(&streams)
     }
 
     /// Whether a pool's capture may be under way on this device. A pool routes
@@ -431,7 +428,8 @@ impl Allocator {
 
     /// The driver's `(free, total)` for `device`, unless a graph capture may
     /// be under way there (`None`: cuMemGetInfo could invalidate it). Holds
-    /// the device's slow lock, so no capture starts meanwhile; without
+    /// the device's slow lock, so no pool's capture starts meanwhile (a
+    /// C/C++ capture has no hook to wait on: README); without
     /// `wait`, `None` too when another thread holds it (a periodic sample
     /// skips rather than waits on a slow path).
     pub fn mem_info_outside_capture(

@@ -76,6 +76,11 @@ static void at_exit_call(void) {
                 m ? m : "(null)");
         _exit(1);
     }
+    /* Initialising again with the configuration in force still agrees. */
+    if (cudalloc_init(NULL) != CUDALLOC_OK) {
+        fprintf(stderr, "FAIL: cudalloc_init(NULL) during exit: %d\n", cudalloc_last_error());
+        _exit(1);
+    }
 }
 
 int main(void) {
