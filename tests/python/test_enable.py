@@ -234,7 +234,7 @@ def test_enable_after_another_cudalloc_call_says_what_started_it():
         """,
         CUDALLOC_CONF="sim_devices:1",
     )
-    assert "an earlier cudalloc call" in r.stdout, r.stdout
+    assert "by another cudalloc call" in r.stdout, r.stdout
     assert "'sim_devices:1'" in r.stdout and "backend:cuda" in r.stdout, r.stdout
 
 
