@@ -248,23 +248,31 @@ pub fn init(conf: Option<&str>) -> Result<&'static Allocator> {
 
 /// [`init`] with a parsed configuration.
 pub fn init_config(config: Config) -> Result<&'static Allocator> {
+    let running = |a: &'static Allocator| {
+        if *a.config() == config {
+            Ok(a)
+        } else {
+            Err(Error::new(
+                ErrorCode::CUDALLOC_ERR_ALREADY_INITIALIZED,
+                format!("cudalloc is already initialised with another configuration; set {CONF_ENV} before the first allocation"),
+            ))
+        }
+    };
     if forked() {
+        return Err(stopped_error());
+    }
+    if let Some(a) = GLOBAL.get() {
+        return running(a);
+    }
+    if exiting() || thread_torn_down() {
+        // Not started during exit (see `get_slow`), nor made to wait for
+        // a start-up under way on another thread.
         return Err(stopped_error());
     }
     register_fork_hook();
     let _g = INIT_LOCK.lock();
     if let Some(a) = GLOBAL.get() {
-        if *a.config() == config {
-            return Ok(a);
-        }
-        return Err(Error::new(
-            ErrorCode::CUDALLOC_ERR_ALREADY_INITIALIZED,
-            format!("cudalloc is already initialised with another configuration; set {CONF_ENV} before the first allocation"),
-        ));
-    }
-    if exiting() || thread_torn_down() {
-        // Not started during exit (see `get_slow`).
-        return Err(stopped_error());
+        return running(a);
     }
     let a = create(config)?;
     Ok(GLOBAL.get_or_init(|| a))

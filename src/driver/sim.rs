@@ -110,7 +110,8 @@ pub struct SimDriver {
     fail_events: AtomicBool,
     fail_frees: AtomicBool,
     deinitialized: AtomicBool,
-    capturing: Mutex<Vec<Stream>>,
+    /// Capturing streams: (device, stream), or (`None`, stream) on every device.
+    capturing: Mutex<Vec<(Option<usize>, Stream)>>,
     counters: Mutex<SimCounters>,
 }
 
@@ -169,13 +170,30 @@ impl SimDriver {
         self.deinitialized.store(deinit, Ordering::SeqCst);
     }
 
-    /// Mark `stream` as capturing into a graph, or not.
+    /// Mark `stream` as capturing into a graph on every device, or not.
     pub fn set_capturing(&self, stream: Stream, capturing: bool) {
+        self.mark_capturing(None, stream, capturing);
+    }
+
+    /// Mark `stream` of `device` alone as capturing, or not (a stream
+    /// belongs to one device; `set_capturing` covers them all).
+    pub fn set_capturing_on(&self, device: usize, stream: Stream, capturing: bool) {
+        self.mark_capturing(Some(device), stream, capturing);
+    }
+
+    fn mark_capturing(&self, device: Option<usize>, stream: Stream, capturing: bool) {
         let mut c = self.capturing.lock();
-        c.retain(|s| *s != stream);
+        c.retain(|&(d, s)| (d, s) != (device, stream));
         if capturing {
-            c.push(stream);
+            c.push((device, stream));
         }
+    }
+
+    fn is_capturing(&self, device: usize, stream: Stream) -> bool {
+        self.capturing
+            .lock()
+            .iter()
+            .any(|&(d, s)| s == stream && d.is_none_or(|d| d == device))
     }
 
     /// Change a device's capacity, as when another process takes memory.
@@ -251,8 +269,8 @@ impl SimDriver {
     }
 
     /// Count a synchronisation or query of a capturing stream.
-    fn note_if_capturing(&self, stream: Stream) {
-        if self.capturing.lock().contains(&stream) {
+    fn note_if_capturing(&self, device: usize, stream: Stream) {
+        if self.is_capturing(device, stream) {
             self.counters.lock().capture_violations += 1;
         }
     }
@@ -308,7 +326,12 @@ impl Driver for SimDriver {
 
     fn mem_free(&self, device: usize, ptr: u64, size: u64) -> DriverResult<()> {
         self.check(device)?;
-        if !self.capturing.lock().is_empty() {
+        if self
+            .capturing
+            .lock()
+            .iter()
+            .any(|&(d, _)| d.is_none_or(|d| d == device))
+        {
             self.counters.lock().capture_violations += 1;
         }
         if self.fail_frees.load(Ordering::Relaxed) {
@@ -431,7 +454,7 @@ impl Driver for SimDriver {
 
     fn stream_synchronize(&self, device: usize, stream: Stream) -> DriverResult<()> {
         self.check(device)?;
-        self.note_if_capturing(stream);
+        self.note_if_capturing(device, stream);
         self.counters.lock().stream_syncs += 1;
         self.complete_stream(device, stream);
         Ok(())
@@ -442,7 +465,7 @@ impl Driver for SimDriver {
     /// safety rests on the events the tests complete (or the lag clock).
     fn stream_query(&self, device: usize, stream: Stream) -> DriverResult<bool> {
         self.check(device)?;
-        self.note_if_capturing(stream);
+        self.note_if_capturing(device, stream);
         self.counters.lock().stream_queries += 1;
         Ok(!self.manual_events.load(Ordering::Relaxed)
             && self.event_lag.load(Ordering::Relaxed) == 0)
@@ -450,7 +473,7 @@ impl Driver for SimDriver {
 
     fn stream_is_capturing(&self, device: usize, stream: Stream) -> DriverResult<bool> {
         self.check(device)?;
-        Ok(self.capturing.lock().contains(&stream))
+        Ok(self.is_capturing(device, stream))
     }
 
     fn stream_create(&self, device: usize) -> DriverResult<Stream> {

@@ -544,8 +544,7 @@ impl ArenaInner {
         self.counters.live -= 1;
         self.counters.requested -= rec.requested;
         if quarantine() {
-            self.blocks.get_mut(rec.block).state = BlockState::Pending;
-            self.quarantined.push((rec.block, Vec::new()));
+            self.quarantine(rec.block, rec.streams, dev);
             return Some(size);
         }
         if rec.streams.is_empty() {
@@ -588,11 +587,20 @@ impl ArenaInner {
             self.blocks.get_mut(block).state = BlockState::Pending;
             self.deferred.push((block, streams));
         } else if dev.note_capturing(&streams) {
-            self.blocks.get_mut(block).state = BlockState::Pending;
-            self.quarantined.push((block, streams));
+            self.quarantine(block, streams, dev);
         } else {
             self.wait_for_streams(block, &streams, dev);
         }
+    }
+
+    /// Keep `block` out of reuse until `empty_cache`; it then waits for
+    /// `streams` (`record_stream`). Until then every slow path asks them
+    /// whether they capture (`DeviceCore::capture_streams`): the end of the
+    /// quarantine records events on them.
+    fn quarantine(&mut self, block: u32, streams: Vec<Stream>, dev: &DeviceCore) {
+        self.blocks.get_mut(block).state = BlockState::Pending;
+        dev.watch_streams(&streams);
+        self.quarantined.push((block, streams));
     }
 
     /// Record the events of the blocks freed during a capture, now that it

@@ -83,9 +83,10 @@ pub(crate) struct DeviceCore {
     /// The slow paths ask `Device::capture_underway`, which tells a routing
     /// that outlived a failed capture from a capture that runs.
     pub captures: AtomicUsize,
-    /// Streams seen capturing outside a pool (`note_capturing`), asked again
-    /// by every slow path until `empty_cache`: a `record_stream` free onto a
-    /// stream with no arena of its own leaves no other trace of it.
+    /// Streams seen capturing outside a pool (`note_capturing`), and those a
+    /// quarantined block waits for: asked again by every slow path until
+    /// `empty_cache` (`Device::capture_underway`). A `record_stream` stream
+    /// may have no arena of its own, and leave no other trace.
     pub capture_streams: Mutex<Vec<Stream>>,
 }
 
@@ -106,16 +107,23 @@ impl DeviceCore {
         for &s in streams {
             if matches!(self.driver.stream_is_capturing(self.index, s), Ok(true)) {
                 found = true;
-                let mut c = self.capture_streams.lock();
-                if !c.contains(&s) {
-                    c.push(s);
-                }
+                self.watch_streams(&[s]);
             }
         }
         if found {
             self.capture_seen.store(true, Ordering::Relaxed);
         }
         found
+    }
+
+    /// Add `streams` to `capture_streams`.
+    pub fn watch_streams(&self, streams: &[Stream]) {
+        let mut c = self.capture_streams.lock();
+        for &s in streams {
+            if !c.contains(&s) {
+                c.push(s);
+            }
+        }
     }
 
     pub fn put_event(&self, e: Event) {
@@ -1806,6 +1814,33 @@ mod tests {
             "it waits for c's and t's work"
         );
         assert_eq!(a.stats(0).unwrap().pending_free_bytes, 0);
+        a.check_invariants().unwrap();
+    }
+
+    /// A block freed on its own capturing stream waits, when the quarantine
+    /// ends, for the other streams it was used on too; and while one of
+    /// those (known only through `record_stream`) captures, the quarantine
+    /// does not end.
+    #[test]
+    fn a_quarantined_block_waits_for_every_stream_it_was_used_on() {
+        let (a, d) = sim("sim_memory:1GiB");
+        let (s, t) = (0x10, 0x30);
+        let p = a.malloc(4096, 0, s).unwrap();
+        a.record_stream(p, t).unwrap();
+        d.set_capturing(s, true);
+        let q = a.malloc(30 << 20, 0, s).unwrap(); // a slow path sees the capture
+        a.free(p, Some(0), s).unwrap();
+        d.set_capturing(s, false);
+        d.set_capturing(t, true);
+        a.empty_cache();
+        assert_eq!(a.stats(0).unwrap().pending_free_bytes, 4096);
+        assert_eq!(d.counters().capture_violations, 0);
+        d.set_capturing(t, false);
+        let before = d.counters().event_records;
+        a.empty_cache();
+        assert_eq!(d.counters().event_records - before, 1, "it waits for t");
+        assert_eq!(a.stats(0).unwrap().pending_free_bytes, 0);
+        a.free(q, Some(0), s).unwrap();
         a.check_invariants().unwrap();
     }
 

@@ -272,6 +272,13 @@ pub enum Op {
         stream: Stream,
     },
     CompleteAll,
+    /// A C/C++ graph capture begins on `stream` of `dev`, or ends if one
+    /// runs there. Begun only on a stream holding a live allocation there:
+    /// cudalloc cannot see a capture on a stream it knows nothing of (README).
+    Capture {
+        dev: usize,
+        stream: Stream,
+    },
     EmptyCache,
     EmptyCacheDevice {
         dev: usize,
@@ -348,6 +355,7 @@ impl Op {
                     f64::NAN,
                 ][(w[1] % 11) as usize],
             },
+            98 => Op::Capture { dev, stream },
             _ => Op::Malloc {
                 dev: ndev,
                 stream,
@@ -426,6 +434,8 @@ pub struct Harness {
     pub violations: Vec<String>,
     pub ops: u64,
     injected: bool,
+    /// Streams capturing now (`Op::Capture`).
+    capturing: Vec<(usize, Stream)>,
 }
 
 impl Harness {
@@ -454,6 +464,7 @@ impl Harness {
             violations: Vec::new(),
             ops: 0,
             injected: false,
+            capturing: Vec::new(),
         }
     }
 
@@ -573,7 +584,11 @@ impl Harness {
                     .and_then(|r| self.policy.segment_size(r))
                     .unwrap_or(u64::MAX);
                 let cap = self.limit(dev).min(self.capacity[dev]);
-                if reserved.saturating_add(seg) <= cap && !self.injected {
+                // During a capture the ladder releases nothing either.
+                if reserved.saturating_add(seg) <= cap
+                    && !self.injected
+                    && self.capturing.is_empty()
+                {
                     return Err(format!(
                         "malloc({size}) on device {dev} failed with room to spare: reserved {reserved} + segment {seg} <= {cap}"
                     ));
@@ -735,6 +750,15 @@ impl Harness {
             }
             Op::Complete { dev, stream } => self.spy.complete_stream(dev, stream),
             Op::CompleteAll => self.spy.complete_all(),
+            Op::Capture { dev, stream } => {
+                let known = self
+                    .live
+                    .values()
+                    .any(|l| l.dev == dev && l.stream == stream);
+                if known || self.capturing.contains(&(dev, stream)) {
+                    self.toggle_capture(dev, stream);
+                }
+            }
             Op::EmptyCache => {
                 self.alloc.empty_cache();
                 for d in 0..self.ndev() {
@@ -766,7 +790,21 @@ impl Harness {
         Ok(())
     }
 
+    fn toggle_capture(&mut self, dev: usize, stream: Stream) {
+        let on = !self.capturing.contains(&(dev, stream));
+        self.spy.sim.set_capturing_on(dev, stream, on);
+        if on {
+            self.capturing.push((dev, stream));
+        } else {
+            self.capturing.retain(|&c| c != (dev, stream));
+        }
+    }
+
     fn after_empty(&self, dev: usize) -> Result<(), String> {
+        if !self.capturing.is_empty() {
+            // Nothing is released during a capture (quarantine included).
+            return Ok(());
+        }
         let s = self.alloc.stats(dev).unwrap();
         if s.pending_free_bytes != 0 {
             return Err(format!("device {dev}: pending bytes after empty_cache"));
@@ -783,6 +821,12 @@ impl Harness {
     /// Compare the engine's stats with the model's; `full` adds the
     /// structure walk and the per-pointer size check.
     pub fn check(&self, full: bool) -> Result<(), String> {
+        let violations = self.spy.sim.counters().capture_violations;
+        if violations != 0 {
+            return Err(format!(
+                "{violations} driver calls that would invalidate a capture"
+            ));
+        }
         if full {
             self.alloc.check_invariants()?;
             for (&p, l) in &self.live {
@@ -838,6 +882,9 @@ impl Harness {
     /// Free everything live, complete all work, empty the cache: the device
     /// must come back to nothing reserved.
     pub fn drain(&mut self) -> Result<(), String> {
+        while let Some(&(d, s)) = self.capturing.first() {
+            self.toggle_capture(d, s);
+        }
         while let Some((&p, l)) = self.live.iter().next() {
             let d = l.dev;
             self.free(p, d, 0)?;
