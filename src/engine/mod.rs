@@ -762,15 +762,7 @@ impl Allocator {
         // driver (cuMemFree would invalidate it) and takes no other stream's
         // segment. (Its arena may hold nothing yet, so `capture_underway`,
         // which asks the other streams, cannot tell.)
-        let capturing = !arena.pooled
-            && matches!(
-                self.driver
-                    .stream_is_capturing(dev.core.index, arena.stream),
-                Ok(true)
-            );
-        if capturing {
-            dev.core.capture_seen.store(true, Ordering::Relaxed);
-        }
+        let capturing = !arena.pooled && dev.core.note_capturing(&[arena.stream]);
         if seg_size > dev.limit() || seg_size > dev.total() {
             // No amount of flushing can help: fail without dropping the cache.
             return Err(self.oom(
@@ -1353,6 +1345,20 @@ mod tests {
         (Allocator::new(c, d.clone()), d)
     }
 
+    /// A miss of `size` bytes on stream `s` while `s` captures asks no event
+    /// and no stream, and frees nothing; the capture then ends.
+    fn quiet_miss_during_capture(a: &Allocator, d: &SimDriver, s: Stream, size: u64) {
+        d.set_capturing(s, true);
+        let before = d.counters();
+        a.malloc(size, 0, s).unwrap();
+        let after = d.counters();
+        assert_eq!(after.event_queries, before.event_queries);
+        assert_eq!(after.stream_queries, before.stream_queries);
+        assert_eq!(after.mem_frees, before.mem_frees);
+        d.set_capturing(s, false);
+        a.check_invariants().unwrap();
+    }
+
     /// `n` blocks of 30 MiB on stream `s`, each alone in its own segment.
     fn own_segments(a: &Allocator, s: Stream, n: u64) -> Vec<u64> {
         (0..n).map(|_| a.malloc(30 << 20, 0, s).unwrap()).collect()
@@ -1712,15 +1718,7 @@ mod tests {
         let (a, d) = sim("sim_memory:4GiB");
         let s = 0x10;
         free_all(&a, s, &own_segments(&a, s, arena::EPOCH_SPACING as u64));
-        d.set_capturing(s, true);
-        let before = d.counters();
-        a.malloc(100 << 20, 0, s).unwrap();
-        let after = d.counters();
-        assert_eq!(after.event_queries, before.event_queries);
-        assert_eq!(after.stream_queries, before.stream_queries);
-        assert_eq!(after.mem_frees, before.mem_frees);
-        d.set_capturing(s, false);
-        a.check_invariants().unwrap();
+        quiet_miss_during_capture(&a, &d, s, 100 << 20);
     }
 
     /// A C/C++ capture (no pool) gives nothing back to the driver and
@@ -1913,14 +1911,7 @@ mod tests {
         assert_eq!(a.stats(0).unwrap().num_driver_frees, 0);
         a.free(q, Some(0), s).unwrap();
         d.complete_all();
-        d.set_capturing(s, true);
-        let before = d.counters();
-        a.malloc(200 << 20, 0, s).unwrap();
-        let after = d.counters();
-        assert_eq!(after.event_queries, before.event_queries);
-        assert_eq!(after.mem_frees, before.mem_frees);
-        d.set_capturing(s, false);
-        a.check_invariants().unwrap();
+        quiet_miss_during_capture(&a, &d, s, 200 << 20);
     }
 
     /// A pass over idle segments asks a pending epoch event once, not once
