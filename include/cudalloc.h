@@ -233,6 +233,12 @@ typedef struct {
    * Times the `leak_growth` alarm logged a steady rise of live bytes.
    */
   uint64_t num_leak_growth_alarms;
+  /**
+   * Trace-log (`log_file`) records dropped because the file's reader fell
+   * behind, went away or never came. Process-wide: the same on every
+   * device.
+   */
+  uint64_t log_records_dropped;
 } cudalloc_stats;
 
 /**

@@ -69,6 +69,22 @@ impl Policy {
         }
     }
 
+    /// The segment sizes a growth for a rounded request tries, largest
+    /// first: the policy's ([`Policy::segment_size`]), then, for when the
+    /// device or its limit has no room for that, smaller ones that still
+    /// hold the request: the request rounded up to `huge_round`, then the
+    /// request itself. Without these a small limit or a small device could
+    /// serve nothing (a 2 MiB request under `max_memory:10MiB` would need a
+    /// 20 MiB segment). `None` when rounding overflows.
+    pub fn growth_sizes(&self, rounded: u64) -> Option<impl Iterator<Item = u64>> {
+        let first = self.segment_size(rounded)?;
+        let mid = rounded
+            .checked_next_multiple_of(self.huge_round)
+            .filter(|&m| m < first);
+        let last = Some(rounded).filter(|&r| r < mid.unwrap_or(first));
+        Some([Some(first), mid, last].into_iter().flatten())
+    }
+
     /// Whether a segment of `seg` bytes in `pool` is a segment of its own
     /// (made for one huge request) whose block, under `huge_split:off`, is
     /// handed out whole.
@@ -169,6 +185,21 @@ mod tests {
         assert_eq!(p.segment_size(10 << 20), Some(10 << 20));
         assert_eq!(p.segment_size((10 << 20) + 512), Some(12 << 20));
         assert_eq!(p.segment_size(u64::MAX - 511), None);
+        let sizes = |r| p.growth_sizes(r).unwrap().collect::<Vec<_>>();
+        assert_eq!(
+            sizes(512),
+            [2 << 20, 512],
+            "small: the segment, then the request"
+        );
+        assert_eq!(sizes(2 << 20), [20 << 20, 2 << 20]);
+        assert_eq!(sizes(3 << 20), [20 << 20, 4 << 20, 3 << 20]);
+        assert_eq!(
+            sizes(10 << 20),
+            [10 << 20],
+            "an own segment is already the least"
+        );
+        assert_eq!(sizes((10 << 20) + 512), [12 << 20, (10 << 20) + 512]);
+        assert!(p.growth_sizes(u64::MAX - 511).is_none());
         assert!(p.should_split(Pool::Small, 2 << 20, (2 << 20) - 512));
         assert!(!p.should_split(Pool::Large, 20 << 20, 19 << 20));
         assert!(p.should_split(Pool::Large, 20 << 20, 18 << 20));

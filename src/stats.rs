@@ -77,6 +77,10 @@ pub struct cudalloc_stats {
     pub num_leak_age_alarms: u64,
     /// Times the `leak_growth` alarm logged a steady rise of live bytes.
     pub num_leak_growth_alarms: u64,
+    /// Trace-log (`log_file`) records dropped because the file's reader fell
+    /// behind, went away or never came. Process-wide: the same on every
+    /// device.
+    pub log_records_dropped: u64,
 }
 
 /// A gauge with a peak, updated lock-free.

@@ -186,6 +186,24 @@ fn row_unknown_and_double_frees() {
     assert_unchanged(&before, |_, s| s.num_invalid_frees += 3);
 }
 
+/// The device of a free is a hint only: an invalid free with a device that
+/// does not exist is still counted, where the pointer lies (a double free
+/// of device 1's block) or else on device 0.
+#[test]
+fn row_invalid_frees_with_a_bad_device_hint_are_counted() {
+    let _g = row();
+    let p = malloc_ok(10_000, 1, 0x10);
+    cudalloc_free(p, 10_000, 1, ptr(0x10));
+    let before = all_stats();
+    for dev in [-1, NDEV, 7, c_int::MIN] {
+        cudalloc_free(p, 0, dev, ptr(0x10)); // double free
+        assert_eq!(last(), ErrorCode::CUDALLOC_ERR_INVALID_FREE, "device {dev}");
+        cudalloc_free(ptr(0xdead_beef), 0, dev, ptr(0)); // garbage
+        assert_eq!(last(), ErrorCode::CUDALLOC_ERR_INVALID_FREE, "device {dev}");
+    }
+    assert_unchanged(&before, |_, s| s.num_invalid_frees += 4);
+}
+
 /// Whether libstdc++ is in this test process: then the throwing exports
 /// throw, which a Rust caller cannot catch, and tests/cxx_alloc_fn.rs covers
 /// them instead.

@@ -550,3 +550,55 @@ fn c_exports_follow_the_buffer_and_callback_conventions() {
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
     cudalloc_free(q, 0, 0, std::ptr::null_mut());
 }
+
+// ---- log volume -------------------------------------------------------------
+
+/// What `f` logs through `tracing`, at every level, on this thread.
+fn captured_logs(f: impl FnOnce()) -> String {
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let sink = Sink::default();
+    let out = sink.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || out.clone())
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    let bytes = sink.0.lock().unwrap().clone();
+    String::from_utf8(bytes).unwrap()
+}
+
+/// A loop that keeps failing gets its first diagnoses in full, then a
+/// line at each power of two: 10,000 failures used to write 5.7 MB.
+/// Each error still carries the full diagnosis.
+#[test]
+fn oom_diagnoses_are_rate_limited() {
+    let (a, _) = sim("backend:sim,sim_memory:1GiB,max_memory:64MiB");
+    let mut last = String::new();
+    let logs = captured_logs(|| {
+        for _ in 0..10_000 {
+            last = a.malloc(100 << 20, 0, 0).unwrap_err().message;
+        }
+    });
+    assert!(last.contains("largest free block"), "{last}");
+    let full = logs.matches("; OOMs so far ").count() as u64;
+    assert_eq!(full, cudalloc::engine::OOM_DIAGNOSES_LOGGED, "{logs}");
+    // Counts at 8, 16, ..., 8192.
+    assert_eq!(
+        logs.matches("out-of-memory errors on this device so far")
+            .count(),
+        11
+    );
+    assert!(logs.len() < 16 << 10, "{} bytes logged", logs.len());
+    assert_eq!(a.stats(0).unwrap().num_ooms, 10_000);
+}

@@ -32,6 +32,15 @@ use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 use std::sync::atomic::Ordering;
 
+/// A block [`ArenaInner::free`] took back.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Freed {
+    /// Its (rounded) size.
+    pub size: u64,
+    /// What its allocation asked for.
+    pub requested: u64,
+}
+
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Segment {
     pub base: u64,
@@ -521,7 +530,7 @@ impl ArenaInner {
         matches!(dev.driver.event_query(dev.index, ev), Ok(true))
     }
 
-    /// Free `ptr` if this arena holds it live, returning the block's size.
+    /// Free `ptr` if this arena holds it live, returning the block's sizes.
     /// `None` when it does not.
     /// `quarantine` is asked only when the pointer is found: a true answer
     /// (the stream is capturing a graph) keeps the block out of reuse until
@@ -534,7 +543,7 @@ impl ArenaInner {
         ptr: u64,
         dev: &DeviceCore,
         quarantine: impl FnOnce() -> bool,
-    ) -> Option<u64> {
+    ) -> Option<Freed> {
         let rec = self.live.remove(&ptr)?;
         if !self.sites.is_empty() {
             self.sites.remove(&ptr);
@@ -545,7 +554,10 @@ impl ArenaInner {
         self.counters.requested -= rec.requested;
         if quarantine() {
             self.quarantine(rec.block, rec.streams, dev);
-            return Some(size);
+            return Some(Freed {
+                size,
+                requested: rec.requested,
+            });
         }
         if rec.streams.is_empty() {
             // Small pool (see `DeviceCore::small_max`), without loading the segment.
@@ -569,7 +581,10 @@ impl ArenaInner {
         } else {
             self.free_recorded(rec.block, rec.streams, dev);
         }
-        Some(size)
+        Some(Freed {
+            size,
+            requested: rec.requested,
+        })
     }
 
     /// The free of a block used on other streams (`record_stream`): it waits
@@ -786,6 +801,17 @@ impl ArenaInner {
                 .map(|(i, _)| i)
                 .map(|&i| self.blocks.get(i).size)
                 .sum::<u64>()
+    }
+
+    /// The segment whose range holds `addr`, if any.
+    pub fn segment_holding(&self, addr: u64) -> Option<u32> {
+        self.segs
+            .iter()
+            .position(|s| {
+                s.as_ref()
+                    .is_some_and(|s| addr >= s.base && addr - s.base < s.size)
+            })
+            .map(|i| i as u32)
     }
 
     pub fn segment_bytes(&self) -> u64 {

@@ -47,7 +47,7 @@ pub use pools::PoolId;
 use crate::config::Config;
 use crate::driver::{Driver, DriverError, Event, Stream};
 use crate::error::{Error, ErrorCode, Result};
-use crate::observe::Observer;
+use crate::observe::{Action, Observer};
 use crate::size_class::{round_size, Policy, Pool};
 use crate::stats::{cudalloc_stats, DeviceCounters};
 use crate::tracking::LiveInfo;
@@ -62,6 +62,36 @@ use std::sync::Arc;
 
 /// Called at step 3 of the OOM ladder with `(device, requested bytes)`.
 pub type OomCallback = Box<dyn Fn(usize, u64) + Send + Sync>;
+
+/// Out-of-memory diagnoses logged in full per device; after these, only a
+/// line at each power of two (see `Allocator::oom`).
+pub const OOM_DIAGNOSES_LOGGED: u64 = 5;
+
+thread_local! {
+    /// Set while this thread runs OOM callbacks: an allocation a callback
+    /// makes runs the ladder without them (no recursion, no deadlock on a
+    /// callback's own locks). Const, no destructor: usable during exit.
+    static IN_OOM_CALLBACKS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the thread as running OOM callbacks until dropped (also on unwind).
+struct CallbackScope;
+
+impl CallbackScope {
+    /// `None` when the thread already runs callbacks.
+    fn enter() -> Option<CallbackScope> {
+        let outer = IN_OOM_CALLBACKS
+            .try_with(|c| c.replace(true))
+            .unwrap_or(true);
+        (!outer).then_some(CallbackScope)
+    }
+}
+
+impl Drop for CallbackScope {
+    fn drop(&mut self) {
+        let _ = IN_OOM_CALLBACKS.try_with(|c| c.set(false));
+    }
+}
 
 /// What one device's state shares with its arenas.
 pub(crate) struct DeviceCore {
@@ -166,8 +196,6 @@ fn useless(seg_pool: Pool, seg_size: u64, pool: Pool, rounded: u64, policy: &Pol
 #[derive(Clone, Copy)]
 struct Want {
     pool: Pool,
-    /// The segment a growth asks the driver for.
-    seg_size: u64,
     rounded: u64,
     size: u64,
     /// A capture is under way (the stream asking captures, or
@@ -198,7 +226,8 @@ fn accumulated(s: &mut cudalloc_stats, base: &cudalloc_stats) {
         num_trims,
         trimmed_bytes,
         num_leak_age_alarms,
-        num_leak_growth_alarms
+        num_leak_growth_alarms,
+        log_records_dropped
     );
 }
 
@@ -343,6 +372,13 @@ impl Device {
             .values()
             .map(|a| a.bytes.current.load(Ordering::Relaxed))
             .sum();
+    }
+
+    /// Whether `ptr` lies inside a segment of this device.
+    fn holds_address(&self, ptr: u64) -> bool {
+        self.arena_list()
+            .iter()
+            .any(|a| a.inner.lock().segment_holding(ptr).is_some())
     }
 
     /// Whether a block of `arena` freed now must be quarantined: its stream is
@@ -611,8 +647,10 @@ pub struct Allocator {
     policy: Policy,
     driver: Arc<dyn Driver>,
     devices: Vec<Device>,
-    oom_callbacks: RwLock<Vec<OomCallback>>,
-    /// Invalid frees whose device could not be told.
+    /// Shared, so that a run takes a copy of the list and holds no lock
+    /// while callbacks run (one may register another).
+    oom_callbacks: RwLock<Vec<Arc<OomCallback>>>,
+    /// Invalid frees on an allocator without devices.
     stray_invalid_frees: AtomicU64,
     /// Observability adaptors (src/observe/): call sites, trace log, pressure, alarms.
     observe: Observer,
@@ -743,6 +781,7 @@ impl Allocator {
             if let Some((p, block)) = a.try_alloc(rounded, size, &self.policy, &dev.core) {
                 a.counters.cache_hits += 1;
                 dev.note_alloc(arena, block);
+                self.log_under_lock(Action::Allocate, p, size, arena);
                 return Ok(p);
             }
         }
@@ -752,9 +791,9 @@ impl Allocator {
     #[cold]
     fn malloc_slow(&self, dev: &Device, arena: &Arena, rounded: u64, size: u64) -> Result<u64> {
         let pool = self.policy.pool(rounded);
-        let Some(seg_size) = self.policy.segment_size(rounded) else {
+        if self.policy.growth_sizes(rounded).is_none() {
             return Err(self.oom(dev, size, arena.stream, "the size overflows"));
-        };
+        }
         // A pool's capture needs no quarantine (pools.rs): seeing it must not
         // make every later free ask the driver whether its stream captures.
         // A C/C++ capture is asked for on every slow path, seen before or
@@ -763,19 +802,28 @@ impl Allocator {
         // segment. (Its arena may hold nothing yet, so `capture_underway`,
         // which asks the other streams, cannot tell.)
         let capturing = !arena.pooled && dev.core.note_capturing(&[arena.stream]);
-        if seg_size > dev.limit() || seg_size > dev.total() {
+        let (total, limit) = (dev.total(), dev.limit());
+        if rounded > total.min(limit) {
             // No amount of flushing can help: fail without dropping the cache.
-            return Err(self.oom(
-                dev,
-                size,
-                arena.stream,
-                "the request is larger than the device or its limit",
-            ));
+            use crate::config::format_size as fs;
+            let why = if rounded > total {
+                format!(
+                    "the request ({}) is larger than the device's memory ({})",
+                    fs(rounded),
+                    fs(total)
+                )
+            } else {
+                format!(
+                    "the request ({}) is larger than the limit ({}; max_memory, memory_fraction)",
+                    fs(rounded),
+                    fs(limit)
+                )
+            };
+            return Err(self.oom(dev, size, arena.stream, &why));
         }
         let mut slow = dev.slow.lock();
         let mut want = Want {
             pool,
-            seg_size,
             rounded,
             size,
             hold: capturing || dev.capture_underway(),
@@ -800,10 +848,14 @@ impl Allocator {
                 }
             }
         }
-        // Callbacks may free memory (and so take arena locks): run them unlocked.
+        // Callbacks may free memory (and so take arena locks): run them
+        // unlocked. Not from a callback's own allocation: it would recurse.
         drop(slow);
-        for cb in self.oom_callbacks.read().iter() {
-            cb(dev.core.index, size);
+        if let Some(_scope) = CallbackScope::enter() {
+            let callbacks = self.oom_callbacks.read().clone();
+            for cb in callbacks {
+                cb(dev.core.index, size);
+            }
         }
         slow = dev.slow.lock();
         want.hold = capturing || dev.capture_underway();
@@ -826,7 +878,6 @@ impl Allocator {
     fn try_serve(&self, dev: &Device, arena: &Arena, want: &Want) -> Result<u64> {
         let Want {
             pool,
-            seg_size,
             rounded,
             size,
             hold,
@@ -837,6 +888,7 @@ impl Allocator {
             if let Some((p, block)) = a.try_alloc(rounded, size, &self.policy, &dev.core) {
                 a.counters.cache_hits += 1;
                 dev.note_alloc(arena, block);
+                self.log_under_lock(Action::Allocate, p, size, arena);
                 return Ok(p);
             }
         }
@@ -854,6 +906,7 @@ impl Allocator {
             let s = a.attach(d);
             let (p, block) = a.alloc_from_segment(s, rounded, size, &self.policy, &dev.core);
             dev.note_alloc(arena, block);
+            self.log_under_lock(Action::Allocate, p, size, arena);
             return Ok(p);
         }
         // About to grow: first give back idle segments of this pool that cannot
@@ -866,19 +919,7 @@ impl Allocator {
                 policy: self.policy,
             });
         }
-        let reserved = dev.core.counters.reserved.current();
-        if reserved.saturating_add(seg_size) > dev.limit() {
-            return Err(Error::new(
-                ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY,
-                format!(
-                    "a new {seg_size}-byte segment would pass the limit of {} bytes",
-                    dev.limit()
-                ),
-            ));
-        }
-        let base = self.driver.mem_alloc(dev.core.index, seg_size)?;
-        dev.core.counters.reserved.add(seg_size);
-        dev.core.counters.driver_allocs.inc();
+        let (base, seg_size) = self.grow(dev, rounded)?;
         let mut a = arena.inner.lock();
         let s = a.attach(Detached {
             base,
@@ -887,15 +928,82 @@ impl Allocator {
         });
         let (p, block) = a.alloc_from_segment(s, rounded, size, &self.policy, &dev.core);
         dev.note_alloc(arena, block);
+        self.log_under_lock(Action::Allocate, p, size, arena);
         Ok(p)
     }
 
+    /// Log an allocation or free of `arena`'s to the trace log, if on.
+    /// Call under the arena's lock (see `observe::tracelog`: the log's
+    /// order per address is then the engine's).
+    #[inline(always)]
+    fn log_under_lock(&self, action: Action, ptr: u64, requested: u64, arena: &Arena) {
+        if self.observe.logging {
+            self.observe.log(action, ptr, requested, arena.stream);
+        }
+    }
+
+    /// A new segment for a rounded request, of the first of the policy's
+    /// growth sizes that fits the limit and that the driver gives. Returns
+    /// its base and size, counted as reserved. Call with `slow` held.
+    fn grow(&self, dev: &Device, rounded: u64) -> Result<(u64, u64)> {
+        use crate::config::format_size as fs;
+        let reserved = dev.core.counters.reserved.current();
+        let limit = dev.limit();
+        let mut failed = None;
+        for seg_size in self.policy.growth_sizes(rounded).into_iter().flatten() {
+            if reserved.saturating_add(seg_size) > limit {
+                failed = Some(Error::new(
+                    ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY,
+                    format!(
+                        "reserved {} plus a new segment of {} would pass the limit of {}",
+                        fs(reserved),
+                        fs(seg_size),
+                        fs(limit)
+                    ),
+                ));
+                continue;
+            }
+            match self.driver.mem_alloc(dev.core.index, seg_size) {
+                Ok(base) => {
+                    dev.core.counters.reserved.add(seg_size);
+                    dev.core.counters.driver_allocs.inc();
+                    return Ok((base, seg_size));
+                }
+                Err(DriverError::OutOfMemory) => {
+                    failed = Some(Error::new(
+                        ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY,
+                        format!("the driver has no {} segment to give", fs(seg_size)),
+                    ));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(failed.unwrap_or_else(|| {
+            Error::new(ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY, "the size overflows")
+        }))
+    }
+
     /// Count an OOM, log the diagnosis, and make the error carrying it.
+    ///
+    /// The log is rate-limited per device, as invalid frees are: the first
+    /// [`OOM_DIAGNOSES_LOGGED`] diagnoses in full, then one line with the
+    /// count at each power of two (a loop that keeps failing must not flood
+    /// stderr). The error always carries the full diagnosis.
     #[cold]
     fn oom(&self, dev: &Device, size: u64, stream: Stream, why: &str) -> Error {
         dev.core.counters.ooms.inc();
+        let n = dev.core.counters.ooms.get();
         let diag = self.diagnose(dev.core.index, size, stream, why);
-        tracing::error!("{diag}");
+        if n <= OOM_DIAGNOSES_LOGGED {
+            tracing::error!("{diag}");
+        } else if n.is_power_of_two() {
+            tracing::error!(
+                "cudalloc: out of memory on device {}: could not allocate {size} bytes: {why}; \
+                 {n} out-of-memory errors on this device so far (diagnoses after the first \
+                 {OOM_DIAGNOSES_LOGGED} are logged at powers of two only; each error carries its own)",
+                dev.core.index
+            );
+        }
         Error::new(ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY, diag)
     }
 
@@ -1049,22 +1157,15 @@ impl Allocator {
     /// double free changes nothing but `num_invalid_frees`.
     #[inline]
     pub fn free(&self, ptr: u64, device: Option<usize>, stream: Stream) -> Result<()> {
-        if self.observe.logging && ptr != 0 {
-            return self.free_logged(ptr, device, stream);
-        }
-        self.free_engine(ptr, device, stream)
-    }
-
-    #[inline]
-    fn free_engine(&self, ptr: u64, device: Option<usize>, stream: Stream) -> Result<()> {
         if ptr == 0 {
             return Ok(());
         }
         if let Some(dev) = device.and_then(|d| self.devices.get(d)) {
             if let Some(a) = dev.find_arena(self.id, stream) {
                 let mut inner = a.inner.lock();
-                if let Some(block) = inner.free(ptr, &dev.core, || !a.pooled && dev.capturing(a)) {
-                    dev.note_free(a, &mut inner, block);
+                if let Some(f) = inner.free(ptr, &dev.core, || !a.pooled && dev.capturing(a)) {
+                    dev.note_free(a, &mut inner, f.size);
+                    self.log_under_lock(Action::Free, ptr, f.requested, a);
                     return Ok(());
                 }
             }
@@ -1077,13 +1178,21 @@ impl Allocator {
         for dev in &self.devices {
             for a in dev.arena_list() {
                 let mut inner = a.inner.lock();
-                if let Some(block) = inner.free(ptr, &dev.core, || !a.pooled && dev.capturing(&a)) {
-                    dev.note_free(&a, &mut inner, block);
+                if let Some(f) = inner.free(ptr, &dev.core, || !a.pooled && dev.capturing(&a)) {
+                    dev.note_free(&a, &mut inner, f.size);
+                    self.log_under_lock(Action::Free, ptr, f.requested, &a);
                     return Ok(());
                 }
             }
         }
-        let n = match device.and_then(|d| self.devices.get(d)) {
+        // Counted on the hinted device; with no such device, where the
+        // pointer lies (a double free), else on device 0: a count nobody
+        // can read would hide the bug.
+        let counted = device
+            .and_then(|d| self.devices.get(d))
+            .or_else(|| self.devices.iter().find(|d| d.holds_address(ptr)))
+            .or_else(|| self.devices.first());
+        let n = match counted {
             Some(dev) => {
                 dev.core.counters.invalid_frees.inc();
                 dev.core.counters.invalid_frees.get()
@@ -1249,7 +1358,7 @@ impl Allocator {
 
     /// Register a callback for step 3 of the OOM ladder.
     pub fn register_oom_callback(&self, cb: OomCallback) {
-        self.oom_callbacks.write().push(cb);
+        self.oom_callbacks.write().push(Arc::new(cb));
     }
 
     /// Every live allocation, of one device or all.
@@ -2048,6 +2157,94 @@ mod tests {
         }));
         let p = a.malloc(50 << 20, 0, 0).unwrap();
         assert_ne!(p, 0);
+        a.check_invariants().unwrap();
+    }
+
+    /// A callback that allocates (the README's example of a callback that
+    /// "may free memory" gone wrong) used to recurse into the ladder until
+    /// the stack overflowed. Its allocation now runs the ladder without
+    /// callbacks and fails; the outer one fails too; service resumes.
+    #[test]
+    fn an_oom_callback_that_allocates_is_not_reentered() {
+        let (a, _) = sim("sim_memory:1GiB");
+        let a = Arc::new(a);
+        let calls = Arc::new(AtomicU64::new(0));
+        let inner = Arc::new(Mutex::new(Vec::new()));
+        let (w, c, inn) = (Arc::downgrade(&a), calls.clone(), inner.clone());
+        a.register_oom_callback(Box::new(move |d, n| {
+            c.fetch_add(1, Ordering::Relaxed);
+            if let Some(a) = w.upgrade() {
+                let r = a.malloc(n, d, 0);
+                if let Ok(p) = r {
+                    a.free(p, Some(d), 0).unwrap();
+                }
+                inn.lock().push(r.map_err(|e| e.code));
+            }
+        }));
+        let held: Vec<u64> = (0..9).map(|_| a.malloc(100 << 20, 0, 0).unwrap()).collect();
+        let e = a.malloc(300 << 20, 0, 0).unwrap_err();
+        assert_eq!(e.code, ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY);
+        assert_eq!(calls.load(Ordering::Relaxed), 1, "one callback run");
+        assert_eq!(
+            *inner.lock(),
+            vec![Err(ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY)],
+            "the callback's own allocation fails without re-entering it"
+        );
+        for p in held {
+            a.free(p, Some(0), 0).unwrap();
+        }
+        let p = a.malloc(300 << 20, 0, 0).unwrap();
+        a.free(p, Some(0), 0).unwrap();
+        a.check_invariants().unwrap();
+    }
+
+    /// Under a small limit, or on a small device, a growth falls back to the
+    /// smallest segment that holds the request; what no segment can hold
+    /// fails with the true reason.
+    #[test]
+    fn small_limits_and_small_devices_fall_back_to_smaller_segments() {
+        let (a, _) = sim("sim_memory:1GiB,max_memory:10MiB");
+        let p = a.malloc(2 << 20, 0, 0).unwrap();
+        assert_eq!(a.stats(0).unwrap().reserved_bytes, 2 << 20);
+        let q = a.malloc(512, 0, 0).unwrap();
+        let e = a.malloc(12 << 20, 0, 0).unwrap_err();
+        assert!(
+            e.message
+                .contains("the request (12MiB) is larger than the limit (10MiB"),
+            "{}",
+            e.message
+        );
+        // 2 MiB live, 2 MiB small segment: 6 MiB of room, not 8.
+        let e = a.malloc(7 << 20, 0, 0).unwrap_err();
+        assert!(
+            e.message.contains("would pass the limit of 10MiB"),
+            "{}",
+            e.message
+        );
+        let r = a.malloc(6 << 20, 0, 0).unwrap();
+        for x in [p, q, r] {
+            a.free(x, Some(0), 0).unwrap();
+        }
+        a.check_invariants().unwrap();
+
+        // Room for a 4 MiB segment next to a full 20 MiB one, not a second 20.
+        let (a, _) = sim("sim_memory:1GiB,max_memory:30MiB");
+        let full = a.malloc(19 << 20, 0, 0).unwrap();
+        let p = a.malloc(3 << 20, 0, 0).unwrap();
+        assert_eq!(a.stats(0).unwrap().reserved_bytes, 24 << 20);
+        a.free(p, Some(0), 0).unwrap();
+        a.free(full, Some(0), 0).unwrap();
+
+        // A 1 MiB device serves a 1 MiB request; 2 MiB is past its memory.
+        let (a, _) = sim("sim_memory:1MiB");
+        let p = a.malloc(1 << 20, 0, 0).unwrap();
+        let e = a.malloc(2 << 20, 0, 0).unwrap_err();
+        assert!(
+            e.message.contains("larger than the device's memory (1MiB)"),
+            "{}",
+            e.message
+        );
+        a.free(p, Some(0), 0).unwrap();
         a.check_invariants().unwrap();
     }
 

@@ -5,7 +5,6 @@
 use super::arena::ProofPass;
 use super::{Allocator, Detached};
 use crate::driver::Stream;
-use crate::error::Result;
 use crate::observe::Observer;
 
 impl Allocator {
@@ -100,46 +99,5 @@ impl Allocator {
                 }
             }
         }
-    }
-
-    /// Run `f` on the live record of `ptr`, looking in the hinted arena first.
-    fn with_record<R>(
-        &self,
-        ptr: u64,
-        device: Option<usize>,
-        stream: Stream,
-        mut f: impl FnMut(&mut crate::tracking::LiveRecord) -> R,
-    ) -> Option<R> {
-        if let Some(dev) = device.and_then(|d| self.devices.get(d)) {
-            if let Some(a) = dev.find_arena(self.id, stream) {
-                if let Some(r) = a.inner.lock().live.get_mut(&ptr) {
-                    return Some(f(r));
-                }
-            }
-        }
-        for dev in &self.devices {
-            for a in dev.arena_list() {
-                if let Some(r) = a.inner.lock().live.get_mut(&ptr) {
-                    return Some(f(r));
-                }
-            }
-        }
-        None
-    }
-
-    /// Free with the trace log on: the log wants the size the caller asked for.
-    #[inline(never)]
-    pub(super) fn free_logged(
-        &self,
-        ptr: u64,
-        device: Option<usize>,
-        stream: Stream,
-    ) -> Result<()> {
-        let requested = self.with_record(ptr, device, stream, |r| r.requested);
-        let r = self.free_engine(ptr, device, stream);
-        if let (Ok(()), Some(n)) = (&r, requested) {
-            self.observe.after_free(ptr, n, stream);
-        }
-        r
     }
 }

@@ -6,7 +6,6 @@
 
 use crate::error::{Error, ErrorCode};
 use std::cell::{Cell, RefCell};
-use std::ffi::CString;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// What an export returns when its body panicked.
@@ -55,33 +54,62 @@ impl PanicDefault for usize {
     }
 }
 
+/// Room for the thread's last error message, NUL included; a longer one is
+/// cut (at a character boundary, marked with "...").
+pub const MESSAGE_CAP: usize = 4096;
+
 thread_local! {
     /// The code of the thread's last call. No destructor, so it works during
     /// the thread's exit and the process's (glibc tears the main thread's
     /// thread-locals down before the atexit handlers run) too.
     static CODE: Cell<ErrorCode> = const { Cell::new(ErrorCode::CUDALLOC_OK) };
-    /// Its message (empty: the code's description). This one has a
-    /// destructor: once torn down, the code's description stands in.
-    static MESSAGE: RefCell<CString> = RefCell::new(CString::default());
+    /// Its message, NUL-terminated (empty: the code's description). Inline
+    /// storage without a destructor, for the same reason: a heap string
+    /// first made in a thread-exit destructor (a pthread key's) would be
+    /// registered for a destructor that never runs, and leak.
+    static MESSAGE: RefCell<[u8; MESSAGE_CAP]> = const { RefCell::new([0; MESSAGE_CAP]) };
 }
 
 /// Record the outcome of the current call for `cudalloc_last_error*`.
-/// Safe to call during thread exit (the message then is the code's
-/// description).
+/// Safe to call during thread exit.
 pub fn set_last(code: ErrorCode, message: &str) {
     CODE.set(code);
     let _ = MESSAGE.try_with(|m| {
         if let Ok(mut m) = m.try_borrow_mut() {
-            *m = CString::new(message.replace('\0', " ")).unwrap_or_default();
+            store(&mut m, message);
         }
     });
+}
+
+/// Copy `message` into `buf`, NUL-terminated: NULs inside become spaces,
+/// and a message too long is cut at a character boundary, ending "...".
+fn store(buf: &mut [u8; MESSAGE_CAP], message: &str) {
+    let mut n = message.len();
+    let cut = n >= MESSAGE_CAP;
+    if cut {
+        n = MESSAGE_CAP - 4;
+        while !message.is_char_boundary(n) {
+            n -= 1;
+        }
+    }
+    buf[..n].copy_from_slice(&message.as_bytes()[..n]);
+    for b in &mut buf[..n] {
+        if *b == 0 {
+            *b = b' ';
+        }
+    }
+    if cut {
+        buf[n..n + 3].copy_from_slice(b"...");
+        n += 3;
+    }
+    buf[n] = 0;
 }
 
 pub fn set_ok() {
     if CODE.replace(ErrorCode::CUDALLOC_OK) != ErrorCode::CUDALLOC_OK {
         let _ = MESSAGE.try_with(|m| {
             if let Ok(mut m) = m.try_borrow_mut() {
-                *m = CString::default();
+                m[0] = 0;
             }
         });
     }
@@ -101,7 +129,10 @@ pub fn last_message() -> String {
     MESSAGE
         .try_with(|m| {
             m.try_borrow()
-                .map(|m| m.to_string_lossy().into_owned())
+                .map(|m| {
+                    let n = m.iter().position(|&b| b == 0).unwrap_or(0);
+                    String::from_utf8_lossy(&m[..n]).into_owned()
+                })
                 .unwrap_or_default()
         })
         .unwrap_or_default()
@@ -111,7 +142,7 @@ pub fn last_message() -> String {
 /// when it has none; valid until the thread's next cudalloc call.
 pub fn last_message_ptr() -> *const libc::c_char {
     let own = MESSAGE.try_with(|m| match m.try_borrow() {
-        Ok(m) if !m.as_bytes().is_empty() => Some(m.as_ptr()),
+        Ok(m) if m[0] != 0 => Some(m.as_ptr() as *const libc::c_char),
         _ => None,
     });
     match own {
@@ -137,5 +168,24 @@ pub fn guard<R: PanicDefault>(name: &'static str, f: impl FnOnce() -> R) -> R {
             );
             R::panic_default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_kept_whole_or_cut_at_a_character() {
+        set_last(ErrorCode::CUDALLOC_ERR_CONFIG, "a\0b");
+        assert_eq!(last_message(), "a b");
+        let long = "é".repeat(MESSAGE_CAP);
+        set_last(ErrorCode::CUDALLOC_ERR_CONFIG, &long);
+        let m = last_message();
+        assert!(m.ends_with("...") && m.len() < MESSAGE_CAP, "{}", m.len());
+        assert!(m.trim_end_matches("...").chars().all(|c| c == 'é'));
+        set_ok();
+        assert_eq!(last_message(), "");
+        assert_eq!(last_code(), ErrorCode::CUDALLOC_OK);
     }
 }

@@ -36,6 +36,7 @@ pub fn stats_fields(s: &cudalloc_stats) -> Vec<(&'static str, u64)> {
         ("trimmed_bytes", s.trimmed_bytes),
         ("num_leak_age_alarms", s.num_leak_age_alarms),
         ("num_leak_growth_alarms", s.num_leak_growth_alarms),
+        ("log_records_dropped", s.log_records_dropped),
     ]
 }
 

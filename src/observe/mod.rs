@@ -8,9 +8,10 @@
 //! tracelog   RMM-format CSV of every allocate / free / failure    log_file
 //! export     JSON stats, on demand and at exit                    stats_file
 //! ```
-//! The engine calls [`Observer::after_malloc`] and logs frees only when
-//! [`Observer::on`] / [`Observer::logging`] say so: with everything off the
-//! hot path pays one predictable branch on a plain field. Periodic work
+//! The engine calls [`Observer::after_malloc`] when [`Observer::on`] says
+//! so, and logs allocations and frees ([`Observer::log`], under the arena's
+//! lock: see `tracelog`) when [`Observer::logging`] does: with everything
+//! off the hot path pays one predictable branch on a plain field. Periodic work
 //! (pressure sampling, trim, the leak alarms) piggybacks on allocation calls:
 //! a thread-local countdown reads the clock once every [`TICK_CALLS`] calls and
 //! one thread claims a due tick with a compare-and-swap, so two threads on two
@@ -34,7 +35,8 @@ use parking_lot::{Mutex, RwLock};
 use pressure::{Level, PressureCallback, PressureState};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
-use tracelog::{Action, TraceLog};
+pub use tracelog::Action;
+use tracelog::TraceLog;
 
 /// Allocation calls per thread between two looks at the clock.
 pub const TICK_CALLS: u32 = 64;
@@ -173,9 +175,7 @@ impl Observer {
         match r {
             Ok(0) => {}
             Ok(p) => {
-                if let Some(log) = &self.log {
-                    log.record(Action::Allocate, *p, size, stream);
-                }
+                // (The allocation itself was logged under its arena's lock.)
                 if let Some(s) = &self.sampler {
                     if s.hit() {
                         let site = s.capture();
@@ -191,10 +191,13 @@ impl Observer {
         }
     }
 
-    /// After a successful free of `ptr`, which had asked for `requested` bytes.
-    pub fn after_free(&self, ptr: u64, requested: u64, stream: Stream) {
+    /// Log an allocation or a free to the trace log (when
+    /// [`Observer::logging`]). The engine calls it under the lock of the
+    /// block's arena, so that the log keeps the engine's order.
+    #[inline]
+    pub fn log(&self, action: Action, ptr: u64, requested: u64, stream: Stream) {
         if let Some(log) = &self.log {
-            log.record(Action::Free, ptr, requested, stream);
+            log.record(action, ptr, requested, stream);
         }
     }
 
@@ -317,6 +320,15 @@ impl Observer {
         s.trimmed_bytes = p.trimmed_bytes.load(Ordering::Relaxed);
         s.num_leak_age_alarms = w.age_alarms.load(Ordering::Relaxed);
         s.num_leak_growth_alarms = w.growth_alarms.load(Ordering::Relaxed);
+        s.log_records_dropped = self.log.as_ref().map_or(0, TraceLog::dropped);
+    }
+
+    /// The trace log's clock (see `TraceLog::set_clock`), for tests.
+    #[doc(hidden)]
+    pub fn set_log_clock(&self, clock: fn() -> u64) {
+        if let Some(l) = &self.log {
+            l.set_clock(clock);
+        }
     }
 
     /// Append every buffered trace line to the log file.
@@ -332,7 +344,18 @@ impl Observer {
 /// driver (the global driver refuses calls once the process is exiting).
 pub fn at_exit(alloc: &Allocator) {
     use std::io::Write as _;
-    alloc.observer().flush_log();
+    let o = alloc.observer();
+    o.flush_log();
+    if let Some(log) = &o.log {
+        let n = log.dropped();
+        if n > 0 {
+            let _ = writeln!(
+                std::io::stderr(),
+                "cudalloc: log_file '{}': {n} records dropped (its reader fell behind, went away or never came)",
+                log.path()
+            );
+        }
+    }
     let c = alloc.config();
     if !c.stats_file.is_empty() {
         if let Err(e) = std::fs::write(&c.stats_file, export::stats_json(alloc)) {

@@ -1,28 +1,51 @@
 //! The trace log (`log_file:PATH`): every allocate, free and failed allocate
 //! as a line of RMM's logging-adaptor CSV, `Thread,Time,Action,Pointer,Size,Stream`,
 //! so traces replay with `cudalloc replay` and with RMM's replay benchmark.
+//! Time is UTC time of day, `HH:MM:SS.ffffff`, as RMM writes it.
 //!
-//! Each thread formats into a buffer of its own (no lock shared with other
-//! threads on the way) and appends it to the file in 64 KiB batches; every
-//! buffer is flushed when the log is dropped and at process exit. Batches of
-//! different threads interleave, so the file is in time order per thread, not
-//! globally: readers sort by the Time column (stable), as `cudalloc replay`
-//! does. Time is UTC time of day, `HH:MM:SS.ffffff`, as RMM writes it.
+//! **Order.** The engine logs an allocation or a free while it holds the
+//! lock under which the block's fate is decided (its arena's), into one
+//! queue, stamping the time as it queues. So for every address the file's
+//! order is the engine's (a free comes before the allocation that reuses
+//! its block, whatever the threads), and times never fall back from one
+//! line to the next (but at midnight): readers that sort by time, stably,
+//! as `cudalloc replay` does, keep that order. A free line names the
+//! block's own stream, not the caller's hint.
+//!
+//! **Never in the host's way.** The queue is bounded ([`CAPACITY`] records,
+//! a few MB at most, however many threads log) and a background thread
+//! formats and writes it. The file is opened without blocking: a FIFO with
+//! no reader yet is opened later, when one comes. A write that would block
+//! waits at most [`STALL`], then its batch is dropped; a reader that went
+//! away ends the log, without SIGPIPE. Records that find the queue full,
+//! or that could not be written, are counted (`log_records_dropped` in the
+//! stats) and reported at exit. Nothing here keeps per-thread state, so
+//! calls from `atexit` handlers and thread-exit destructors are logged too.
 
 use crate::driver::Stream;
 use crate::tracking::thread_id;
-use parking_lot::Mutex;
-use std::cell::RefCell;
-use std::fs::File;
-use std::io::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use parking_lot::{Condvar, Mutex};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::unix::io::AsRawFd as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// The CSV header line.
 pub const HEADER: &str = "Thread,Time,Action,Pointer,Size,Stream";
 
-/// Buffered bytes after which a thread appends its batch to the file.
-const BATCH: usize = 64 << 10;
+/// Records the queue holds at most (about 40 bytes each).
+pub const CAPACITY: usize = 1 << 17;
+
+/// Queued records at which the writer is woken before its next round.
+const WAKE_AT: usize = CAPACITY / 8;
+
+/// How often the writer looks at the queue when nobody wakes it.
+const ROUND: Duration = Duration::from_millis(50);
+
+/// The longest a write that would block waits before its batch is dropped.
+pub const STALL: Duration = Duration::from_secs(1);
 
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,111 +71,388 @@ impl Action {
     }
 }
 
-type Buffer = Arc<Mutex<Vec<u8>>>;
-
-struct Sink {
-    file: Mutex<File>,
-    buffers: Mutex<Vec<Buffer>>,
+/// One queued line.
+#[derive(Clone, Copy)]
+struct Record {
+    time_us: u64,
+    ptr: u64,
+    size: u64,
+    stream: Stream,
+    thread: u32,
+    action: Action,
 }
 
-impl Sink {
-    fn append(&self, bytes: &[u8]) {
-        // A failing disk must not fail allocations: drop the batch, warn once.
-        if let Err(e) = self.file.lock().write_all(bytes) {
-            static WARNED: std::sync::Once = std::sync::Once::new();
-            WARNED.call_once(|| tracing::warn!("log_file: write failed: {e}"));
-        }
-    }
+struct Queue {
+    records: Vec<Record>,
+    /// The last stamp: the next is never earlier (but at midnight).
+    last_us: u64,
+    /// Microseconds since midnight (UTC); a test may fix it.
+    clock: fn() -> u64,
+    closed: bool,
+}
+
+/// Where the lines go.
+enum Output {
+    /// A FIFO with no reader yet: opened when one comes.
+    Waiting,
+    Open(File),
+    /// The reader went away, or writing failed: the log is over.
+    Ended,
+}
+
+/// The writing side, held by whoever writes (the writer thread, or a flush).
+struct Writer {
+    output: Output,
+    header_done: bool,
+    /// The batch taken from the queue (kept to reuse its allocation).
+    batch: Vec<Record>,
+    text: Vec<u8>,
+}
+
+struct Shared {
+    path: String,
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    writer: Mutex<Writer>,
+    ended: AtomicBool,
+    dropped: AtomicU64,
 }
 
 /// An open trace log.
 pub struct TraceLog {
-    id: u64,
-    sink: Arc<Sink>,
-}
-
-static NEXT_LOG: AtomicU64 = AtomicU64::new(1);
-
-thread_local! {
-    static LOCAL: RefCell<Option<(u64, Buffer)>> = const { RefCell::new(None) };
+    shared: Arc<Shared>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl TraceLog {
-    /// Create (truncate) `path` and write the header.
+    /// Create (truncate) `path`, without blocking, and start the writer.
+    /// A FIFO with no reader yet is not an error: records wait for one.
     pub fn create(path: &str) -> std::io::Result<TraceLog> {
-        let mut file = File::create(path)?;
-        writeln!(file, "{HEADER}")?;
-        Ok(TraceLog {
-            id: NEXT_LOG.fetch_add(1, Ordering::Relaxed),
-            sink: Arc::new(Sink {
-                file: Mutex::new(file),
-                buffers: Mutex::new(Vec::new()),
+        let output = match open(path)? {
+            Some(f) => Output::Open(f),
+            None => {
+                tracing::warn!(
+                    "log_file: '{path}' has no reader yet; records wait for one \
+                     (and are dropped, counted, beyond {CAPACITY})"
+                );
+                Output::Waiting
+            }
+        };
+        let shared = Arc::new(Shared {
+            path: path.to_string(),
+            queue: Mutex::new(Queue {
+                records: Vec::new(),
+                last_us: 0,
+                clock: time_of_day_us,
+                closed: false,
             }),
+            wake: Condvar::new(),
+            writer: Mutex::new(Writer {
+                output,
+                header_done: false,
+                batch: Vec::new(),
+                text: Vec::new(),
+            }),
+            ended: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("cudalloc-log".into())
+            .spawn(move || s.run())
+            .map_err(|e| {
+                tracing::warn!("log_file: no writer thread ({e}); lines are written at exit")
+            })
+            .ok();
+        Ok(TraceLog {
+            shared,
+            thread: Mutex::new(thread),
         })
     }
 
-    /// Log one event of the calling thread.
+    /// Log one event. Call it where the engine decides the block's fate
+    /// (under its arena's lock), so that the file keeps the engine's order.
+    /// Never blocks on the file.
+    #[inline]
     pub fn record(&self, action: Action, ptr: u64, size: u64, stream: Stream) {
-        let _ = LOCAL.try_with(|l| {
-            let Ok(mut l) = l.try_borrow_mut() else {
-                return;
-            };
-            let buf = match &*l {
-                Some((id, b)) if *id == self.id => b.clone(),
-                _ => {
-                    let b: Buffer = Arc::new(Mutex::new(Vec::with_capacity(BATCH + 256)));
-                    self.sink.buffers.lock().push(b.clone());
-                    *l = Some((self.id, b.clone()));
-                    b
-                }
-            };
-            let us = time_of_day_us();
-            let s = us / 1_000_000;
-            let mut v = buf.lock();
-            // Hand-formatted: core::fmt was most of the cost of a logged call.
-            dec(&mut v, thread_id() as u64, 1);
-            v.push(b',');
-            dec(&mut v, (s / 3600) % 24, 2);
-            v.push(b':');
-            dec(&mut v, (s / 60) % 60, 2);
-            v.push(b':');
-            dec(&mut v, s % 60, 2);
-            v.push(b'.');
-            dec(&mut v, us % 1_000_000, 6);
-            v.push(b',');
-            v.extend_from_slice(action.as_str().as_bytes());
-            v.extend_from_slice(b",0x");
-            hex(&mut v, ptr);
-            v.push(b',');
-            dec(&mut v, size, 1);
-            v.push(b',');
-            dec(&mut v, stream, 1);
-            v.push(b'\n');
-            if v.len() >= BATCH {
-                self.sink.append(&v);
-                v.clear();
-            }
+        let sh = &*self.shared;
+        if sh.ended.load(Ordering::Relaxed) {
+            sh.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let thread = thread_id();
+        let mut q = sh.queue.lock();
+        if q.records.len() >= CAPACITY {
+            drop(q);
+            sh.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let now = (q.clock)();
+        // Never earlier than the line before, but for a new day.
+        let time_us = if now >= q.last_us || now + 43_200_000_000 < q.last_us {
+            now
+        } else {
+            q.last_us
+        };
+        q.last_us = time_us;
+        q.records.push(Record {
+            time_us,
+            ptr,
+            size,
+            stream,
+            thread,
+            action,
         });
+        if q.records.len() == WAKE_AT {
+            sh.wake.notify_one();
+        }
     }
 
-    /// Append every thread's buffered lines to the file.
+    /// Write every queued line now (waiting at most [`STALL`] on a stuck
+    /// reader). At exit and when the log is dropped.
     pub fn flush(&self) {
-        let buffers = self.sink.buffers.lock().clone();
-        for b in buffers {
-            let mut v = b.lock();
-            if !v.is_empty() {
-                self.sink.append(&v);
-                v.clear();
-            }
-        }
-        let _ = self.sink.file.lock().flush();
+        self.shared.drain(true);
+    }
+
+    /// Stamp lines with `clock` (microseconds since midnight) from now on:
+    /// tests fix the time to show that the file's order, not the clock's
+    /// resolution, keeps each address's order.
+    pub fn set_clock(&self, clock: fn() -> u64) {
+        self.shared.queue.lock().clock = clock;
+    }
+
+    /// Records dropped so far: the queue was full, or the reader stalled,
+    /// went away or never came.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The log's path.
+    pub fn path(&self) -> &str {
+        &self.shared.path
     }
 }
 
 impl Drop for TraceLog {
     fn drop(&mut self) {
+        self.shared.queue.lock().closed = true;
+        self.shared.wake.notify_one();
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
         self.flush();
     }
+}
+
+impl Shared {
+    /// The writer thread: a batch at least every [`ROUND`], sooner when
+    /// the queue fills; ends when the log is closed and drained.
+    fn run(&self) {
+        loop {
+            {
+                let mut q = self.queue.lock();
+                if q.records.len() < WAKE_AT && !q.closed {
+                    self.wake.wait_for(&mut q, ROUND);
+                }
+                if q.closed {
+                    return;
+                }
+            }
+            self.drain(false);
+        }
+    }
+
+    /// Take the queue and write it. With `all`, a FIFO that still has no
+    /// reader gives up its records (counted as dropped): the log is ending.
+    fn drain(&self, all: bool) {
+        let mut w = self.writer.lock();
+        let w = &mut *w;
+        if matches!(w.output, Output::Waiting) {
+            match open(&self.path) {
+                Ok(Some(f)) => w.output = Output::Open(f),
+                Ok(None) if !all => return, // still no reader: keep waiting
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!("log_file: '{}': {e}; no trace log", self.path);
+                    self.end(&mut w.output);
+                }
+            }
+        }
+        {
+            let mut q = self.queue.lock();
+            std::mem::swap(&mut q.records, &mut w.batch);
+        }
+        if w.batch.is_empty() {
+            return;
+        }
+        let n = w.batch.len() as u64;
+        let Output::Open(file) = &w.output else {
+            self.dropped.fetch_add(n, Ordering::Relaxed);
+            w.batch.clear();
+            return;
+        };
+        w.text.clear();
+        if !w.header_done {
+            w.text.extend_from_slice(HEADER.as_bytes());
+            w.text.push(b'\n');
+        }
+        let header = w.text.len();
+        for r in &w.batch {
+            format_line(&mut w.text, r);
+        }
+        w.batch.clear();
+        match write_all(file, &w.text, Instant::now() + STALL) {
+            Ok(()) => w.header_done = true,
+            Err((written, e)) => {
+                // The lines not (fully) written are lost.
+                let lost = w.text[written.max(header)..]
+                    .iter()
+                    .filter(|&&b| b == b'\n')
+                    .count() as u64;
+                self.dropped.fetch_add(lost.min(n), Ordering::Relaxed);
+                w.header_done |= written >= header;
+                match e {
+                    WriteStop::Stalled => {
+                        static WARNED: std::sync::Once = std::sync::Once::new();
+                        WARNED.call_once(|| {
+                            tracing::warn!(
+                                "log_file: '{}': the reader is not keeping up; records are dropped (counted in log_records_dropped)",
+                                self.path
+                            )
+                        });
+                    }
+                    WriteStop::Failed(e) => {
+                        tracing::warn!("log_file: '{}': {e}; the trace log ends here", self.path);
+                        self.end(&mut w.output);
+                    }
+                }
+            }
+        }
+    }
+
+    fn end(&self, output: &mut Output) {
+        *output = Output::Ended;
+        self.ended.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Open `path` for the log without blocking: create or truncate a file;
+/// `None` for a FIFO that has no reader yet.
+fn open(path: &str) -> std::io::Result<Option<File>> {
+    match OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Why a write stopped short.
+enum WriteStop {
+    /// It would have blocked past the deadline.
+    Stalled,
+    /// An error: EPIPE (the reader went away), a full disk, ...
+    Failed(std::io::Error),
+}
+
+/// Write all of `bytes` to the non-blocking `file`, waiting for room until
+/// `deadline`, without raising SIGPIPE. On failure, how much was written.
+fn write_all(file: &File, bytes: &[u8], deadline: Instant) -> Result<(), (usize, WriteStop)> {
+    let fd = file.as_raw_fd();
+    let mut done = 0;
+    while done < bytes.len() {
+        let rest = &bytes[done..];
+        // SAFETY: `rest` is a valid buffer of `rest.len()` bytes; `fd` is open.
+        let n = without_sigpipe(|| unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) });
+        if n > 0 {
+            done += n as usize;
+            continue;
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => {}
+            Some(libc::EAGAIN) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err((done, WriteStop::Stalled));
+                }
+                let mut p = libc::pollfd {
+                    fd,
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut p, 1, left.as_millis().max(1) as libc::c_int) };
+            }
+            _ if n == 0 => {
+                return Err((
+                    done,
+                    WriteStop::Failed(std::io::ErrorKind::WriteZero.into()),
+                ))
+            }
+            _ => return Err((done, WriteStop::Failed(e))),
+        }
+    }
+    Ok(())
+}
+
+/// Run `f` (a write) with SIGPIPE blocked on this thread, and take back a
+/// SIGPIPE it raised: a reader that went away must not kill the host.
+fn without_sigpipe<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: plain signal-mask calls on valid, initialised sets; only
+    // SIGPIPE is blocked, and only on this thread, for the duration.
+    unsafe {
+        let mut pipe: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        let mut pending: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut pipe);
+        libc::sigaddset(&mut pipe, libc::SIGPIPE);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &pipe, &mut old);
+        libc::sigpending(&mut pending);
+        let was_pending = libc::sigismember(&pending, libc::SIGPIPE) == 1;
+        let r = f();
+        if !was_pending {
+            libc::sigpending(&mut pending);
+            if libc::sigismember(&pending, libc::SIGPIPE) == 1 {
+                let zero = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                libc::sigtimedwait(&pipe, std::ptr::null_mut(), &zero);
+            }
+        }
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        r
+    }
+}
+
+/// Append one CSV line. Hand-formatted: core::fmt was most of the cost.
+fn format_line(v: &mut Vec<u8>, r: &Record) {
+    let us = r.time_us;
+    let s = us / 1_000_000;
+    dec(v, r.thread as u64, 1);
+    v.push(b',');
+    dec(v, (s / 3600) % 24, 2);
+    v.push(b':');
+    dec(v, (s / 60) % 60, 2);
+    v.push(b':');
+    dec(v, s % 60, 2);
+    v.push(b'.');
+    dec(v, us % 1_000_000, 6);
+    v.push(b',');
+    v.extend_from_slice(r.action.as_str().as_bytes());
+    v.extend_from_slice(b",0x");
+    hex(v, r.ptr);
+    v.push(b',');
+    dec(v, r.size, 1);
+    v.push(b',');
+    dec(v, r.stream, 1);
+    v.push(b'\n');
 }
 
 /// Append `n` in decimal, zero-padded to at least `width` digits.

@@ -167,6 +167,10 @@ fn rows(r: &ReplayResult) -> Vec<(&'static str, String)> {
             r.trace_failures.to_string(),
         ),
         ("unmatched frees", r.unmatched_frees.to_string()),
+        (
+            "allocations of a live pointer",
+            r.allocs_of_live.to_string(),
+        ),
         ("replay time", format!("{:.2} ms", r.seconds * 1e3)),
     ]
 }

@@ -57,6 +57,9 @@ pub struct ReplayResult {
     pub trace_failures: u64,
     /// Frees of pointers the replay does not hold (failed or never seen).
     pub unmatched_frees: u64,
+    /// Allocations of a pointer the trace still holds live: the trace lost
+    /// a free, or is out of order. The replay frees the old one first.
+    pub allocs_of_live: u64,
     pub seconds: f64,
     pub capacity: u64,
     /// Times of the failures (replay and trace), in trace microseconds.
@@ -107,6 +110,7 @@ pub fn replay(events: &[Event], config: &Config, timeline: bool, gpu_lag: u64) -
                 if let Some((old, n)) = map.remove(&e.ptr) {
                     let _ = a.free(old, Some(0), e.stream);
                     requested -= n;
+                    r.allocs_of_live += 1;
                 }
                 match a.malloc(e.size, 0, e.stream) {
                     Ok(0) => {}

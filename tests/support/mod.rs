@@ -506,10 +506,15 @@ impl Harness {
             .copied()
     }
 
-    fn count_invalid(&mut self, hint_dev: Option<usize>) {
-        if let Some(d) = hint_dev.filter(|&d| d < self.devs.len()) {
-            self.devs[d].invalid_frees += 1;
-        }
+    /// An invalid free of `p` counts on the hinted device; without such a
+    /// device, on the one whose segment holds `p`, else on device 0.
+    fn count_invalid(&mut self, p: u64, hint_dev: Option<usize>) {
+        let n = self.devs.len();
+        let d = hint_dev
+            .filter(|&d| d < n)
+            .or_else(|| (0..n).find(|&d| self.spy.inside_segment(d, p, 1)))
+            .unwrap_or(0);
+        self.devs[d].invalid_frees += 1;
     }
 
     /// Free `p`, live or not, checking the result against the model.
@@ -546,7 +551,7 @@ impl Harness {
                 if e.code != ErrorCode::CUDALLOC_ERR_INVALID_FREE {
                     return Err(format!("invalid free of {p:#x}: wrong code {:?}", e.code));
                 }
-                self.count_invalid(Some(hint_dev));
+                self.count_invalid(p, Some(hint_dev));
             }
         }
         Ok(())
