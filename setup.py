@@ -1,11 +1,15 @@
-"""Build glue for `pip install .`: compile the Rust cdylib with cargo and put
-libcudalloc.so inside the `cudalloc` package, plus the start-up hook
-cudalloc-autoenable.pth at the top of site-packages (for CUDALLOC=1).
+"""Build glue for `pip install .`: compile the Rust cdylib and the `cudalloc`
+command-line tool with cargo and put them inside the `cudalloc` package
+(libcudalloc.so, bin/cudalloc; the `cudalloc` console script runs the
+latter), plus the start-up hook cudalloc-autoenable.pth at the top of
+site-packages (for CUDALLOC=1). Both binaries go into the wheel without their
+debug information (`strip --strip-debug`); cargo's own copies keep it.
 
 Environment: CARGO (the cargo to run), CARGO_TARGET_DIR (reuse a target dir),
-CUDALLOC_CARGO_PROFILE (default: release).
+CUDALLOC_CARGO_PROFILE (default: release), STRIP (the strip to run).
 """
 
+import json
 import os
 import re
 import shutil
@@ -22,6 +26,7 @@ except ImportError:  # pragma: no cover
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 LIB = "libcudalloc.so"
+BIN = "cudalloc"  # the command-line tool (src/main.rs)
 PTH = "cudalloc-autoenable.pth"
 
 
@@ -31,7 +36,9 @@ def cargo_version():
     return m.group(1)
 
 
-def build_library():
+def build_binaries():
+    """cargo build the library and the command-line tool; return their paths
+    and the strip to ship them with (None: cargo already left debug info out)."""
     cargo = os.environ.get("CARGO", "cargo")
     if shutil.which(cargo) is None:
         raise SystemExit(
@@ -39,28 +46,57 @@ def build_library():
             "or set CARGO=/path/to/cargo"
         )
     profile = os.environ.get("CUDALLOC_CARGO_PROFILE", "release")
-    cmd = [cargo, "build", "--lib", "--locked", "--profile", profile,
-           "--manifest-path", os.path.join(ROOT, "Cargo.toml")]
+    manifest = os.path.join(ROOT, "Cargo.toml")
+    env = dict(os.environ)
+    strip = shutil.which(os.environ.get("STRIP") or "strip")
+    if strip is None:
+        # Without strip, cargo leaves the debug information out itself (a
+        # build of its own: the profile's artifacts keep theirs otherwise).
+        key = "CARGO_PROFILE_" + ("DEV" if profile == "dev" else profile.upper().replace("-", "_"))
+        env[key + "_STRIP"] = "debuginfo"
+        print("cudalloc: no strip on PATH; cargo builds without debug information", flush=True)
+    cmd = [cargo, "build", "--lib", "--bin", "cudalloc", "--locked", "--profile", profile,
+           "--manifest-path", manifest]
     print("cudalloc: " + " ".join(cmd), flush=True)
-    subprocess.check_call(cmd, cwd=ROOT)
-    target = os.environ.get("CARGO_TARGET_DIR") or "target"
-    target = os.path.join(ROOT, target)  # a relative dir is relative to ROOT
-    out = os.path.join(target, "debug" if profile == "dev" else profile, LIB)
-    if not os.path.isfile(out):
-        raise SystemExit(f"cargo finished but {out} is missing")
-    return out
+    subprocess.check_call(cmd, cwd=ROOT, env=env)
+    meta = subprocess.check_output(
+        [cargo, "metadata", "--format-version", "1", "--no-deps", "--manifest-path", manifest],
+        cwd=ROOT,
+    )
+    target = json.loads(meta)["target_directory"]  # CARGO_TARGET_DIR, .cargo/config
+    outdir = os.path.join(target, "debug" if profile == "dev" else profile)
+    outs = [os.path.join(outdir, name) for name in (LIB, BIN)]
+    for out in outs:
+        if not os.path.isfile(out):
+            raise SystemExit(f"cargo finished but {out} is missing")
+    return outs, strip
+
+
+def ship(src, dest, strip):
+    """Copy a built binary into the package, without its debug information."""
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    if os.path.lexists(dest):
+        os.remove(dest)
+    if strip is not None:
+        subprocess.check_call([strip, "--strip-debug", "-o", dest, src])
+    else:
+        shutil.copyfile(src, dest)
+    os.chmod(dest, 0o755)
+    print(f"cudalloc: {dest} ({os.path.getsize(dest) / 2**20:.1f} MiB)", flush=True)
 
 
 class build_py_with_cargo(build_py):
     def run(self):
         super().run()
-        lib = build_library()
-        self.copy_file(lib, os.path.join(self.build_lib, "cudalloc", LIB))
+        (lib, cli), strip = build_binaries()
+        ship(lib, os.path.join(self.build_lib, "cudalloc", LIB), strip)
+        ship(cli, os.path.join(self.build_lib, "cudalloc", "bin", BIN), strip)
         self.copy_file(os.path.join(ROOT, "python", PTH), os.path.join(self.build_lib, PTH))
 
     def get_outputs(self, include_bytecode=True):
         return super().get_outputs(include_bytecode) + [
             os.path.join(self.build_lib, "cudalloc", LIB),
+            os.path.join(self.build_lib, "cudalloc", "bin", BIN),
             os.path.join(self.build_lib, PTH),
         ]
 

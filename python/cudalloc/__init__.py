@@ -105,6 +105,12 @@ def stats_json():
 
 def leak_report(min_age_s=0.0, json=False):
     """Live allocations at least ``min_age_s`` seconds old (text, or JSON text)."""
+    import numbers
+
+    if isinstance(min_age_s, bool) or not isinstance(min_age_s, numbers.Real):
+        raise TypeError(
+            f"leak_report(): min_age_s must be a number of seconds, not {type(min_age_s).__name__}"
+        )
     _lib = _require("cudalloc_leak_report")
     return _lib.read_sized(_lib.lib().cudalloc_leak_report, float(min_age_s), 1 if json else 0)
 
@@ -117,6 +123,8 @@ def on_oom(callback):
     has flushed its cache and before its last retry (e.g. to drop Python-side
     caches and ``gc.collect()``). It runs on the allocating thread, possibly
     a PyTorch worker thread: it must not allocate CUDA memory. Cannot be removed."""
+    if not callable(callback):
+        raise TypeError(f"on_oom() needs a callable, not {type(callback).__name__}")
     _lib = _require("cudalloc_register_oom_callback")
 
     def trampoline(device, requested, _user):
@@ -137,6 +145,8 @@ def on_pressure(callback):
     """Register ``callback(device, level)`` (0 LOW, 1 MODERATE, 2 HIGH,
     3 CRITICAL), run when a device's pressure level changes. Same threading
     caveats as :func:`on_oom`. Cannot be removed."""
+    if not callable(callback):
+        raise TypeError(f"on_pressure() needs a callable, not {type(callback).__name__}")
     _lib = _require("cudalloc_register_pressure_callback")
 
     def trampoline(device, level, _user):

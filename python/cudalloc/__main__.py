@@ -1,4 +1,5 @@
 """``python -m cudalloc [--conf CONF] [--no-patch] (script.py | -m module) [args...]``
+(``python -m cudalloc --version``: the package's version and its library)
 
 Runs a script or module with cudalloc enabled as soon as it imports torch,
 exactly like ``CUDALLOC=1``. Child processes inherit ``CUDALLOC=1`` (and the
@@ -23,8 +24,16 @@ def main(argv=None):
         help="leave torch.cuda.memory_stats() and friends alone (CUDALLOC_PATCH_TORCH=0)",
     )
     parser.add_argument("-m", dest="module", help="run a library module as a script")
+    parser.add_argument(
+        "--version",
+        action="store_true",
+        help="print the package's version and the library it uses, then exit",
+    )
     parser.add_argument("args", nargs=argparse.REMAINDER, help="script.py and its arguments")
     opts = parser.parse_args(argv)
+    if opts.version:
+        print(version_text())
+        return 0
     if opts.module is None and not opts.args:
         parser.error("give a script to run, or -m MODULE")
 
@@ -49,6 +58,21 @@ def main(argv=None):
         sys.path[0] = os.path.dirname(os.path.abspath(script))
         runpy.run_path(script, run_name="__main__")
     return 0
+
+
+def version_text():
+    """The package's version and location, and the library it would load
+    (loaded, not started: no device is touched)."""
+    from . import __version__, _lib
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    lines = [f"cudalloc {__version__} (Python package: {package})"]
+    try:
+        _lib.lib()
+        lines.append(f"library: {_lib.loaded_path()}")
+    except _lib.CudallocError as e:
+        lines.append(f"library: not loadable: {e}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

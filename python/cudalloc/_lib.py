@@ -153,6 +153,17 @@ def lib():
                 handle = ctypes.CDLL(path)
             except OSError as e:
                 raise CudallocError(f"cannot load {path}: {e}") from None
+            if not hasattr(handle, "cudalloc_malloc"):
+                raise CudallocError(
+                    f"{path} is not a cudalloc library (no cudalloc_malloc symbol)"
+                    + (f"; {LIBRARY_ENV} names it" if os.environ.get(LIBRARY_ENV) else "")
+                )
+            missing = [name for name in _SIGNATURES if not hasattr(handle, name)]
+            if missing:
+                raise CudallocError(
+                    f"{path} lacks {', '.join(missing)}: it is not a complete "
+                    "cudalloc library (rebuild it with cargo build --lib)"
+                )
             for name, (res, args) in _SIGNATURES.items():
                 fn = getattr(handle, name)
                 fn.restype, fn.argtypes = res, args
@@ -213,9 +224,25 @@ def check_last():
     check(lib().cudalloc_last_error())
 
 
+def conf_text(conf, what="the configuration"):
+    """``conf`` checked as a configuration string: TypeError unless a str,
+    ConfigError if it holds a NUL (C would read only up to it)."""
+    if not isinstance(conf, str):
+        raise TypeError(
+            f"{what} must be a str (CUDALLOC_CONF syntax, key:value,...), "
+            f"not {type(conf).__name__}"
+        )
+    if "\0" in conf:
+        raise ConfigError(
+            f"{what} contains a NUL character (at index {conf.index(chr(0))}): {conf!r}",
+            ERR_CONFIG,
+        )
+    return conf
+
+
 def init(conf=None):
     """``cudalloc_init``: ConfigError naming the key on a bad string."""
-    arg = None if conf is None else conf.encode("utf-8")
+    arg = None if conf is None else conf_text(conf).encode("utf-8")
     check(lib().cudalloc_init(arg))
 
 

@@ -7,6 +7,7 @@ counters per device (no small/large split in the statistics), so only the
 """
 
 import collections
+import operator
 import sys
 
 from . import _lib
@@ -38,7 +39,15 @@ def device_index(device=None):
         kind, _, idx = device.partition(":")
         if kind != "cuda":
             raise ValueError(f"expected a CUDA device, got {device!r}")
-        return _checked(int(idx)) if idx else device_index(None)
+        if not idx:
+            return device_index(None)
+        try:
+            index = int(idx)
+        except ValueError:
+            raise ValueError(f"invalid device {device!r}: expected 'cuda' or 'cuda:N'") from None
+        return _checked(index)
+    if hasattr(type(device), "__index__"):  # an integer type of another kind (numpy)
+        return _checked(operator.index(device))
     kind = getattr(device, "type", None)
     if kind is not None:  # torch.device
         if kind != "cuda":

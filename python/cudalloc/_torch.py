@@ -64,7 +64,7 @@ def effective_conf(conf=None):
     device memory, so when no ``backend`` is named this asks for ``cuda``
     rather than ``auto`` (which falls back to the simulated device).
     """
-    text = conf if conf is not None else os.environ.get(CONF_ENV, "")
+    text = _lib.conf_text(conf) if conf is not None else os.environ.get(CONF_ENV, "")
     keys = {item.split(":", 1)[0].strip() for item in text.split(",") if item.strip()}
     if "backend" not in keys:
         text = "backend:cuda," + text if text.strip() else "backend:cuda"

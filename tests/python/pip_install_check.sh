@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # `pip install .` into a fresh venv, then check the installed package:
-# the wheel holds libcudalloc.so and the start-up hook, `import cudalloc`
-# works without torch or CUDA, the hook is inert when CUDALLOC is unset and
-# live when set, and the Python tests pass against the installed copy.
+# the wheel holds libcudalloc.so, the `cudalloc` command-line tool (both
+# without debug information) and the start-up hook, the `cudalloc` command
+# is on the venv's PATH and runs, `import cudalloc` works without torch or
+# CUDA, the hook is inert when CUDALLOC is unset and live when set, and the
+# Python tests pass against the installed copy.
 # One release build of the crate (CARGO_TARGET_DIR is honoured; default target/).
 # Run from CI by scripts/test.d/python.sh; by hand: bash tests/python/pip_install_check.sh
 set -euo pipefail
@@ -27,8 +29,14 @@ esac
 "$V" - "$whl" <<'PYEOF'
 import sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
-for need in ("cudalloc/libcudalloc.so", "cudalloc/__init__.py", "cudalloc-autoenable.pth"):
+for need in ("cudalloc/libcudalloc.so", "cudalloc/bin/cudalloc", "cudalloc/_cli.py",
+             "cudalloc/__init__.py", "cudalloc-autoenable.pth"):
     assert need in names, f"{need} missing from the wheel: {sorted(names)}"
+z = zipfile.ZipFile(sys.argv[1])
+mode = z.getinfo("cudalloc/bin/cudalloc").external_attr >> 16
+assert mode & 0o111, f"cudalloc/bin/cudalloc is not executable in the wheel: {oct(mode)}"
+ep = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+assert ep and "cudalloc = cudalloc._cli:main" in z.read(ep[0]).decode(), ep
 PYEOF
 "$V" -m pip install -q "$whl" pytest
 
@@ -44,6 +52,32 @@ assert cudalloc.library_path() == os.path.join(site, "cudalloc", "libcudalloc.so
 assert os.path.isfile(os.path.join(site, "cudalloc-autoenable.pth"))
 print("import cudalloc: ok,", cudalloc.library_path())
 '
+# The wheel's binaries carry no debug information.
+site=$("$V" -c 'import cudalloc, os; print(os.path.dirname(cudalloc.__file__))')
+for f in "$site/libcudalloc.so" "$site/bin/cudalloc"; do
+    if command -v readelf >/dev/null; then
+        sections=$(readelf -S -W "$f")
+        if grep -q '\.debug_info' <<<"$sections"; then
+            echo "$f has a .debug_info section: not stripped" >&2
+            exit 1
+        fi
+    elif command -v file >/dev/null && file "$f" | grep -q 'with debug_info'; then
+        echo "$f has debug information: not stripped" >&2
+        exit 1
+    fi
+    echo "installed $(basename "$f"): $(du -h "$f" | cut -f1), no debug information"
+done
+# The `cudalloc` command: on the venv's PATH, running the bundled tool.
+PATH="$tmp/venv/bin:$PATH"
+[ "$(command -v cudalloc)" = "$tmp/venv/bin/cudalloc" ] || { echo "cudalloc is not on the venv's PATH" >&2; exit 1; }
+help=$(cudalloc --help)
+grep -q '^Usage: cudalloc' <<<"$help" || { echo "cudalloc --help: $help" >&2; exit 1; }
+out=$(cudalloc replay "$REPO/tests/data/random_seed1.csv")
+grep -q 'failures (OOM at this capacity) *0$' <<<"$out" || { echo "cudalloc replay: $out" >&2; exit 1; }
+echo "cudalloc command: ok ($(grep -c . <<<"$out") lines from cudalloc replay tests/data/random_seed1.csv)"
+version=$("$V" -m cudalloc --version)
+grep -qx "library: $site/libcudalloc.so" <<<"$version" ||
+    { echo "python -m cudalloc --version: $version" >&2; exit 1; }
 # The hook: inert without CUDALLOC, armed with it.
 "$V" -c 'import sys; m = [x for x in sys.modules if x.startswith(("cudalloc", "torch"))]; assert not m, m'
 CUDALLOC=1 "$V" -c 'import sys; assert "cudalloc._autoenable" in sys.modules and "torch" not in sys.modules'
