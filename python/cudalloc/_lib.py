@@ -82,6 +82,7 @@ STATS_FIELDS = (
     "trimmed_bytes",
     "num_leak_age_alarms",
     "num_leak_growth_alarms",
+    "log_records_dropped",
 )
 _STATS_SLOTS = 512  # uint64 slots handed to cudalloc_get_stats: 4 KiB of headroom
 
