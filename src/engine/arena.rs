@@ -107,6 +107,9 @@ pub(crate) struct Stash {
 
 #[derive(Debug, Default)]
 pub(crate) struct ArenaInner {
+    /// The clock of allocation and idle stamps when a test set one
+    /// (`Allocator::set_clock`); the real coarse clock otherwise.
+    pub clock: Option<fn() -> u64>,
     pub stash: Stash,
     pub blocks: Blocks,
     pub segs: Vec<Option<Segment>>,
@@ -176,25 +179,38 @@ pub struct Arena {
 }
 
 impl Arena {
-    pub(crate) fn new(stream: Stream) -> Self {
+    /// `clock` stamps allocations and idle segments (see `ArenaInner::clock`).
+    pub(crate) fn new(stream: Stream, clock: Option<fn() -> u64>) -> Self {
         Arena {
             stream,
             pooled: false,
-            inner: Mutex::new(ArenaInner::default()),
+            inner: Mutex::new(ArenaInner {
+                clock,
+                ..ArenaInner::default()
+            }),
             bytes: ArenaBytes::default(),
         }
     }
 
     /// An arena for a private pool's allocations on `stream`.
-    pub(crate) fn new_pooled(stream: Stream) -> Self {
+    pub(crate) fn new_pooled(stream: Stream, clock: Option<fn() -> u64>) -> Self {
         Arena {
             pooled: true,
-            ..Arena::new(stream)
+            ..Arena::new(stream, clock)
         }
     }
 }
 
 impl ArenaInner {
+    /// Coarse monotonic milliseconds, by this arena's clock.
+    #[inline]
+    fn now_ms(&self) -> u64 {
+        match self.clock {
+            None => now_ms(),
+            Some(c) => c(),
+        }
+    }
+
     pub fn seg(&self, s: u32) -> &Segment {
         self.segs[s as usize].as_ref().expect("segment slot in use")
     }
@@ -283,7 +299,7 @@ impl ArenaInner {
             block: i,
             requested,
             seq: self.seq,
-            time_ms: now_ms(),
+            time_ms: self.now_ms(),
             thread: thread_id(),
             streams: Vec::new(),
         };
@@ -318,7 +334,7 @@ impl ArenaInner {
     fn make_idle(&mut self, s: u32) {
         let pos = self.idle.len() as u32;
         self.idle.push(s);
-        let (epoch, now) = (self.epoch, now_ms());
+        let (epoch, now) = (self.epoch, self.now_ms());
         let seg = self.seg_mut(s);
         debug_assert_eq!(seg.idle_pos, NIL);
         seg.idle_pos = pos;

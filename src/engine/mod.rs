@@ -118,6 +118,9 @@ pub(crate) struct DeviceCore {
     /// `empty_cache` (`Device::capture_underway`). A `record_stream` stream
     /// may have no arena of its own, and leave no other trace.
     pub capture_streams: Mutex<Vec<Stream>>,
+    /// The clock of new arenas' stamps, when a test set one
+    /// (`Allocator::set_clock`).
+    clock: OnceCell<fn() -> u64>,
 }
 
 impl DeviceCore {
@@ -154,6 +157,11 @@ impl DeviceCore {
                 c.push(s);
             }
         }
+    }
+
+    /// The clock a test set for this device's stamps, if any.
+    pub fn clock(&self) -> Option<fn() -> u64> {
+        self.clock.get().copied()
     }
 
     pub fn put_event(&self, e: Event) {
@@ -261,7 +269,7 @@ impl Device {
         let mut map = self.arenas.write();
         let arc = map
             .entry((stream, 0))
-            .or_insert_with(|| Arc::new(Arena::new(stream)))
+            .or_insert_with(|| Arc::new(Arena::new(stream, self.core.clock())))
             .clone();
         drop(map);
         // SAFETY: arenas are never removed from `self.arenas`, so the Arc in
@@ -670,6 +678,7 @@ impl Allocator {
                     capture_seen: AtomicBool::new(false),
                     captures: AtomicUsize::new(0),
                     capture_streams: Mutex::new(Vec::new()),
+                    clock: OnceCell::new(),
                 },
                 arenas: RwLock::new(FxHashMap::default()),
                 slow: Mutex::new(()),

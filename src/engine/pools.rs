@@ -203,7 +203,7 @@ impl Device {
                 let arc = match spare.iter().position(|a| a.stream == stream) {
                     Some(i) => spare.swap_remove(i),
                     None => {
-                        let arc = Arc::new(Arena::new_pooled(stream));
+                        let arc = Arc::new(Arena::new_pooled(stream, self.core.clock()));
                         *next_key += 1;
                         self.arenas.write().insert((stream, *next_key), arc.clone());
                         arc

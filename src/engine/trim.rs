@@ -13,6 +13,18 @@ impl Allocator {
         &self.observe
     }
 
+    /// Stamp allocations, idle segments and periodic work (pressure, trim,
+    /// the leak alarms) by `clock`, coarse monotonic milliseconds, instead
+    /// of the real clock: tests advance time by counts instead of waiting.
+    /// Call it before the first allocation; only the first call counts.
+    #[doc(hidden)]
+    pub fn set_clock(&self, clock: fn() -> u64) {
+        for d in &self.devices {
+            let _ = d.core.clock.set(clock);
+        }
+        self.observe.set_clock(clock);
+    }
+
     /// Release idle cached segments of `device`, the longest idle first,
     /// until at least `want` bytes are released or none is left. Never
     /// blocks: a segment goes only once its free is proven complete.

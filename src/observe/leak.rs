@@ -9,9 +9,13 @@ use crate::tracking::{now_ms, LiveInfo};
 use serde_json::json;
 use std::fmt::Write as _;
 
-/// Live allocations at least `min_age_ms` old, biggest first.
-fn old_allocations(alloc: &Allocator, device: Option<usize>, min_age_ms: u64) -> Vec<LiveInfo> {
-    let now = now_ms();
+/// Live allocations at least `min_age_ms` old at `now`, biggest first.
+fn old_allocations(
+    alloc: &Allocator,
+    device: Option<usize>,
+    min_age_ms: u64,
+    now: u64,
+) -> Vec<LiveInfo> {
     let mut live: Vec<LiveInfo> = alloc
         .live_allocations(device)
         .into_iter()
@@ -54,7 +58,7 @@ const TEXT_LIST: usize = 20;
 /// call site when any allocation has one. Never calls the driver.
 pub fn report(alloc: &Allocator, min_age_ms: u64, json_out: bool) -> String {
     let now = now_ms();
-    let live = old_allocations(alloc, None, min_age_ms);
+    let live = old_allocations(alloc, None, min_age_ms, now);
     let bytes: u64 = live.iter().map(|l| l.size).sum();
     let sited = live.iter().any(|l| l.site != 0);
     let groups = if sited {
@@ -172,7 +176,7 @@ impl AgeAlarm {
         }
         self.last_scan = now;
         let cutoff = now - self.age_ms;
-        let fresh: Vec<LiveInfo> = old_allocations(alloc, Some(device), self.age_ms)
+        let fresh: Vec<LiveInfo> = old_allocations(alloc, Some(device), self.age_ms, now)
             .into_iter()
             .filter(|l| l.time_ms > self.reported_upto || self.reported_upto == 0)
             .collect();

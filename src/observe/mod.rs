@@ -31,6 +31,7 @@ use crate::stats::cudalloc_stats;
 use crate::tracking::now_ms;
 use callsite::Sampler;
 use leak::{AgeAlarm, GrowthAlarm};
+use once_cell::sync::OnceCell;
 use parking_lot::{Mutex, RwLock};
 use pressure::{Level, PressureCallback, PressureState};
 use std::cell::Cell;
@@ -84,6 +85,8 @@ pub struct Observer {
     trim_threshold: f64,
     watches: Vec<Watch>,
     pressure_callbacks: RwLock<Vec<PressureCallback>>,
+    /// The clock of periodic work, when a test sets one (see `set_clock`).
+    clock: OnceCell<fn() -> u64>,
 }
 
 impl Observer {
@@ -139,7 +142,22 @@ impl Observer {
             trim_threshold: config.trim_threshold,
             watches,
             pressure_callbacks: RwLock::new(Vec::new()),
+            clock: OnceCell::new(),
         }
+    }
+
+    /// Drive periodic work (its due times, the leak alarms' ages and
+    /// windows) by `clock`, in coarse monotonic milliseconds like
+    /// `tracking::now_ms`, instead of the real clock: tests advance time by
+    /// counts, not by waiting. Only the first call counts.
+    #[doc(hidden)]
+    pub fn set_clock(&self, clock: fn() -> u64) {
+        let _ = self.clock.set(clock);
+    }
+
+    /// Now, by the clock of periodic work.
+    fn now(&self) -> u64 {
+        self.clock.get().map_or_else(now_ms, |c| c())
     }
 
     /// After `alloc.malloc(size, device, stream)` returned `r` (only when
@@ -205,7 +223,7 @@ impl Observer {
     #[cold]
     #[inline(never)]
     fn maybe_tick(&self, alloc: &Allocator) {
-        let now = now_ms();
+        let now = self.now();
         let next = self.next_tick.load(Ordering::Relaxed);
         if now >= next
             && self
@@ -224,7 +242,7 @@ impl Observer {
 
     /// Periodic work now, for every device: pressure and trim, then the alarms.
     pub fn tick(&self, alloc: &Allocator) {
-        let now = now_ms();
+        let now = self.now();
         for (d, w) in self.watches.iter().enumerate() {
             if !alloc.device_used(d) {
                 // Nothing to sample, trim or alarm about; and asking the

@@ -54,7 +54,7 @@ def test_hook_does_nothing_when_cudalloc_unset(sitedir):
         assert r.stderr == ""
 
 
-def test_hook_import_cost_is_negligible(sitedir, tmp_path):
+def test_hook_imports_nothing_with_cudalloc_unset(sitedir, tmp_path):
     # Process the hook's .pth and an empty .pth many times each, in a fresh
     # interpreter with CUDALLOC unset: the difference is the hook's cost.
     empty = tmp_path / "empty"
@@ -82,9 +82,10 @@ def test_hook_import_cost_is_negligible(sitedir, tmp_path):
     assert r.returncode == 0, r.stderr
     new_modules, extra_us = r.stdout.splitlines()
     assert new_modules == "[]", "the hook imported modules with CUDALLOC unset"
+    # A figure, not a check (tests do not depend on the machine's speed): one
+    # dict lookup costs microseconds; importing cudalloc or torch would cost
+    # milliseconds, which the module check above rules out.
     print(f"hook cost with CUDALLOC unset: {float(extra_us):.1f} us over an empty .pth")
-    # One dict lookup: microseconds. Importing cudalloc (or torch) would cost milliseconds.
-    assert float(extra_us) < 500.0
 
 
 def test_hook_enables_when_torch_is_imported(sitedir):
