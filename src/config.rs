@@ -99,8 +99,10 @@ pub struct OptionSpec {
 const DURATION_ACCEPTED: &str =
     "off, or a duration with unit ms, s, min or h (decimals allowed), e.g. 300s";
 
-const SIZE_ACCEPTED: &str =
-    "a byte count with optional suffix K/M/G/T (= KiB/MiB/GiB/TiB), e.g. 16GiB";
+/// The largest simulated device: half its 16 TiB address window, so that
+/// every byte of it can be handed out whatever the sizes (each segment
+/// takes a 2 MiB guard gap in the window).
+pub const SIM_MEMORY_MAX: u64 = 8 << 40;
 
 /// Every option cudalloc understands.
 pub static OPTIONS: &[OptionSpec] = &[
@@ -135,11 +137,13 @@ pub static OPTIONS: &[OptionSpec] = &[
     },
     OptionSpec {
         key: "sim_memory",
-        accepted: SIZE_ACCEPTED,
+        accepted: "a byte count from 1 to 8TiB with optional suffix K/M/G/T, e.g. 16GiB",
         default: "16GiB",
         doc: "capacity of each simulated device",
         set: |c, v| {
-            c.sim_memory = parse_size(v).filter(|n| *n > 0).ok_or_else(String::new)?;
+            c.sim_memory = parse_size(v)
+                .filter(|n| (1..=SIM_MEMORY_MAX).contains(n))
+                .ok_or_else(String::new)?;
             Ok(())
         },
         get: |c| format_size(c.sim_memory),
@@ -473,6 +477,7 @@ impl Config {
     /// configuration is left unchanged.
     pub fn apply(&mut self, s: &str) -> Result<()> {
         let mut next = self.clone();
+        let mut seen: Vec<&str> = Vec::new();
         for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
             let Some((key, value)) = item.split_once(':') else {
                 return Err(Error::config(format!(
@@ -487,6 +492,12 @@ impl Config {
                     keys()
                 )));
             };
+            if seen.contains(&key) {
+                tracing::warn!(
+                    "{CONF_ENV}: key '{key}' is given more than once; the last value, '{value}', is used"
+                );
+            }
+            seen.push(opt.key);
             (opt.set)(&mut next, value).map_err(|why| {
                 let why = if why.is_empty() {
                     String::new()
@@ -755,6 +766,63 @@ mod tests {
         assert!(Config::parse("backtrace:65").is_err());
         assert!(Config::parse("trim_threshold:0").is_err());
         assert!(Config::parse("leak_report:now").is_err());
+    }
+
+    #[test]
+    fn sim_memory_stays_within_the_simulated_address_window() {
+        assert_eq!(
+            Config::parse("sim_memory:8TiB").unwrap().sim_memory,
+            8 << 40
+        );
+        let e = Config::parse("sim_memory:64TiB").unwrap_err();
+        assert!(
+            e.message.contains("'sim_memory'") && e.message.contains("1 to 8TiB"),
+            "{e}"
+        );
+        assert!(Config::parse("sim_memory:0").is_err());
+    }
+
+    /// Logs of `f`, at every level, on this thread.
+    pub(crate) fn captured_logs(f: impl FnOnce()) -> String {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let out = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || out.clone())
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = sink.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn a_key_given_twice_is_warned_about() {
+        let mut c = None;
+        let logs = captured_logs(|| c = Some(Config::parse("sim_devices:2,sim_devices:3")));
+        assert_eq!(c.unwrap().unwrap().sim_devices, 3);
+        assert!(
+            logs.contains(
+                "key 'sim_devices' is given more than once; the last value, '3', is used"
+            ),
+            "{logs}"
+        );
+        let logs = captured_logs(|| {
+            Config::parse("sim_devices:2,sim_memory:1GiB").unwrap();
+        });
+        assert!(logs.is_empty(), "{logs}");
     }
 
     #[test]

@@ -247,13 +247,21 @@ fn row_begin_allocate_to_pool_refuses() {
         return;
     }
     let before = all_stats();
-    for (device, first, second) in [(0, 1, 0), (-1, 0, 0), (1 << 20, u64::MAX, 7)] {
+    for (device, first, second, code) in [
+        (0, 1, 0, ErrorCode::CUDALLOC_ERR_UNSUPPORTED),
+        (1, 2, 3, ErrorCode::CUDALLOC_ERR_UNSUPPORTED),
+        // A bad device is that, before anything else.
+        (-1, 0, 0, ErrorCode::CUDALLOC_ERR_INVALID_DEVICE),
+        (NDEV, 1, 0, ErrorCode::CUDALLOC_ERR_INVALID_DEVICE),
+        (1 << 20, u64::MAX, 7, ErrorCode::CUDALLOC_ERR_INVALID_DEVICE),
+    ] {
         let pool = cudalloc::ffi::cudalloc_mempool_id { first, second };
         // SAFETY: a NULL filter is allowed (and refused before it is read).
         unsafe {
             cudalloc::ffi::cudalloc_begin_allocate_to_pool(device, pool, std::ptr::null_mut())
         };
-        assert_eq!(last(), ErrorCode::CUDALLOC_ERR_UNSUPPORTED);
+        assert_eq!(last(), code, "device {device}");
+        assert!(msg().contains(&format!("device {device}")), "{}", msg());
     }
     assert_unchanged(&before, |_, _| {});
     check();

@@ -164,11 +164,25 @@ pub unsafe extern "C-unwind" fn cudalloc_begin_allocate_to_pool(
     filter: *mut c_void,
 ) {
     let id = (pool.first, pool.second);
-    let serve = guard("cudalloc_begin_allocate_to_pool", || {
-        global::get().map(|a| a.config().graph_pools).ok()
+    // A bad device is said first, whatever else is wrong.
+    let (serve, bad_device) = guard("cudalloc_begin_allocate_to_pool", || {
+        let a = global::get().ok()?;
+        let bad = match device_index(device) {
+            Some(d) if d < a.device_count() => None,
+            _ => Some(Error::invalid_device(device as i64, a.device_count())),
+        };
+        Some((a.config().graph_pools, bad))
     })
-    .unwrap_or(false);
-    let message = if !serve {
+    .unwrap_or((false, None));
+    let message = if let Some(e) = bad_device {
+        guard("cudalloc_begin_allocate_to_pool", || {
+            set_error(&e);
+            Some(format!(
+                "cudalloc: begin_allocate_to_pool (pool ({}, {})): {}",
+                id.0, id.1, e.message
+            ))
+        })
+    } else if !serve {
         refuse_pool(format!(
             "cudalloc does not serve PyTorch's private memory pools unless asked (device {device}, \
              pool ({}, {})). CUDA graph capture (torch.cuda.graph, make_graphed_callables, \

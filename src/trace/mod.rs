@@ -51,6 +51,8 @@ fn parse_u64(s: &str) -> Option<u64> {
 /// several threads is in order per thread only. Times that fall back by more
 /// than 12 hours are taken to have passed midnight.
 pub fn parse(text: &str) -> Result<Vec<Event>, String> {
+    // A byte-order mark (spreadsheets write one) is not part of the header.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut lines = text.lines().enumerate();
     let (_, header) = lines.next().ok_or("empty trace")?;
     let cols: Vec<&str> = header.split(',').map(str::trim).collect();
@@ -162,6 +164,11 @@ mod tests {
         assert_eq!(parse_time("01:02:03:000004"), Some(3_723_000_004));
         assert_eq!(parse_time("01:02:03.5"), Some(3_723_500_000));
         assert!(parse("Thread,Time\n").is_err());
+        assert_eq!(
+            parse(&format!("\u{feff}{}", to_csv(&ev))).unwrap(),
+            ev,
+            "a byte-order mark is skipped"
+        );
         assert!(parse(&format!("{HEADER}\n1,00:00:00.000001,alloc,0x1,1,0")).is_err());
     }
 }
