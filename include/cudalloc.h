@@ -390,13 +390,17 @@ double cudalloc_get_memory_fraction(int device);
 void cudalloc_set_memory_fraction(double fraction, int device);
 
 /**
- * Initialise cudalloc with a configuration string in `CUDALLOC_CONF` syntax
- * (`key:value,key:value`), or from `CUDALLOC_CONF` when `conf` is NULL.
+ * Initialise cudalloc with the program's configuration string, in
+ * `CUDALLOC_CONF` syntax (`key:value,key:value`; NULL: none).
  *
- * Optional: the first allocation initialises from the environment. Returns
- * `CUDALLOC_OK`, `CUDALLOC_ERR_CONFIG` (the message names the key and what
- * it accepts), or `CUDALLOC_ERR_ALREADY_INITIALIZED` when another
- * configuration is already in force. On error nothing changes.
+ * The string gives the program's defaults: `CUDALLOC_CONF` overrides them
+ * key by key, so an operator's setting is never ignored (`cudalloc config`
+ * prints where each value comes from). Optional: the first allocation
+ * initialises from the environment alone. Returns `CUDALLOC_OK`,
+ * `CUDALLOC_ERR_CONFIG` (the message names the key, what it accepts, and
+ * whether the string or `CUDALLOC_CONF` had it), or
+ * `CUDALLOC_ERR_ALREADY_INITIALIZED` when another configuration is already
+ * in force. On error nothing changes.
  *
  * # Safety
  * 1. `conf` is NULL or points to a NUL-terminated string.

@@ -454,50 +454,148 @@ impl Default for Config {
     }
 }
 
+/// Where an option's value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The options table's default.
+    Default,
+    /// The program: `cudalloc_init`'s string (Python: `configure`/`enable`).
+    Program,
+    /// The operator: `CUDALLOC_CONF`.
+    Environment,
+}
+
+impl Source {
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Default => "default",
+            Source::Program => "program",
+            Source::Environment => CONF_ENV,
+        }
+    }
+}
+
+/// A configuration and where each value came from (by [`OPTIONS`] row).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layered {
+    pub config: Config,
+    pub sources: Vec<Source>,
+}
+
+impl Layered {
+    /// Where the value of `key` came from.
+    pub fn source(&self, key: &str) -> Option<Source> {
+        OPTIONS
+            .iter()
+            .position(|o| o.key == key)
+            .map(|i| self.sources[i])
+    }
+
+    /// The effective configuration, one option a line, each with its source.
+    pub fn render(&self) -> String {
+        render(&self.config, Some(&self.sources))
+    }
+
+    /// One line: every value that is not a default, with its source.
+    pub fn summary(&self) -> String {
+        let set: Vec<String> = OPTIONS
+            .iter()
+            .zip(&self.sources)
+            .filter(|(_, s)| **s != Source::Default)
+            .map(|(o, s)| format!("{}:{} ({})", o.key, (o.get)(&self.config), s.name()))
+            .collect();
+        if set.is_empty() {
+            "the defaults".into()
+        } else {
+            set.join(", ")
+        }
+    }
+}
+
+/// `CUDALLOC_CONF`'s value: `None` when unset.
+pub fn env_conf() -> Result<Option<String>> {
+    match std::env::var(CONF_ENV) {
+        Ok(s) => Ok(Some(s)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            Err(Error::config(format!("{CONF_ENV} is not valid UTF-8")))
+        }
+    }
+}
+
 impl Config {
     /// Parse a `key:value,key:value` string on top of the defaults.
     pub fn parse(s: &str) -> Result<Config> {
         let mut c = Config::default();
-        c.apply(s)?;
+        c.apply_from(s, "configuration", &mut Vec::new())?;
         Ok(c)
     }
 
     /// Read `CUDALLOC_CONF` (unset or empty means defaults).
     pub fn from_env() -> Result<Config> {
-        match std::env::var(CONF_ENV) {
-            Ok(s) => Config::parse(&s),
-            Err(std::env::VarError::NotPresent) => Ok(Config::default()),
-            Err(std::env::VarError::NotUnicode(_)) => {
-                Err(Error::config(format!("{CONF_ENV} is not valid UTF-8")))
+        Ok(Config::layered(None, env_conf()?.as_deref())?.config)
+    }
+
+    /// The configuration of a program that passes `program` (the string
+    /// given to `cudalloc_init`; `None`: none) in an environment whose
+    /// `CUDALLOC_CONF` is `env`: the defaults, then the program's values,
+    /// then the operator's, key by key. The program sets its defaults; the
+    /// operator's setting always wins and is never ignored (a bad one is an
+    /// error, as it is without a program string).
+    pub fn layered(program: Option<&str>, env: Option<&str>) -> Result<Layered> {
+        let mut config = Config::default();
+        let mut sources = vec![Source::Default; OPTIONS.len()];
+        for (text, source, label) in [
+            (program, Source::Program, "configuration"),
+            (env, Source::Environment, CONF_ENV),
+        ] {
+            let Some(text) = text else { continue };
+            let mut set = Vec::new();
+            config.apply_from(text, label, &mut set)?;
+            for i in set {
+                sources[i] = source;
             }
         }
+        Ok(Layered { config, sources })
     }
 
     /// Apply `key:value` pairs on top of this configuration. On error the
     /// configuration is left unchanged.
     pub fn apply(&mut self, s: &str) -> Result<()> {
+        self.apply_from(s, "configuration", &mut Vec::new())
+    }
+
+    /// [`Config::apply`], with errors naming `label` (where the string came
+    /// from); the rows of [`OPTIONS`] set are added to `set`.
+    fn apply_from(&mut self, s: &str, label: &str, set: &mut Vec<usize>) -> Result<()> {
         let mut next = self.clone();
         let mut seen: Vec<&str> = Vec::new();
         for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
             let Some((key, value)) = item.split_once(':') else {
                 return Err(Error::config(format!(
-                    "{CONF_ENV}: '{item}' is not key:value; accepted keys: {}",
+                    "{label}: '{item}' is not key:value; accepted keys: {}",
                     keys()
                 )));
             };
             let (key, value) = (key.trim(), value.trim());
             let Some(opt) = OPTIONS.iter().find(|o| o.key == key) else {
                 return Err(Error::config(format!(
-                    "{CONF_ENV}: unknown key '{key}'; accepted keys: {}",
+                    "{label}: unknown key '{key}'; accepted keys: {}",
                     keys()
                 )));
             };
             if seen.contains(&key) {
                 tracing::warn!(
-                    "{CONF_ENV}: key '{key}' is given more than once; the last value, '{value}', is used"
+                    "{label}: key '{key}' is given more than once; the last value, '{value}', is used"
                 );
             }
             seen.push(opt.key);
+            set.push(
+                OPTIONS
+                    .iter()
+                    .position(|o| o.key == key)
+                    .expect("found above"),
+            );
             (opt.set)(&mut next, value).map_err(|why| {
                 let why = if why.is_empty() {
                     String::new()
@@ -505,19 +603,18 @@ impl Config {
                     format!(" ({why})")
                 };
                 Error::config(format!(
-                    "{CONF_ENV}: key '{key}' has bad value '{value}'{why}; accepted: {}",
+                    "{label}: key '{key}' has bad value '{value}'{why}; accepted: {}",
                     opt.accepted
                 ))
             })?;
         }
-        next.validate()?;
+        next.validate(label)?;
         *self = next;
         Ok(())
     }
 
-    fn validate(&self) -> Result<()> {
-        let bad =
-            |key: &str, msg: &str| Err(Error::config(format!("{CONF_ENV}: key '{key}': {msg}")));
+    fn validate(&self, label: &str) -> Result<()> {
+        let bad = |key: &str, msg: &str| Err(Error::config(format!("{label}: key '{key}': {msg}")));
         if self.small_segment < self.small_max {
             return bad("small_segment", "must be >= small_max");
         }
@@ -532,24 +629,33 @@ impl Config {
 
     /// The effective configuration as an aligned table, one option a line.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        for o in OPTIONS {
-            let _ = writeln!(
-                out,
-                "{:<16} {:<20} # {}; accepted: {}",
-                o.key,
-                (o.get)(self),
-                o.doc,
-                o.accepted
-            );
-        }
-        out
+        render(self, None)
     }
 
     /// The value of one option as text, or `None` for an unknown key.
     pub fn get(&self, key: &str) -> Option<String> {
         OPTIONS.iter().find(|o| o.key == key).map(|o| (o.get)(self))
     }
+}
+
+/// The table of [`Config::render`], with each value's source when known.
+fn render(c: &Config, sources: Option<&[Source]>) -> String {
+    let mut out = String::new();
+    for (i, o) in OPTIONS.iter().enumerate() {
+        let from = match sources {
+            Some(s) => format!("{:<14} ", s[i].name()),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<16} {:<20} {from}# {}; accepted: {}",
+            o.key,
+            (o.get)(c),
+            o.doc,
+            o.accepted
+        );
+    }
+    out
 }
 
 fn keys() -> String {
@@ -766,6 +872,52 @@ mod tests {
         assert!(Config::parse("backtrace:65").is_err());
         assert!(Config::parse("trim_threshold:0").is_err());
         assert!(Config::parse("leak_report:now").is_err());
+    }
+
+    /// The program's string gives defaults; CUDALLOC_CONF overrides them
+    /// key by key; each value knows where it came from.
+    #[test]
+    fn the_environment_overrides_the_program_key_by_key() {
+        let l = Config::layered(
+            Some("backend:sim,sim_memory:1GiB,max_memory:512MiB"),
+            Some("backend:cuda,log_file:/tmp/t.csv"),
+        )
+        .unwrap();
+        assert_eq!(l.config.backend, Backend::Cuda);
+        assert_eq!(l.config.sim_memory, 1 << 30);
+        assert_eq!(l.config.max_memory, 512 << 20);
+        assert_eq!(l.config.log_file, "/tmp/t.csv");
+        assert_eq!(l.source("backend"), Some(Source::Environment));
+        assert_eq!(l.source("sim_memory"), Some(Source::Program));
+        assert_eq!(l.source("log_file"), Some(Source::Environment));
+        assert_eq!(l.source("small_max"), Some(Source::Default));
+        assert_eq!(
+            l.summary(),
+            "backend:cuda (CUDALLOC_CONF), sim_memory:1GiB (program), \
+             max_memory:512MiB (program), log_file:/tmp/t.csv (CUDALLOC_CONF)"
+        );
+        let r = l.render();
+        assert!(
+            r.contains("backend          cuda                 CUDALLOC_CONF"),
+            "{r}"
+        );
+        // Each source's errors name it.
+        let e = Config::layered(Some("bogus:1"), None).unwrap_err();
+        assert!(
+            e.message.starts_with("configuration: unknown key 'bogus'"),
+            "{e}"
+        );
+        let e = Config::layered(Some("sim_devices:2"), Some("sim_devices:x")).unwrap_err();
+        assert!(
+            e.message.starts_with("CUDALLOC_CONF: key 'sim_devices'"),
+            "{e}"
+        );
+        // Neither: the defaults.
+        let l = Config::layered(None, None).unwrap();
+        assert_eq!(
+            (l.summary().as_str(), l.config),
+            ("the defaults", Config::default())
+        );
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! The process-wide allocator behind the C ABI.
 //!
 //! It is created on first use from `CUDALLOC_CONF`, or explicitly by
-//! `cudalloc_init`. A bad configuration in the environment is remembered and
-//! reported by every call (and logged once), but an explicit init with a good
-//! string still succeeds. At process exit (an `atexit` hook) the allocator
+//! `cudalloc_init`, whose string gives the program's defaults:
+//! `CUDALLOC_CONF` overrides them key by key, so an operator's setting is
+//! never ignored ([`Config::layered`]). A bad configuration in the
+//! environment is remembered and reported by every call (and logged once);
+//! an explicit init reports it too. At process exit (an `atexit` hook) the allocator
 //! stops calling the driver (its driver is wrapped in an `ExitGuard`): frees
 //! are ignored quietly, and the exit-time reports of `observe::at_exit` run.
 //! Nor is it created during exit: a first call from a destructor that runs
@@ -20,7 +22,7 @@
 //! `CUDALLOC_ERR_SHUTTING_DOWN` at once, without a lock or a driver call,
 //! frees are ignored, and the exit-time reports are the parent's alone.
 
-use crate::config::{Backend, Config, CONF_ENV};
+use crate::config::{env_conf, Backend, Config, CONF_ENV};
 use crate::driver::cuda::CudaDriver;
 use crate::driver::exit_guard::ExitGuard;
 use crate::driver::sim::SimDriver;
@@ -186,8 +188,11 @@ fn cuda_driver() -> Result<Arc<dyn Driver>> {
     }
 }
 
-fn create(config: Config) -> Result<Allocator> {
+/// Start the allocator; `origin` says where the configuration's values
+/// came from (a debug log line).
+fn create(config: Config, origin: &str) -> Result<Allocator> {
     init_logging();
+    tracing::debug!("configuration: {origin}");
     let driver: Arc<dyn Driver> = Arc::new(ExitGuard {
         inner: make_driver(&config)?,
         stop: &EXITING,
@@ -223,7 +228,11 @@ fn get_slow() -> Result<&'static Allocator> {
     if let Some(a) = GLOBAL.get() {
         return Ok(a);
     }
-    match Config::from_env().and_then(create) {
+    let layered = env_conf().and_then(|env| Config::layered(None, env.as_deref()));
+    match layered.and_then(|l| {
+        let origin = l.summary();
+        create(l.config, &origin)
+    }) {
         Ok(a) => Ok(GLOBAL.get_or_init(|| a)),
         Err(e) => {
             init_logging();
@@ -233,28 +242,33 @@ fn get_slow() -> Result<&'static Allocator> {
     }
 }
 
-/// Initialise with `conf` (or `CUDALLOC_CONF` when `None`). Calling it again
-/// with the configuration in force is fine; with another one it is an error.
+/// Initialise with `conf`, the program's configuration (`None`: none),
+/// under `CUDALLOC_CONF`, which overrides it key by key (see
+/// [`Config::layered`]: the operator's setting is never ignored). Calling it
+/// again with the configuration in force is fine; with another one it is
+/// an error.
 pub fn init(conf: Option<&str>) -> Result<&'static Allocator> {
     if forked() {
         return Err(stopped_error());
     }
-    let config = match conf {
-        Some(s) => Config::parse(s)?,
-        None => Config::from_env()?,
-    };
-    init_config(config)
+    let l = Config::layered(conf, env_conf()?.as_deref())?;
+    let origin = l.summary();
+    init_with(l.config, &origin)
 }
 
-/// [`init`] with a parsed configuration.
+/// [`init`] with a configuration made already (the environment is not read).
 pub fn init_config(config: Config) -> Result<&'static Allocator> {
+    init_with(config, "given whole by the caller")
+}
+
+fn init_with(config: Config, origin: &str) -> Result<&'static Allocator> {
     let running = |a: &'static Allocator| {
         if *a.config() == config {
             Ok(a)
         } else {
             Err(Error::new(
                 ErrorCode::CUDALLOC_ERR_ALREADY_INITIALIZED,
-                format!("cudalloc is already initialised with another configuration; set {CONF_ENV} before the first allocation"),
+                format!("cudalloc is already initialised with another configuration; call cudalloc_init (or set {CONF_ENV}) before the first allocation"),
             ))
         }
     };
@@ -274,6 +288,6 @@ pub fn init_config(config: Config) -> Result<&'static Allocator> {
     if let Some(a) = GLOBAL.get() {
         return running(a);
     }
-    let a = create(config)?;
+    let a = create(config, origin)?;
     Ok(GLOBAL.get_or_init(|| a))
 }

@@ -59,9 +59,14 @@ fn bench_cmd(m: &ArgMatches) -> Result<(), String> {
 }
 
 fn config_cmd() -> Result<(), String> {
-    let c = config()?;
+    let layered = cudalloc::config::env_conf()
+        .and_then(|env| Config::layered(None, env.as_deref()))
+        .map_err(|e| e.to_string())?;
+    let c = layered.config.clone();
     global::init_logging();
-    print!("{}", c.render());
+    // Each value with where it came from: the default or CUDALLOC_CONF (a
+    // program's cudalloc_init string comes between the two).
+    print!("{}", layered.render());
     let d = global::make_driver(&c).map_err(|e| {
         format!(
             "backend:{} cannot start: {e}",

@@ -449,7 +449,7 @@ fn row_bad_config_strings() {
     for s in &bad {
         let e = Config::parse(s).expect_err(s);
         assert_eq!(e.code, ErrorCode::CUDALLOC_ERR_CONFIG, "{s:?}");
-        assert!(e.message.contains("CUDALLOC_CONF"), "{s:?}: {e}");
+        assert!(e.message.starts_with("configuration: "), "{s:?}: {e}");
         let c = std::ffi::CString::new(s.replace('\0', "")).unwrap();
         // SAFETY: a NUL-terminated string.
         let rc = unsafe { cudalloc_init(c.as_ptr()) };
@@ -730,8 +730,9 @@ fn row_calls_after_the_driver_deinitialised() {
 }
 
 /// A bad `CUDALLOC_CONF` in the environment: every export fails cleanly with
-/// `CUDALLOC_ERR_CONFIG` (or does nothing), then an explicit good
-/// `cudalloc_init` still works. Runs in a child process with that environment.
+/// `CUDALLOC_ERR_CONFIG` (or does nothing), an explicit `cudalloc_init` too
+/// (the operator's setting overrides the program's, and is never ignored).
+/// Runs in a child process with that environment.
 #[test]
 fn row_every_export_with_a_bad_environment() {
     if std::env::var_os("CUDALLOC_CATALOG_CHILD").is_none() {
@@ -795,6 +796,15 @@ fn row_every_export_with_a_bad_environment() {
     assert_eq!(cudalloc_check_invariants(), cfg as c_int);
     // SAFETY: NULL reads the (bad) environment.
     assert_eq!(unsafe { cudalloc_init(std::ptr::null()) }, cfg as c_int);
+    // SAFETY: NUL-terminated.
+    assert_eq!(unsafe { cudalloc_init(CONF.as_ptr()) }, cfg as c_int);
+    assert!(
+        msg().starts_with("CUDALLOC_CONF: key 'sim_memory'"),
+        "{}",
+        msg()
+    );
+    // With the operator's setting gone, the program's string is used.
+    std::env::remove_var("CUDALLOC_CONF");
     // SAFETY: NUL-terminated.
     assert_eq!(unsafe { cudalloc_init(CONF.as_ptr()) }, 0, "{}", msg());
     let p = malloc_ok(4096, 1, 0);

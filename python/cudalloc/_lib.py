@@ -247,6 +247,15 @@ def init(conf=None):
     check(lib().cudalloc_init(arg))
 
 
+def config_in_force():
+    """The configuration in force, ``{key: value}`` as ``cudalloc config``
+    prints it (the program's values under ``CUDALLOC_CONF``'s). Starts
+    cudalloc if nothing did."""
+    import json
+
+    return json.loads(read_sized(lib().cudalloc_stats_json))["config"]
+
+
 def raw_stats(device):
     """``cudalloc_get_stats`` as a dict of the known fields."""
     buf = (ctypes.c_uint64 * _STATS_SLOTS)()

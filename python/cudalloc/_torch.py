@@ -58,13 +58,15 @@ def _falsy(value):
 
 
 def effective_conf(conf=None):
-    """The configuration string enable() hands to cudalloc_init.
+    """The configuration string enable() hands to cudalloc_init: the
+    program's, which ``$CUDALLOC_CONF`` overrides key by key in the library.
 
-    ``conf`` or else ``$CUDALLOC_CONF``. Under PyTorch the memory must be real
-    device memory, so when no ``backend`` is named this asks for ``cuda``
-    rather than ``auto`` (which falls back to the simulated device).
+    ``conf`` (default: none). Under PyTorch the memory must be real device
+    memory, so when it names no ``backend`` this asks for ``cuda`` rather
+    than ``auto`` (which falls back to the simulated device); a backend in
+    ``$CUDALLOC_CONF`` still wins.
     """
-    text = _lib.conf_text(conf) if conf is not None else os.environ.get(CONF_ENV, "")
+    text = _lib.conf_text(conf) if conf is not None else ""
     keys = {item.split(":", 1)[0].strip() for item in text.split(",") if item.strip()}
     if "backend" not in keys:
         text = "backend:cuda," + text if text.strip() else "backend:cuda"
@@ -133,8 +135,10 @@ def enable(conf=None, *, patch_torch=None):
                 f"the same configuration (name the backend in {CONF_ENV}: backend:cuda)",
                 e.code,
             ) from None
-        graph_pools = "graph_pools:on" in eff.replace(" ", "")
-        if "backend:sim" in eff.replace(" ", ""):
+        # The values in force: the program's, under CUDALLOC_CONF's.
+        in_force = _lib.config_in_force()
+        graph_pools = in_force.get("graph_pools") == "on"
+        if in_force.get("backend") == "sim":
             warnings.warn(
                 "cudalloc: backend:sim hands PyTorch simulated addresses that no "
                 "kernel may touch; use it only for tests",

@@ -76,8 +76,17 @@ def test_config_error_names_key(lib, conf, key):
 def test_reconfigure_is_refused(lib):
     cudalloc.configure(SIM_CONF)  # the configuration in force: fine
     with pytest.raises(cudalloc.CudallocError) as ei:
-        cudalloc.configure("backend:sim,sim_devices:3")
+        cudalloc.configure("backend:sim,sim_devices:2,sim_memory:1GiB,max_memory:1GiB")
     assert ei.value.code == _lib.ERR_ALREADY_INITIALIZED
+
+
+def test_the_environment_overrides_configure_key_by_key(lib):
+    # The suite runs with CUDALLOC_CONF=SIM_CONF: a program's other value for
+    # one of its keys gives way to the operator's, so this is the
+    # configuration in force, not a new one.
+    assert os.environ["CUDALLOC_CONF"] == SIM_CONF
+    cudalloc.configure("backend:sim,sim_devices:3,sim_memory:1GiB")
+    assert _lib.config_in_force()["sim_devices"] == "2"
 
 
 def test_stats_mapping(lib):
