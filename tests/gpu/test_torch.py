@@ -1,4 +1,4 @@
-"""PyTorch end-to-end on a real GPU (run where the `device` tool lends one).
+"""PyTorch end-to-end on a real GPU (scripts/gpu-all.sh runs it on a GPU machine).
 
     pip install .   # or: cargo build --release --lib, then
     # CUDALLOC_LIBRARY=target/release/libcudalloc.so PYTHONPATH=python
