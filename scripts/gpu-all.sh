@@ -277,6 +277,8 @@ uses() { # PHASE...: whether any of these phases runs
 why() { # exit-code limit output: why a check failed, in a few words
     if [ "$1" -eq 124 ] || [ "$1" -eq 137 ]; then
         echo "no answer in $2 s"
+    elif [ "$1" -eq 127 ]; then
+        echo "not found"
     elif [ -n "$3" ]; then
         echo "$3" | tail -1
     else

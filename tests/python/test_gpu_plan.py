@@ -154,7 +154,7 @@ def test_not_ready_is_one_line_and_in_the_summary(tmp_path):
     assert "scripts/gpu-all.sh --prep" in r.stdout and "cargo build" not in r.stdout
     assert "torch hidden by the test" in r.stdout
     if not shutil.which("nvidia-smi", path="/usr/bin:/bin"):
-        assert "nvidia-smi -L" in r.stdout
+        assert "nvidia-smi -L: not found" in r.stdout
     summary = (out / "summary.txt").read_text()
     assert r.stdout.strip() in summary
     assert "result: not ready, no phase ran" in summary
