@@ -345,6 +345,7 @@ build_id() {
 } | tee -a "$summary"
 
 failed=()
+ran=()
 current_pid=
 current_name=
 # Kill what a phase left: its process group, and any process carrying its tag
@@ -369,7 +370,11 @@ on_signal() {
         echo "$current_name: INTERRUPTED by SIG$sig" | tee -a "$summary"
         failed+=("$current_name")
     fi
-    echo "result: stopped by SIG$sig; rerun: --only $(IFS=,; echo "${failed[*]}")" | tee -a "$summary"
+    local p rerun=()
+    for p in "${phases[@]}"; do
+        [[ " ${ran[*]} " == *" $p "* ]] && [[ " ${failed[*]} " != *" $p "* ]] || rerun+=("$p")
+    done
+    echo "result: stopped by SIG$sig; rerun: bash scripts/gpu-all.sh --only $(IFS=,; echo "${rerun[*]}") OUTDIR" | tee -a "$summary"
     trap - "$sig"
     kill -"$sig" $$
 }
@@ -391,6 +396,7 @@ phase() { # name log command...
     [ "$eff" -eq "$lim" ] || note=", shrunk from ${lim}s to fit the deadline"
     echo "== $name (limit ${eff}s$note)" | tee -a "$log"
     t0=$SECONDS
+    ran+=("$name")
     # setsid: the phase gets its own process group, and timeout signals that
     # whole group (not only its child) at the limit and at the kill-after.
     GPU_ALL_TAG="gpu-all-$$-$name" setsid timeout --kill-after="$kill_after" "$eff" "$@" \
