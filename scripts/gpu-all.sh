@@ -55,7 +55,8 @@
 # - refused at once (exit 2, one line): a deadline over 600 s (the most one
 #   command may run on the GPU machine), a phase that alone cannot fit
 #   (readiness allowance + its limit + kill-after + margin over the deadline),
-#   values that are not positive whole numbers, unknown phase names.
+#   values that are not whole numbers from 1 up (no leading zero), unknown
+#   phase names.
 # Worst case with the defaults: 60 + (90 + 10) + (150 + 10) + (120 + 10) =
 # 450 s, which leaves time for a second command (a rerun) when the GPU
 # machine is had for 15 minutes, its start-up included. The
@@ -186,7 +187,7 @@ else
 fi
 [ ${#phases[@]} -gt 0 ] || [ ${#refuse[@]} -gt 0 ] || refuse+=("no phase chosen")
 
-posint() { [[ $2 =~ ^[0-9]+$ ]] && [ "$2" -gt 0 ] || refuse+=("$1=$2 is not a positive whole number of seconds"); }
+posint() { [[ $2 =~ ^[1-9][0-9]{0,5}$ ]] || refuse+=("$1=$2 is not a whole number of seconds from 1 to 999999"); }
 posint GPU_ALL_DEADLINE_S "$deadline"
 posint GPU_ALL_KILL_AFTER_S "$kill_after"
 [ "$skip_ready" = 1 ] || posint GPU_ALL_READY_S "$ready_s"

@@ -109,7 +109,7 @@ def test_only_runs_the_named_phases_with_their_full_limits():
         ({"GPU_ALL_DEADLINE_S": "200"}, [], "torch-tests alone overruns the deadline"),
         ({"TORCH_TESTS_S": "500"}, [], "torch-tests alone overruns the deadline"),
         ({"TORCH_TRACE": "1", "TORCH_TRACE_S": "480"}, [], "torch-trace alone overruns"),
-        ({"GPU_CHECK_S": "0"}, [], "GPU_CHECK_S=0 is not a positive whole number"),
+        ({"GPU_CHECK_S": "0"}, [], "GPU_CHECK_S=0 is not a whole number of seconds"),
         ({"GPU_ALL_DEADLINE_S": "8m"}, [], "GPU_ALL_DEADLINE_S=8m is not"),
         ({}, ["--only", "torch-test"], "unknown phase 'torch-test'"),
     ],
