@@ -2,25 +2,32 @@
 # The GPU check: runs on a machine with an NVIDIA GPU and driver, from binaries
 # built on another machine (the GPU machine needs no Rust toolchain).
 #
-# On the build machine:
-#   cargo build --release && cargo test --release --no-run --test gpu
-#   then copy the repo with target/release/{cudalloc,libcudalloc.so} and the
-#   gpu test binary (target/release/deps/gpu-*) to the GPU machine
-#   (with the device tool: carry those paths).
-# On the GPU machine, from the repo root:
+# On the build machine: bash scripts/gpu-all.sh --prep (stripped release
+# binaries in target/gpu-bundle/). Copy the working tree and
+# target/gpu-bundle to the GPU machine; there, from the repo root:
 #   bash scripts/gpu-check.sh [OUTDIR]
-# (scripts/gpu-all.sh --prep does the build-machine part for the device tool.)
-# Every step runs even when an earlier one fails; the exit code is the first
-# failing step's.
+# (scripts/gpu-all.sh runs it with the PyTorch checks, under a deadline.)
+# The binaries: CUDALLOC_BIN and CUDALLOC_GPU_TEST when set, else the bundle's,
+# else target/release's (scripts/gpu-bins.sh).
+# Steps: config, selftest, bench, then the GPU suite (the figures come before
+# the longest step). Every step runs even when an earlier one fails; the exit
+# code is the first failing step's.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit
 out=${1:-${OUT:-/tmp/cudalloc-gpu}}
 mkdir -p "$out"
 export CUDALLOC_CONF=${CUDALLOC_CONF:-backend:cuda}
-bin=target/release/cudalloc
-gpu_test=$(ls -t target/release/deps/gpu-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
-[ -x "$bin" ] || { echo "missing $bin: build with cargo build --release" >&2; exit 2; }
-[ -n "$gpu_test" ] || { echo "missing the gpu test binary: cargo test --release --no-run --test gpu" >&2; exit 2; }
+# shellcheck source=scripts/gpu-bins.sh
+. scripts/gpu-bins.sh
+bin=$CUDALLOC_BIN
+gpu_test=$CUDALLOC_GPU_TEST
+for f in "$bin" "$gpu_test"; do
+    [ -x "$f" ] || {
+        echo "missing $f: run bash scripts/gpu-all.sh --prep on the build machine and copy" \
+            "target/gpu-bundle with the working tree (or set CUDALLOC_BIN, CUDALLOC_GPU_TEST)" >&2
+        exit 2
+    }
+done
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt" || true
 rc=0
@@ -34,7 +41,7 @@ step() { # name file command...
 }
 step config config.txt "$bin" config
 step selftest selftest.txt "$bin" selftest
-step "gpu suite" gpu-suite.txt "$gpu_test" --ignored --test-threads=1
 step bench bench.txt "$bin" bench
+step "gpu suite" gpu-suite.txt "$gpu_test" --ignored --test-threads=1
 echo "done: results in $out (exit $rc)"
 exit "$rc"

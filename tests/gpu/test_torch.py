@@ -1,11 +1,13 @@
-"""PyTorch end-to-end on a real GPU (run where the `device` tool lends one).
+"""PyTorch end-to-end on a real GPU (scripts/gpu-all.sh runs it on a GPU machine).
 
     pip install .   # or: cargo build --release --lib, then
     # CUDALLOC_LIBRARY=target/release/libcudalloc.so PYTHONPATH=python
     python -m pytest tests/gpu/test_torch.py -v
 
 Every scenario runs in a fresh child process: PyTorch swaps its allocator at
-most once per process, before CUDA initialises. Skipped without torch or CUDA.
+most once per process, before CUDA initialises. Skipped without torch or CUDA,
+unless CUDALLOC_REQUIRE_GPU=1 (scripts/gpu-all.sh sets it): then that is an
+error, not a pass with every test skipped.
 """
 
 import json
@@ -16,9 +18,17 @@ import textwrap
 
 import pytest
 
-torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA device", allow_module_level=True)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from proctree import run_launcher  # noqa: E402 (after the path it is found on)
+
+if os.environ.get("CUDALLOC_REQUIRE_GPU") == "1":
+    import torch
+
+    assert torch.cuda.is_available(), "CUDALLOC_REQUIRE_GPU=1 but torch.cuda.is_available() is False"
+else:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device", allow_module_level=True)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -353,10 +363,12 @@ dist.destroy_process_group()
 def test_two_ranks_share_one_gpu_with_gloo(tmp_path):
     script = tmp_path / "dist.py"
     script.write_text(DIST)
-    r = subprocess.run(
+    # torchrun starts each rank in its own session: on timeout run_launcher
+    # stops torchrun (SIGTERM, then SIGKILL) and the ranks' process groups.
+    r = run_launcher(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
          "--master_port=29517", str(script)],
-        env=env(CUDALLOC="1"), capture_output=True, text=True, timeout=120,
+        env=env(CUDALLOC="1"), timeout=120, grace=15,
     )
     assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
     assert "rank 0 ok" in r.stdout and "rank 1 ok" in r.stdout
