@@ -444,6 +444,12 @@ const char *cudalloc_last_error_message(void);
 const char *cudalloc_error_string(int code);
 
 /**
+ * The library's version (`"0.1.0"`), static, never NULL. It takes no
+ * argument and starts nothing, so it is safe to call at any time.
+ */
+const char *cudalloc_version(void);
+
+/**
  * Write the leak report into `buf`: every live allocation at least
  * `min_age_s` seconds old, on every device, as text (`json` == 0) or JSON,
  * grouped by call site when `backtrace:N` is on.

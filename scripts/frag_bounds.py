@@ -24,16 +24,27 @@ fine for traces of tens of thousands of events, slow beyond.
 
 import bisect
 import csv
+import gzip
 import sys
 
 GRANULE = 512
 PAGE = 2 << 20
 
 
+def open_trace(path):
+    """A trace file as text: plain or gzip-compressed (told by its first
+    bytes), with or without a byte-order mark."""
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    if gz:
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
+
+
 def read_events(path):
     """The trace's events as (action, pointer, size, stream), in time order
     (stable: events with one time stamp keep the file's order)."""
-    with open(path, newline="") as f:
+    with open_trace(path) as f:
         rows = sorted(csv.DictReader(f), key=lambda r: r["Time"])
     return [(r["Action"], r["Pointer"], int(r["Size"]), r.get("Stream", "0")) for r in rows]
 

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 fn cli() -> Command {
     Command::new("cudalloc")
+        .version(env!("CARGO_PKG_VERSION"))
         .about("A drop-in CUDA device-memory caching allocator: benchmarks, configuration, checks")
         .after_help("Configuration comes from CUDALLOC_CONF (key:value,key:value); logging from CUDALLOC_LOG.")
         .subcommand_required(true)

@@ -154,6 +154,10 @@ fn row_garbage_pointers_to_every_export() {
         let s = unsafe { CStr::from_ptr(cudalloc_error_string(c as c_int)) };
         assert!(!s.to_bytes().is_empty());
     }
+    // The version takes nothing that could be bad: static and never NULL.
+    // SAFETY: as above.
+    let v = unsafe { CStr::from_ptr(cudalloc_version()) };
+    assert_eq!(v.to_str().unwrap(), env!("CARGO_PKG_VERSION"));
     let half = GARBAGE.len() as u64 / 2;
     assert_unchanged(&before, |_, s| s.num_invalid_frees += half);
 }
@@ -911,6 +915,7 @@ fn every_export_in_the_header_is_in_the_catalog() {
         "cudalloc_last_error",
         "cudalloc_last_error_message",
         "cudalloc_error_string",
+        "cudalloc_version",
         "cudalloc_leak_report",
         "cudalloc_stats_json",
         "cudalloc_register_oom_callback",

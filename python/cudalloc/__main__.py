@@ -69,7 +69,10 @@ def version_text():
     lines = [f"cudalloc {__version__} (Python package: {package})"]
     try:
         _lib.lib()
-        lines.append(f"library: {_lib.loaded_path()}")
+        version = (
+            _lib.lib().cudalloc_version().decode() if _lib.has("cudalloc_version") else "unknown"
+        )
+        lines.append(f"library: {version} at {_lib.loaded_path()}")
     except _lib.CudallocError as e:
         lines.append(f"library: not loadable: {e}")
     return "\n".join(lines)

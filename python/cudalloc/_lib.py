@@ -109,6 +109,7 @@ _SIGNATURES = {
 OOM_CALLBACK = _c.CFUNCTYPE(None, _c.c_int, _c.c_size_t, _c.c_void_p)
 PRESSURE_CALLBACK = _c.CFUNCTYPE(None, _c.c_int, _c.c_int, _c.c_void_p)
 _OPTIONAL_SIGNATURES = {
+    "cudalloc_version": (_c.c_char_p, []),
     "cudalloc_stats_json": (_c.c_size_t, [_c.c_void_p, _c.c_size_t]),
     "cudalloc_leak_report": (_c.c_size_t, [_c.c_double, _c.c_int, _c.c_void_p, _c.c_size_t]),
     "cudalloc_register_oom_callback": (_c.c_int, [OOM_CALLBACK, _c.c_void_p]),

@@ -2,8 +2,9 @@
 //!
 //! Conventions (also in the header and the README):
 //! - Every export runs inside the panic boundary ([`boundary::guard`]).
-//! - Every export except `cudalloc_last_error*` and `cudalloc_error_string`
-//!   sets the calling thread's last error: `CUDALLOC_OK` on success.
+//! - Every export except `cudalloc_last_error*`, `cudalloc_error_string`
+//!   and `cudalloc_version` sets the calling thread's last error:
+//!   `CUDALLOC_OK` on success.
 //! - Pointers handed to `cudalloc_free` and `cudalloc_record_stream` are only
 //!   looked up, never dereferenced, so garbage is an error, not a crash.
 //! - Streams are raw `CUstream` values; NULL is the legacy default stream.
@@ -582,6 +583,15 @@ pub extern "C" fn cudalloc_error_string(code: c_int) -> *const c_char {
         let s =
             ErrorCode::from_i32(code).map_or("unknown cudalloc result code\0", |c| c.description());
         s.as_ptr() as *const c_char
+    })
+}
+
+/// The library's version (`"0.1.0"`), static, never NULL. It takes no
+/// argument and starts nothing, so it is safe to call at any time.
+#[no_mangle]
+pub extern "C" fn cudalloc_version() -> *const c_char {
+    guard("cudalloc_version", || {
+        concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr() as *const c_char
     })
 }
 

@@ -63,7 +63,7 @@ pub fn commands() -> Vec<Command> {
     vec![
         Command::new("replay")
             .about("Replay an RMM-format trace (Thread,Time,Action,Pointer,Size,Stream) on the sim device")
-            .arg(Arg::new("trace").required(true).help("the trace CSV (log_file output, trace-gen, or RMM's logging adaptor)"))
+            .arg(Arg::new("trace").required(true).help("the trace CSV (log_file output, trace-gen, or RMM's logging adaptor), plain or gzip-compressed"))
             .arg(memory())
             .arg(conf())
             .arg(gpu_lag())
@@ -109,7 +109,7 @@ pub fn commands() -> Vec<Command> {
         Command::new("report")
             .about("Draw a trace's memory timeline (live, reserved, OOMs, largest allocations at the peak) as SVG, or as an HTML page (-o *.html) with the figures and tables")
             .arg(Arg::new("trace").required(true))
-            .arg(Arg::new("output").short('o').long("output").required(true).help("the file to write: .svg for the picture, .html for a page with the picture, figures and tables"))
+            .arg(Arg::new("output").short('o').long("output").required(true).help("the file to write: .svg for the picture, .html for a page with the picture, figures and tables (no other format)"))
             .arg(memory())
             .arg(conf())
             .arg(gpu_lag()),
@@ -129,9 +129,46 @@ pub fn run(name: &str, m: &ArgMatches) -> Result<bool, String> {
 
 fn load(m: &ArgMatches) -> Result<(String, Vec<Event>), String> {
     let path = m.get_one::<String>("trace").expect("required").clone();
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    let text = read_trace(std::path::Path::new(&path)).map_err(|e| format!("{path}: {e}"))?;
     let ev = parse(&text).map_err(|e| format!("{path}: {e}"))?;
     Ok((path, ev))
+}
+
+/// A trace file's text: plain, or gzip-compressed (told by its first bytes,
+/// whatever its name).
+pub fn read_trace(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read as _;
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let bytes = if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::MultiGzDecoder::new(&bytes[..])
+            .read_to_end(&mut out)
+            .map_err(|e| format!("not a readable gzip file: {e}"))?;
+        out
+    } else {
+        bytes
+    };
+    String::from_utf8(bytes).map_err(|e| {
+        format!(
+            "not a text trace (byte {} is not UTF-8); want RMM's CSV, plain or gzip-compressed",
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+/// What `report -o PATH` writes, by PATH's extension: SVG, or an HTML page.
+fn report_format(out: &str) -> Result<bool, String> {
+    let lower = out.to_ascii_lowercase();
+    if lower.ends_with(".html") || lower.ends_with(".htm") {
+        Ok(true)
+    } else if lower.ends_with(".svg") {
+        Ok(false)
+    } else {
+        Err(format!(
+            "-o {out}: report writes an SVG picture (.svg) or an HTML page (.html), not this; \
+             for a PNG, convert the SVG (for example with rsvg-convert)"
+        ))
+    }
 }
 
 fn size_arg(m: &ArgMatches, name: &str) -> Result<u64, String> {
@@ -330,6 +367,8 @@ fn gen_cmd(m: &ArgMatches) -> Result<(), String> {
 }
 
 fn report_cmd(m: &ArgMatches) -> Result<(), String> {
+    let out = m.get_one::<String>("output").expect("required");
+    let html = report_format(out)?; // before the replay: fail fast
     let (path, ev) = load(m)?;
     let c = replay_config(
         m.get_one::<String>("conf").expect("default"),
@@ -342,15 +381,12 @@ fn report_cmd(m: &ArgMatches) -> Result<(), String> {
         true,
         *m.get_one::<u64>("gpu-lag").expect("has a default"),
     );
-    let out = m.get_one::<String>("output").expect("required");
     let name = std::path::Path::new(&path)
         .file_name()
         .map_or(path.clone(), |n| n.to_string_lossy().into_owned());
     let title = format!("cudalloc memory timeline: {name}");
     let figures = rows(&r);
-    let text = if out.to_ascii_lowercase().ends_with(".html")
-        || out.to_ascii_lowercase().ends_with(".htm")
-    {
+    let text = if html {
         super::timeline::render_html(&title, &ev, &r, &figures)?
     } else {
         super::timeline::render_svg(&title, &ev, &r)?
@@ -370,6 +406,31 @@ fn report_cmd(m: &ArgMatches) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn traces_are_read_plain_or_gzipped_and_reports_only_as_svg_or_html() {
+        use std::io::Write as _;
+        let dir = std::env::temp_dir().join(format!("cudalloc-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = "\u{feff}Thread,Time,Action,Pointer,Size,Stream\n1,00:00:01.000000,allocate,0x10,512,0\n";
+        let plain = dir.join("t.csv");
+        std::fs::write(&plain, text).unwrap();
+        let gz = dir.join("t.csv.gz");
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(text.as_bytes()).unwrap();
+        std::fs::write(&gz, e.finish().unwrap()).unwrap();
+        assert_eq!(read_trace(&plain).unwrap(), text);
+        assert_eq!(read_trace(&gz).unwrap(), text);
+        assert_eq!(parse(&read_trace(&gz).unwrap()).unwrap().len(), 1);
+        let bin = dir.join("t.bin");
+        std::fs::write(&bin, [0xff, 0xfe, 0x00]).unwrap();
+        assert!(read_trace(&bin).unwrap_err().contains("not a text trace"));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(report_format("a.SVG"), Ok(false));
+        assert_eq!(report_format("a.html"), Ok(true));
+        assert!(report_format("out.png").unwrap_err().contains("not this"));
+        assert!(report_format("timeline").is_err());
+    }
 
     #[test]
     fn recommend_takes_the_least_capacity_and_prefers_the_first_on_ties() {

@@ -70,13 +70,15 @@ done
 # The `cudalloc` command: on the venv's PATH, running the bundled tool.
 PATH="$tmp/venv/bin:$PATH"
 [ "$(command -v cudalloc)" = "$tmp/venv/bin/cudalloc" ] || { echo "cudalloc is not on the venv's PATH" >&2; exit 1; }
+[ "$(cudalloc --version)" = "cudalloc $("$V" -c 'import cudalloc; print(cudalloc.__version__)')" ] ||
+    { echo "cudalloc --version: $(cudalloc --version)" >&2; exit 1; }
 help=$(cudalloc --help)
 grep -q '^Usage: cudalloc' <<<"$help" || { echo "cudalloc --help: $help" >&2; exit 1; }
 out=$(cudalloc replay "$REPO/tests/data/random_seed1.csv")
 grep -q 'failures (OOM at this capacity) *0$' <<<"$out" || { echo "cudalloc replay: $out" >&2; exit 1; }
 echo "cudalloc command: ok ($(grep -c . <<<"$out") lines from cudalloc replay tests/data/random_seed1.csv)"
 version=$("$V" -m cudalloc --version)
-grep -qx "library: $site/libcudalloc.so" <<<"$version" ||
+grep -qx "library: [0-9.]* at $site/libcudalloc.so" <<<"$version" ||
     { echo "python -m cudalloc --version: $version" >&2; exit 1; }
 # The hook: inert without CUDALLOC, armed with it.
 "$V" -c 'import sys; m = [x for x in sys.modules if x.startswith(("cudalloc", "torch"))]; assert not m, m'

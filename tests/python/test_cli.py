@@ -15,7 +15,7 @@ def test_python_m_cudalloc_version():
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith(f"cudalloc {cudalloc.__version__} (Python package: ")
-    assert lines[1] == f"library: {cudalloc.library_path()}"
+    assert lines[1] == f"library: {cudalloc.__version__} at {cudalloc.library_path()}"
 
 
 def cli_bin():

@@ -1,7 +1,7 @@
 """scripts/torch_native_model.py follows torch's CUDACachingAllocator rules
 (default settings), scripts/torch_trace.py records a trace that replays, and
 on that trace cudalloc reserves at most 0.90x what the model of native torch
-does (issue C's target for bench/torch_bench.py's training loop, here as a
+does (the target for bench/torch_bench.py's training loop, here as a
 regression check without a GPU).
 
 The model's figures stand for native torch in docs/BENCHMARKS.md when no GPU
@@ -96,6 +96,14 @@ def test_replay_reads_an_rmm_trace(tmp_path):
     assert r["peak_reserved"] == 32 * MiB  # 2 MiB small + 30 MiB, reused for 20 MiB
     assert r["peak_requested"] == 4096 + 30 * MiB
     assert (r["segments"], r["unmatched_frees"], r["events"]) == (2, 1, 5)
+    # The same trace gzip-compressed (as tests/data ships them), and with a
+    # byte-order mark: the same figures.
+    z = tmp_path / "t.csv.gz"
+    z.write_bytes(gzip.compress(t.read_bytes()))
+    assert tnm.replay(str(z)) == r
+    b = tmp_path / "bom.csv"
+    b.write_bytes(b"\xef\xbb\xbf" + t.read_bytes())
+    assert tnm.replay(str(b)) == r
 
 
 TORCH_PY = os.environ.get("CUDALLOC_TORCH_PYTHON")
