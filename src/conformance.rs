@@ -436,12 +436,24 @@ pub fn run_all(
     CASES
         .iter()
         .map(|c| {
-            let a = make();
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (c.run)(&a, streams)))
-                .unwrap_or_else(|_| Err("panicked".into()));
-            let r = r.and_then(|()| {
-                a.empty_cache();
-                a.check_invariants()
+            // Cases provoke out-of-memory errors and bad frees on purpose:
+            // what they log is shown only when one fails.
+            let (r, log) = crate::global::capture_logs(|| {
+                let a = make();
+                let r =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (c.run)(&a, streams)))
+                        .unwrap_or_else(|_| Err("panicked".into()));
+                r.and_then(|()| {
+                    a.empty_cache();
+                    a.check_invariants()
+                })
+            });
+            let r = r.map_err(|e| {
+                if log.is_empty() {
+                    e
+                } else {
+                    format!("{e}\n    what it logged:\n{log}")
+                }
             });
             (c.name, r)
         })

@@ -151,6 +151,39 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// Run `f` with everything this thread logs through `tracing` (every level)
+/// captured instead of printed; returns `f`'s result and the log. For
+/// checks that provoke errors on purpose (`cudalloc selftest`, tests): their
+/// expected errors stay quiet.
+pub fn capture_logs<R>(f: impl FnOnce() -> R) -> (R, String) {
+    use std::sync::{Arc, Mutex as StdMutex};
+    #[derive(Clone, Default)]
+    struct Sink(Arc<StdMutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let sink = Sink::default();
+    let out = sink.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || out.clone())
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_target(false)
+        .finish();
+    let r = tracing::subscriber::with_default(subscriber, f);
+    let bytes = std::mem::take(&mut *sink.0.lock().unwrap_or_else(|e| e.into_inner()));
+    (r, String::from_utf8_lossy(&bytes).into_owned())
+}
+
 /// Build the driver the configuration asks for.
 pub fn make_driver(config: &Config) -> Result<Arc<dyn Driver>> {
     let sim = || -> Arc<dyn Driver> {
