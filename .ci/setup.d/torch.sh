@@ -2,8 +2,8 @@
 # A venv holding the real PyTorch (the PyPI wheel, built with CUDA; it imports
 # on a machine without a GPU), for tests/python/test_real_torch.py: enable(),
 # the statistics patch and CUDALLOC=1 against torch's actual API rather than
-# the fake one. torch is pinned to the version on the GPU machines the device
-# tool lends (2.11.0). About 4.6 GB; kept in ~/.cache between runs.
+# the fake one. torch is pinned to the version on the GPU machines the GPU
+# checks run on (2.11.0). About 4.6 GB; kept in ~/.cache between runs.
 # scripts/test.d/python.sh finds it (or $CUDALLOC_TORCH_PYTHON).
 set -euo pipefail
 PY=${PYTHON:-python3}
