@@ -22,10 +22,17 @@ fn cli() -> Command {
                     Arg::new("pairs")
                         .long("pairs")
                         .value_parser(value_parser!(u64).range(1..))
-                        .default_value("5000000")
-                        .help("alloc+free pairs per hot-path thread"),
+                        .default_value("1000000")
+                        .help("alloc+free pairs per hot-path thread, each round"),
                 )
-                .arg(Arg::new("quick").long("quick").num_args(0).help("a short run (100k pairs, 1k/10k random ops)"))
+                .arg(
+                    Arg::new("rounds")
+                        .long("rounds")
+                        .value_parser(value_parser!(u32).range(1..=1000))
+                        .default_value("5")
+                        .help("rounds: every workload runs once a round; rows give the least and the median"),
+                )
+                .arg(Arg::new("quick").long("quick").num_args(0).help("a short run (100k pairs, 3 rounds, 1k/10k random ops)"))
                 .arg(Arg::new("random-max").long("random-max").default_value("4MiB").help("largest random_allocations request")),
         )
         .subcommand(Command::new("config").about("Print the effective configuration and check that its backend starts"))
@@ -45,10 +52,12 @@ fn bench_cmd(m: &ArgMatches) -> Result<(), String> {
     let c = config()?;
     let mut o = BenchOptions {
         pairs: *m.get_one::<u64>("pairs").unwrap(),
+        rounds: *m.get_one::<u32>("rounds").unwrap(),
         ..Default::default()
     };
     if m.get_flag("quick") {
         o.pairs = 100_000;
+        o.rounds = 3;
         o.random_ops = vec![1_000, 10_000];
     }
     let max = m.get_one::<String>("random-max").unwrap();
