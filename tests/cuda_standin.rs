@@ -498,7 +498,7 @@ fn bench_runs_on_backend_cuda_with_real_streams() {
     assert!(out.contains("hot path, 2 threads"), "{out}");
     assert!(out.contains("hot path via the C ABI"), "{out}");
     assert!(
-        out.contains("raw driver mem_alloc+mem_free (cuda)") && out.contains("cache hit is"),
+        out.contains("raw driver alloc+free (cuda)") && out.contains("cache hit is"),
         "{out}"
     );
     // Its streams were created and the 2-thread ones destroyed again.

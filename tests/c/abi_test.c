@@ -96,9 +96,6 @@ int main(void) {
     CHECK(strstr(cudalloc_last_error_message(), "sim_memory") != NULL, "message names the key");
     CHECK(cudalloc_device_count() == 2, "two simulated devices from CUDALLOC_CONF");
     CHECK(cudalloc_init("max_memory:1GiB") == CUDALLOC_ERR_ALREADY_INITIALIZED, "no silent reconfiguration");
-    /* CUDALLOC_CONF overrides a program's string key by key: this is the
-     * configuration in force. */
-    CHECK(cudalloc_init("backend:sim,sim_devices:3") == CUDALLOC_OK, "the environment's sim_devices wins");
 
     /* Zero bytes and NULL frees. */
     CHECK(cudalloc_malloc(0, 0, NULL) == NULL && cudalloc_last_error() == CUDALLOC_OK, "malloc(0) is NULL, not an error");
