@@ -62,7 +62,7 @@ static int pool_checks(const Api& api) {
     bool filter_called = false;
     std::string what;
     try {
-        begin_fn(1, MempoolId{7, 3}, [&](void*) {
+        begin_fn(0, MempoolId{7, 3}, [&](void*) {
             filter_called = true;
             return true;
         });
@@ -72,7 +72,7 @@ static int pool_checks(const Api& api) {
     }
     // The id arrives intact: std::pair by value is two registers, as the struct.
     CHECK(what.find("private memory pools") != std::string::npos &&
-              what.find("device 1, pool (7, 3)") != std::string::npos,
+              what.find("device 0, pool (7, 3)") != std::string::npos,
           "refusal message: %s", what.c_str());
     CHECK(!filter_called, "the filter was called");
     CHECK(std::strstr(api.last_error_message(), "pool (7, 3)") != nullptr, "last error: %s",
