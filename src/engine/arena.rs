@@ -21,16 +21,15 @@
 //! every miss, adoption, release and `empty_cache`: it never hides memory from
 //! another stream or the driver.
 
+use super::core::DeviceCore;
 use super::pools::PoolTag;
 use super::tlsf::{Block, BlockState, Blocks, FreeIndex, NIL};
-use super::DeviceCore;
 use crate::driver::{DriverError, Event, Stream};
 use crate::size_class::{Policy, Pool};
 use crate::stats::{ArenaBytes, ArenaCounters};
 use crate::tracking::{now_ms, thread_id, LiveInfo, LiveRecord};
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
-use std::sync::atomic::Ordering;
 
 /// A block [`ArenaInner::free`] took back.
 #[derive(Debug, Clone, Copy)]
@@ -363,13 +362,13 @@ impl ArenaInner {
     /// capturing stream; those segments take the fallback.
     pub fn record_epoch(&mut self, stream: Stream, dev: &DeviceCore) {
         self.epoch_open = 0;
-        if dev.pools_routing() || dev.capture_seen.load(Ordering::Relaxed) {
+        if dev.pools_routing() || dev.capture.seen() {
             return;
         }
         match dev.driver.stream_is_capturing(dev.index, stream) {
             Ok(false) => {}
             Ok(true) => {
-                dev.capture_seen.store(true, Ordering::Relaxed);
+                dev.capture.mark_seen();
                 return;
             }
             Err(_) => return,
@@ -517,7 +516,7 @@ impl ArenaInner {
                     }
                 }
                 Ok(true) => {
-                    dev.capture_seen.store(true, Ordering::Relaxed);
+                    dev.capture.mark_seen();
                     StreamState::Capturing
                 }
                 Err(_) => StreamState::Capturing,
@@ -626,11 +625,11 @@ impl ArenaInner {
 
     /// Keep `block` out of reuse until `empty_cache`; it then waits for
     /// `streams` (`record_stream`). Until then every slow path asks them
-    /// whether they capture (`DeviceCore::capture_streams`): the end of the
+    /// whether they capture (the device's watched streams): the end of the
     /// quarantine records events on them.
     fn quarantine(&mut self, block: u32, streams: Vec<Stream>, dev: &DeviceCore) {
         self.blocks.get_mut(block).state = BlockState::Pending;
-        dev.watch_streams(&streams);
+        dev.capture.watch(&streams);
         self.quarantined.push((block, streams));
     }
 
@@ -691,6 +690,14 @@ impl ArenaInner {
                 return;
             }
             self.pending.push(PendingFree { block, events });
+        }
+    }
+
+    /// Give every event this arena holds for proofs (its epoch events) back
+    /// to the device's pool: the allocator is going away.
+    pub fn return_events(&mut self, dev: &DeviceCore) {
+        for (_, e) in self.epochs.drain(..) {
+            dev.put_event(e);
         }
     }
 

@@ -41,11 +41,11 @@
 //! [`Allocator::malloc_pool`].
 
 use super::arena::Arena;
-use super::{Allocator, Device};
+use super::device::Device;
+use super::Allocator;
 use crate::driver::Stream;
 use crate::error::{Error, ErrorCode, Result};
 use rustc_hash::FxHashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// PyTorch's `MempoolId_t`.
@@ -105,34 +105,6 @@ fn show(id: PoolId) -> String {
 }
 
 impl Device {
-    /// Whether a capture may be under way on this device: then nothing goes
-    /// back to the driver, no idle segment moves between streams, and no
-    /// stream or event is asked. Either a pool's (PyTorch's graphs) or a
-    /// C/C++ one: a stream cudalloc holds memory for (one of the device's
-    /// arenas', not emptied) or quarantined a `record_stream` free for
-    /// (`DeviceCore::capture_streams`) is capturing now, or is the legacy
-    /// stream while another captures (`cuStreamIsCapturing` answers
-    /// "implicit"). Finding one also sets `capture_seen`, so that frees on
-    /// capturing streams are quarantined from then on. (A C/C++ capture on
-    /// a stream cudalloc knows nothing of is not noticed: README.) Slow
-    /// paths only: it asks the driver once per stream (`cuStreamIsCapturing`,
-    /// legal during a capture). Call with `slow` held.
-    pub(super) fn capture_underway(&self) -> bool {
-        if self.pool_capture_underway() {
-            return true;
-        }
-        // Only an arena holding memory: a program may destroy a stream once
-        // its blocks are freed and `empty_cache` emptied its arena (README).
-        let mut streams: Vec<Stream> = self
-            .arena_list()
-            .iter()
-            .filter(|a| !a.pooled && a.inner.lock().segment_count() > 0)
-            .map(|a| a.stream)
-            .collect();
-        streams.extend(self.core.capture_streams.lock().iter());
-        self.core.note_capturing(&streams)
-    }
-
     /// Whether a pool's capture may be under way on this device. A pool routes
     /// (between `begin_pool` and `end_pool`) and either nothing was routed
     /// to it yet, or a stream something was routed on is capturing (or the
@@ -142,7 +114,7 @@ impl Device {
     /// failed before its first allocation does, until the process ends (see
     /// docs/PYTHON.md). Routing outside a capture (a thread's allocations
     /// sent to a pool) holds back only until its first allocation.
-    fn pool_capture_underway(&self) -> bool {
+    pub(super) fn pool_capture_underway(&self) -> bool {
         if !self.core.pools_routing() {
             return false;
         }
@@ -336,9 +308,7 @@ impl Allocator {
                 );
                 st.end_routings(ended);
                 st.refs = st.refs.saturating_sub(ended);
-                dev.core
-                    .captures
-                    .fetch_sub(ended as usize, Ordering::AcqRel);
+                dev.core.capture.routings_end(ended as usize);
             }
             for a in &st.arenas {
                 let mut inner = a.inner.lock();
@@ -351,7 +321,7 @@ impl Allocator {
             }
             st.refs += 1;
             st.routing += 1;
-            dev.core.captures.fetch_add(1, Ordering::AcqRel);
+            dev.core.capture.routings_begin(1);
             ended
         };
         // A fast path that read `captures` before the raise may still be
@@ -371,7 +341,7 @@ impl Allocator {
         match pools.map.get_mut(&id) {
             Some(st) if st.routing > 0 => {
                 st.end_routings(1);
-                let was = dev.core.captures.fetch_sub(1, Ordering::AcqRel);
+                let was = dev.core.capture.routings_end(1);
                 drop(pools);
                 if was == 1 {
                     // The last capture is over: record the events of the
@@ -795,7 +765,7 @@ mod tests {
         d.set_capturing(0x10, false);
         a.end_pool(0, P).unwrap();
         assert!(
-            !a.devices[0].core.capture_seen.load(Ordering::Relaxed),
+            !a.devices[0].core.capture.seen(),
             "later frees would each ask cuStreamIsCapturing"
         );
         // And they do not: a free on a stream's own arena asks nothing.

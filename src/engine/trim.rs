@@ -2,8 +2,8 @@
 //! call-site stamps and the lookups the trace log needs. Kept apart from the
 //! hot paths in `mod.rs`.
 
-use super::arena::ProofPass;
-use super::{Allocator, Detached};
+use super::arena::{Detached, ProofPass};
+use super::Allocator;
 use crate::driver::Stream;
 use crate::observe::Observer;
 
@@ -20,7 +20,7 @@ impl Allocator {
     #[doc(hidden)]
     pub fn set_clock(&self, clock: fn() -> u64) {
         for d in &self.devices {
-            let _ = d.core.clock.set(clock);
+            d.core.set_clock(clock);
         }
         self.observe.set_clock(clock);
     }

@@ -1,0 +1,72 @@
+//! What one device's state shares with its arenas ([`DeviceCore`]): the
+//! driver, the device's counters, its pool of events, its capture watch
+//! and the clock of its stamps. It sits below the arena: arenas take it to
+//! record events and ask about captures; they never see the device above.
+
+use super::capture::CaptureWatch;
+use crate::driver::{Driver, DriverError, Event};
+use crate::stats::DeviceCounters;
+use once_cell::sync::OnceCell;
+use parking_lot::Mutex;
+use std::sync::Arc;
+
+/// What one device's state shares with its arenas.
+pub(crate) struct DeviceCore {
+    pub index: usize,
+    pub driver: Arc<dyn Driver>,
+    pub counters: DeviceCounters,
+    /// Events no longer in use, for the next one asked.
+    events: Mutex<Vec<Event>>,
+    /// The policy's `small_max`: a live block is in the small pool exactly
+    /// when its size is at most this (large-pool blocks serve larger requests).
+    pub small_max: u64,
+    /// What the device knows of graph captures (`capture.rs`).
+    pub capture: CaptureWatch,
+    /// The clock of new arenas' stamps, when a test set one
+    /// (`Allocator::set_clock`).
+    clock: OnceCell<fn() -> u64>,
+}
+
+impl DeviceCore {
+    pub fn new(index: usize, driver: Arc<dyn Driver>, small_max: u64) -> Self {
+        DeviceCore {
+            index,
+            driver,
+            counters: DeviceCounters::default(),
+            events: Mutex::new(Vec::new()),
+            small_max,
+            capture: CaptureWatch::default(),
+            clock: OnceCell::new(),
+        }
+    }
+
+    /// An event from the pool, or a new one.
+    pub fn get_event(&self) -> std::result::Result<Event, DriverError> {
+        if let Some(e) = self.events.lock().pop() {
+            return Ok(e);
+        }
+        self.driver.event_create(self.index)
+    }
+
+    /// Give an event back to the pool.
+    pub fn put_event(&self, e: Event) {
+        self.events.lock().push(e);
+    }
+
+    /// Destroy every pooled event (the allocator is going away).
+    pub fn destroy_events(&self) {
+        for e in std::mem::take(&mut *self.events.lock()) {
+            let _ = self.driver.event_destroy(self.index, e);
+        }
+    }
+
+    /// The clock a test set for this device's stamps, if any.
+    pub fn clock(&self) -> Option<fn() -> u64> {
+        self.clock.get().copied()
+    }
+
+    /// Stamp by `clock` from now on (only the first call counts).
+    pub fn set_clock(&self, clock: fn() -> u64) {
+        let _ = self.clock.set(clock);
+    }
+}

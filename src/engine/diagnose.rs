@@ -1,0 +1,184 @@
+//! The out-of-memory diagnosis: one screen that tells fragmentation, free
+//! memory in the other pool and a full device apart, logged at a limited
+//! rate and carried by the error.
+
+use super::device::Device;
+use super::Allocator;
+use crate::driver::Stream;
+use crate::error::{Error, ErrorCode};
+use crate::size_class::{round_size, Pool};
+
+/// Out-of-memory diagnoses logged in full per device; after these, only a
+/// line at each power of two (see `Allocator::oom`).
+pub const OOM_DIAGNOSES_LOGGED: u64 = 5;
+
+impl Allocator {
+    /// Count an OOM, log the diagnosis, and make the error carrying it.
+    ///
+    /// The log is rate-limited per device, as invalid frees are: the first
+    /// [`OOM_DIAGNOSES_LOGGED`] diagnoses in full, then one line with the
+    /// count at each power of two (a loop that keeps failing must not flood
+    /// stderr). The error always carries the full diagnosis.
+    #[cold]
+    pub(super) fn oom(&self, dev: &Device, size: u64, stream: Stream, why: &str) -> Error {
+        dev.core.counters.ooms.inc();
+        let n = dev.core.counters.ooms.get();
+        let diag = self.diagnose(dev.core.index, size, stream, why);
+        if n <= OOM_DIAGNOSES_LOGGED {
+            tracing::error!("{diag}");
+        } else if n.is_power_of_two() {
+            tracing::error!(
+                "cudalloc: out of memory on device {}: could not allocate {size} bytes: {why}; \
+                 {n} out-of-memory errors on this device so far (diagnoses after the first \
+                 {OOM_DIAGNOSES_LOGGED} are logged at powers of two only; each error carries its own)",
+                dev.core.index
+            );
+        }
+        Error::new(ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY, diag)
+    }
+
+    /// A one-screen explanation of an allocation failure of `size` bytes on
+    /// `device` and `stream`.
+    pub fn diagnose(&self, device: usize, size: u64, stream: Stream, why: &str) -> String {
+        use crate::config::format_size as fs;
+        use std::fmt::Write as _;
+        let Ok(st) = self.stats(device) else {
+            return format!("cudalloc: out of memory on device {device}");
+        };
+        let dev = &self.devices[device];
+        let mut s = String::new();
+        let _ = writeln!(s, "cudalloc: out of memory on device {device}: could not allocate {} ({size} bytes): {why}", fs(size));
+        let _ = writeln!(
+            s,
+            "  live {} in {} allocations; reserved {} in {} segments; cached free {}; pending {}",
+            fs(st.allocated_bytes),
+            st.active_allocations,
+            fs(st.reserved_bytes),
+            st.segments,
+            fs(st.cached_free_bytes),
+            fs(st.pending_free_bytes)
+        );
+        let frag = if st.cached_free_bytes == 0 {
+            0.0
+        } else {
+            1.0 - st.largest_free_block as f64 / st.cached_free_bytes as f64
+        };
+        let _ = writeln!(
+            s,
+            "  largest free block {}; fragmentation of the free cache {:.0}%",
+            fs(st.largest_free_block),
+            frag * 100.0
+        );
+        // What this request could have used: free blocks of its own stream and
+        // pool. Other streams' blocks move only as whole idle segments, the two
+        // pools never lend to each other, and quarantined blocks wait for
+        // empty_cache. `Here` also sums the free bytes of each pool over all
+        // streams, for the hint.
+        struct Here {
+            rounded: u64,
+            pool: Pool,
+            largest: u64,
+            pool_free: u64,
+            other_free: u64,
+        }
+        let here = round_size(size).map(|r| {
+            let pool = self.policy.pool(r);
+            let mut h = Here {
+                rounded: r,
+                pool,
+                largest: 0,
+                pool_free: 0,
+                other_free: 0,
+            };
+            for a in dev.arena_list() {
+                let inner = a.inner.lock();
+                let stash = inner.stash.bytes;
+                let (small, large) = (inner.index[0].free_bytes + stash, inner.index[1].free_bytes);
+                let (mine, other) = if pool == Pool::Small {
+                    (small, large)
+                } else {
+                    (large, small)
+                };
+                h.pool_free += mine;
+                h.other_free += other;
+                if a.stream == stream {
+                    h.largest = inner.index[pool as usize].largest(&inner.blocks);
+                }
+            }
+            h
+        });
+        let pool_name = |p: Pool| if p == Pool::Small { "small" } else { "large" };
+        if let Some(h) = &here {
+            let _ = writeln!(
+                s,
+                "  on stream {stream:#x}: largest free block of the {} pool {}",
+                pool_name(h.pool),
+                fs(h.largest)
+            );
+        }
+        let limit = dev.limit();
+        // Not during a graph capture: cuMemGetInfo could invalidate it.
+        let dinfo = match self.mem_info_outside_capture(device, true) {
+            Some(Ok((free, total))) => format!("device free {} of {}", fs(free), fs(total)),
+            Some(Err(e)) => format!("device memory unknown ({e})"),
+            None => "device memory not asked (a graph capture may be under way)".to_string(),
+        };
+        let lim = if limit == u64::MAX {
+            "none".to_string()
+        } else {
+            fs(limit)
+        };
+        let _ = writeln!(s, "  limit {lim}; {dinfo}; OOMs so far {}", st.num_ooms);
+        let mut live = self.live_allocations(Some(device));
+        live.sort_by_key(|l| std::cmp::Reverse(l.size));
+        if !live.is_empty() {
+            let _ = writeln!(s, "  largest live allocations:");
+            for l in live.iter().take(5) {
+                let _ = writeln!(
+                    s,
+                    "    {:#x} {} stream {:#x} thread {} seq {}",
+                    l.ptr,
+                    fs(l.size),
+                    l.stream,
+                    l.thread,
+                    l.seq
+                );
+            }
+        }
+        match &here {
+            Some(h) if h.pool_free >= h.rounded && h.largest < h.rounded => {
+                let _ = write!(
+                    s,
+                    "  hint: the {} pool holds {} free, but no free block of this stream fits: \
+                     fragmentation, or memory freed on other streams (idle segments were already \
+                     released; the rest hold live blocks). Free long-lived tensors or free on \
+                     the stream that allocates; or try a low-fragmentation profile (README): \
+                     record a trace with log_file:PATH and run `cudalloc replay PATH --profiles`",
+                    pool_name(h.pool),
+                    fs(h.pool_free)
+                );
+            }
+            Some(h) if h.pool_free + h.other_free >= h.rounded && h.other_free > 0 => {
+                let _ = write!(
+                    s,
+                    "  hint: {} of the cache is free in the {} pool, which never serves {} \
+                     requests like this one. Free tensors you no longer need, or try a \
+                     profile that shares segments between sizes (small_max:256KiB or \
+                     small_max:512; README): record a trace with log_file:PATH and run \
+                     `cudalloc replay PATH --profiles`",
+                    fs(h.other_free),
+                    pool_name(if h.pool == Pool::Small {
+                        Pool::Large
+                    } else {
+                        Pool::Small
+                    }),
+                    pool_name(h.pool)
+                );
+            }
+            _ => {
+                let _ = write!(s, "  hint: free tensors you no longer need, lower the batch size, or set max_memory/memory_fraction");
+            }
+        }
+        s
+    }
+}

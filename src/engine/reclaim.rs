@@ -1,0 +1,202 @@
+//! Reclamation: idle segments proven free go back to the driver (the OOM
+//! ladder, `empty_cache`, growth's release of useless segments, trim) or
+//! to another stream's arena (adoption).
+
+use super::arena::{Arena, Detached, ProofPass};
+use super::device::Device;
+use super::pools::PoolTag;
+use crate::driver::DriverError;
+use crate::size_class::{Policy, Pool};
+use std::sync::Arc;
+
+/// How the OOM ladder and `empty_cache` release idle segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Release {
+    /// Only segments whose event has already completed (never blocks).
+    Completed,
+    /// Every idle segment, synchronising streams as needed.
+    All,
+    /// Idle segments of `pool` that cannot serve a request of `rounded`
+    /// bytes (smaller, or under `huge_split:off` a whole-handed segment far
+    /// bigger) whose event has completed: before growing, drop cached memory
+    /// that cannot serve the request anyway (never blocks).
+    Useless {
+        pool: Pool,
+        rounded: u64,
+        policy: Policy,
+    },
+}
+
+/// Whether an idle segment (`seg_pool`, `seg_size` bytes) cannot serve a
+/// request of `rounded` bytes from `pool`.
+pub(super) fn useless(
+    seg_pool: Pool,
+    seg_size: u64,
+    pool: Pool,
+    rounded: u64,
+    policy: &Policy,
+) -> bool {
+    seg_pool == pool && (seg_size < rounded || !policy.may_serve(pool, seg_size, seg_size, rounded))
+}
+
+impl Device {
+    /// Release idle segments of every arena of this device to the driver.
+    /// Returns the bytes released. Call with `slow` held, and only when no
+    /// capture is under way (`capture_underway`: that would invalidate it).
+    pub(super) fn release_idle(&self, mode: Release) -> u64 {
+        let mut released = 0;
+        for arena in self.arena_list() {
+            let detached: Vec<Detached> = {
+                let mut a = arena.inner.lock();
+                // Frees held back by a capture that ended without its end
+                // hook (see `capture_underway`) proceed now.
+                if !a.deferred.is_empty() {
+                    a.record_deferred(&self.core);
+                }
+                match a.pool {
+                    PoolTag::None => {}
+                    // A released pool's segments go only where every stream
+                    // is synchronised (a replay may run on any).
+                    PoolTag::Released(_) if mode == Release::All => {}
+                    PoolTag::Live(_) => {
+                        // Keeps its memory; its completed record_stream
+                        // frees are its to reuse again.
+                        a.flush_stash();
+                        a.process_pending(&self.core, false);
+                        continue;
+                    }
+                    PoolTag::Released(_) | PoolTag::Spare => continue,
+                }
+                a.flush_stash();
+                a.process_pending(&self.core, mode == Release::All);
+                if a.idle.is_empty() {
+                    continue;
+                }
+                if let Release::Useless {
+                    pool,
+                    rounded,
+                    policy,
+                } = mode
+                {
+                    if !a
+                        .idle
+                        .iter()
+                        .any(|&s| useless(a.seg(s).pool, a.seg(s).size, pool, rounded, &policy))
+                    {
+                        continue;
+                    }
+                }
+                if mode == Release::All {
+                    // cuMemFree synchronises anyway; this makes the wait explicit.
+                    let _ = self
+                        .core
+                        .driver
+                        .stream_synchronize(self.core.index, arena.stream);
+                }
+                let idle = a.idle.clone();
+                let mut out = Vec::with_capacity(idle.len());
+                let mut pass = ProofPass::default();
+                for s in idle {
+                    let wanted = match mode {
+                        Release::All => true,
+                        Release::Completed => {
+                            a.idle_free_complete(s, arena.stream, &self.core, &mut pass)
+                        }
+                        Release::Useless {
+                            pool,
+                            rounded,
+                            policy,
+                        } => {
+                            let seg = a.seg(s);
+                            useless(seg.pool, seg.size, pool, rounded, &policy)
+                                && a.idle_free_complete(s, arena.stream, &self.core, &mut pass)
+                        }
+                    };
+                    if wanted {
+                        out.push(a.detach(s, &self.core));
+                    }
+                }
+                out
+            };
+            for d in detached {
+                let size = d.size;
+                if self.driver_free(&arena, d) {
+                    released += size;
+                }
+            }
+        }
+        if mode == Release::All {
+            self.retire_drained_pools();
+        }
+        released
+    }
+
+    /// Give segment `d`, detached from `arena`, back to the driver. Returns
+    /// whether it went. One the driver refuses to free is still allocated:
+    /// it goes back into `arena` as an idle segment, so nothing is lost and
+    /// `reserved` stays true (a later release tries again). After the
+    /// driver's shutdown the memory is gone with it.
+    pub(super) fn driver_free(&self, arena: &Arena, d: Detached) -> bool {
+        match self.core.driver.mem_free(self.core.index, d.base, d.size) {
+            Ok(()) | Err(DriverError::Deinitialized) => {
+                self.core.counters.reserved.sub(d.size);
+                self.core.counters.driver_frees.inc();
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    device = self.core.index,
+                    "freeing a segment of {} bytes failed: {e}; it stays cached",
+                    d.size
+                );
+                arena.inner.lock().attach(d);
+                false
+            }
+        }
+    }
+
+    /// Take an idle segment of another stream, whose free is proven complete,
+    /// out of its arena for `me`. Call with `slow` held. The caller attaches
+    /// it and carves its block in one critical section: attaching here and
+    /// carving after a relock would let another thread on `me`'s stream take
+    /// the segment's free block in between.
+    pub(super) fn adopt(
+        &self,
+        me: &Arena,
+        pool: Pool,
+        rounded: u64,
+        policy: &Policy,
+    ) -> Option<Detached> {
+        for other in self.arena_list() {
+            if std::ptr::eq(Arc::as_ptr(&other), me) || other.pooled {
+                continue;
+            }
+            let found = {
+                let mut o = other.inner.lock();
+                o.flush_stash();
+                let mut cands: Vec<u32> = o
+                    .idle
+                    .iter()
+                    .copied()
+                    .filter(|&s| {
+                        let seg = o.seg(s);
+                        seg.pool == pool
+                            && seg.size >= rounded
+                            && policy.may_serve(pool, seg.size, seg.size, rounded)
+                    })
+                    .collect();
+                cands.sort_by_key(|&s| o.seg(s).size);
+                let mut pass = ProofPass::default();
+                cands
+                    .into_iter()
+                    .find(|&s| o.idle_free_complete(s, other.stream, &self.core, &mut pass))
+                    .map(|s| o.detach(s, &self.core))
+            };
+            if let Some(d) = found {
+                self.core.counters.adopted.inc();
+                return Some(d);
+            }
+        }
+        None
+    }
+}
