@@ -12,6 +12,9 @@
 //! It also keeps the driver's own accounting (live segments, bytes in use and
 //! their peak, allocation and free counts) for the reference model to compare
 //! the engine's stats with.
+//!
+//! Every [`Driver`] method is implemented here, defaulted ones included, so a
+//! method the engine starts calling cannot bypass the spy.
 
 use cudalloc::driver::sim::SimDriver;
 use cudalloc::driver::{Driver, DriverResult, Event, Stream};
@@ -216,5 +219,12 @@ impl Driver for Spy {
     }
     fn stream_is_capturing(&self, device: usize, stream: Stream) -> DriverResult<bool> {
         self.sim.stream_is_capturing(device, stream)
+    }
+    // Creating or destroying a stream proves nothing about work on it.
+    fn stream_create(&self, device: usize) -> DriverResult<Stream> {
+        self.sim.stream_create(device)
+    }
+    fn stream_destroy(&self, device: usize, stream: Stream) -> DriverResult<()> {
+        self.sim.stream_destroy(device, stream)
     }
 }
