@@ -56,7 +56,6 @@ pub struct Harness {
     /// Stream-safety violations seen (the test asserts 0).
     pub violations: Vec<String>,
     pub ops: u64,
-    injected: bool,
     /// Streams capturing now (`Op::Capture`).
     capturing: Vec<(usize, Stream)>,
 }
@@ -88,7 +87,6 @@ impl Harness {
             ledger,
             violations: Vec::new(),
             ops: 0,
-            injected: false,
             capturing: Vec::new(),
         }
     }
@@ -114,11 +112,6 @@ impl Harness {
     pub fn set_capacity(&mut self, dev: usize, capacity: u64) {
         self.spy.sim.set_capacity(dev, capacity);
         self.capacity[dev] = capacity;
-    }
-
-    /// An injected driver failure makes OOMs legitimate whatever the room.
-    pub fn allow_injected_ooms(&mut self, allow: bool) {
-        self.injected = allow;
     }
 
     fn nth_live(&self, pick: u64) -> Option<u64> {
@@ -212,10 +205,7 @@ impl Harness {
                     .unwrap_or(u64::MAX);
                 let cap = self.limit(dev).min(self.capacity[dev]);
                 // During a capture the ladder releases nothing either.
-                if reserved.saturating_add(seg) <= cap
-                    && !self.injected
-                    && self.capturing.is_empty()
-                {
+                if reserved.saturating_add(seg) <= cap && self.capturing.is_empty() {
                     return Err(format!(
                         "malloc({size}) on device {dev} failed with room to spare: reserved {reserved} + segment {seg} <= {cap}"
                     ));
