@@ -8,9 +8,10 @@ use cudalloc::driver::Stream;
 /// Streams the model uses (0 is the legacy default stream).
 pub const STREAMS: [Stream; 4] = [0, 0x10, 0x20, 0x30];
 
-/// One step of a workload. Decoded from three random words, so proptest, the
-/// soak and the fuzz targets share one generator (and shrinking moves toward
-/// small mallocs).
+/// One step of a workload. Decoded from three random words, so the proptest
+/// model runs, the soak and the fault tests share one generator (and
+/// shrinking moves toward small mallocs). The fuzz targets (`fuzz/common`)
+/// have their own decoder.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Op {
     Malloc {
