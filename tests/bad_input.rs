@@ -8,6 +8,7 @@
 //! nothing live. The row about a bad `CUDALLOC_CONF` runs in a child process;
 //! the row about a deinitialised driver uses an [`Allocator`] of its own.
 
+#[allow(dead_code)] // this binary uses part of the shared tree (tests/support/mod.rs)
 mod support;
 
 use cudalloc::driver::sim::SimDriver;
@@ -576,7 +577,7 @@ fn row_calls_racing_from_many_threads() {
                 debts.clone(),
             );
             std::thread::spawn(move || {
-                let mut rng = support::Mix(t);
+                let mut rng = support::ops::Mix(t);
                 let dev = (t % 2) as c_int;
                 for i in 0..2000 {
                     let r = rng.next();

@@ -2,14 +2,16 @@
 //! committed header, links it to the cdylib, and runs it on the simulated
 //! device. A second build runs it under ASan and UBSan.
 
-mod common;
+#[allow(dead_code)] // this binary uses part of the shared tree (tests/support/mod.rs)
+mod support;
 
 use std::process::Command;
+use support::native;
 
 fn build_and_run(name: &str, extra: &[&str]) -> Option<String> {
-    let dir = common::temp_dir(name);
-    let exe = match common::build_c_client(
-        &common::root().join("tests/c/abi_test.c"),
+    let dir = native::temp_dir(name);
+    let exe = match native::build_c_client(
+        &native::root().join("tests/c/abi_test.c"),
         &dir.join(name),
         extra,
     ) {

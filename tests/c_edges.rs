@@ -2,16 +2,18 @@
 //! allocates, calls from atexit handlers and thread-exit destructors (also
 //! under LeakSanitizer), and a trace log on a stdout whose reader goes away.
 
-mod common;
+#[allow(dead_code)] // this binary uses part of the shared tree (tests/support/mod.rs)
+mod support;
 
 use std::io::Read as _;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
+use support::native;
 
 fn build(name: &str, extra: &[&str]) -> Option<PathBuf> {
-    let dir = common::temp_dir(name);
-    match common::build_c_client(
-        &common::root().join("tests/c/exit_and_logging.c"),
+    let dir = native::temp_dir(name);
+    match native::build_c_client(
+        &native::root().join("tests/c/exit_and_logging.c"),
         &dir.join(name),
         &[&["-pthread"], extra].concat(),
     ) {

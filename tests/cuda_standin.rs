@@ -10,24 +10,26 @@
 //! child process: the `cudalloc` binary, the C ABI client, or the C scenarios
 //! in `tests/standin/scenarios.c`.
 
-mod common;
+#[allow(dead_code)] // this binary uses part of the shared tree (tests/support/mod.rs)
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
+use support::native;
 
 /// The directory holding the fake `libcuda.so` and the scenario programs.
 fn standin() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = common::temp_dir("standin");
+        let dir = native::temp_dir("standin");
         let lib = dir.join("libcuda.so");
         let st = Command::new("gcc")
             .args([
                 "-shared", "-fPIC", "-O1", "-Wall", "-Wextra", "-Werror", "-pthread", "-o",
             ])
             .arg(&lib)
-            .arg(common::root().join("tests/standin/fake_libcuda.c"))
+            .arg(native::root().join("tests/standin/fake_libcuda.c"))
             .output()
             .expect("gcc runs");
         assert!(
@@ -40,7 +42,7 @@ fn standin() -> &'static Path {
             ("tests/standin/scenarios.c", "scenarios"),
             ("tests/c/abi_test.c", "abi_test"),
         ] {
-            common::build_c_client(&common::root().join(src), &dir.join(name), &[])
+            native::build_c_client(&native::root().join(src), &dir.join(name), &[])
                 .unwrap_or_else(|e| panic!("{src} did not compile:\n{e}"));
         }
         dir
@@ -448,7 +450,7 @@ fn missing_libcuda_is_a_clear_error_not_a_panic() {
         eprintln!("a real libcuda is installed here; the missing-driver case cannot be staged");
         return;
     }
-    let empty = common::temp_dir("nolib");
+    let empty = native::temp_dir("nolib");
     let out = Command::new(cli())
         .arg("config")
         .env("LD_LIBRARY_PATH", &empty)
@@ -521,14 +523,14 @@ fn libcuda_so_1_is_preferred_to_a_stub_libcuda_so() {
     // Some build images put the toolkit's stub libcuda.so (whose cuInit
     // always fails) on LD_LIBRARY_PATH; the CUDA runtime, and so PyTorch,
     // opens libcuda.so.1, the driver. cudalloc must load that one too.
-    let stub_dir = common::temp_dir("stub");
+    let stub_dir = native::temp_dir("stub");
     let src = stub_dir.join("stub.c");
     std::fs::write(
         &src,
         "int cuInit(unsigned flags) { (void)flags; return 34; }\n",
     )
     .unwrap();
-    common::build(
+    native::build(
         "gcc",
         &["-shared", "-fPIC"],
         &[&src],
@@ -536,7 +538,7 @@ fn libcuda_so_1_is_preferred_to_a_stub_libcuda_so() {
         false,
     )
     .unwrap_or_else(|e| panic!("the stub did not compile:\n{e}"));
-    let driver_dir = common::temp_dir("driver-only");
+    let driver_dir = native::temp_dir("driver-only");
     std::fs::copy(
         standin().join("libcuda.so.1"),
         driver_dir.join("libcuda.so.1"),

@@ -7,13 +7,15 @@
 //! `CUDAPluggableAllocator` opens cudalloc), so that libstdc++ is in neither
 //! the global scope nor cudalloc's.
 
-mod common;
+#[allow(dead_code)] // this binary uses part of the shared tree (tests/support/mod.rs)
+mod support;
 
 use std::process::Command;
+use support::native;
 
-/// Build with `common::build`, or fail the test with the compiler's output.
+/// Build with `native::build`, or fail the test with the compiler's output.
 fn compile(compiler: &str, flags: &[&str], source: &str, out: &std::path::Path, link: bool) {
-    if let Err(e) = common::build(compiler, flags, &[&common::root().join(source)], out, link) {
+    if let Err(e) = native::build(compiler, flags, &[&native::root().join(source)], out, link) {
         panic!("{compiler} failed on {source}:\n{e}");
     }
 }
@@ -47,7 +49,7 @@ fn run_conf(program: &std::path::Path, args: &[&std::path::Path], conf: &str) {
 
 #[test]
 fn a_failed_torch_allocation_is_a_cxx_exception() {
-    let dir = common::temp_dir("cxx");
+    let dir = native::temp_dir("cxx");
     let exe = dir.join("torch_alloc_fn");
     compile(
         "g++",
@@ -62,7 +64,7 @@ fn a_failed_torch_allocation_is_a_cxx_exception() {
 
 #[test]
 fn it_throws_when_libstdcxx_is_loaded_locally_as_under_python() {
-    let dir = common::temp_dir("cxx-local");
+    let dir = native::temp_dir("cxx-local");
     let shim = dir.join("libtorch_like.so");
     compile(
         "g++",
@@ -79,6 +81,6 @@ fn it_throws_when_libstdcxx_is_loaded_locally_as_under_python() {
         &loader,
         false,
     );
-    run_ok(&loader, &[&common::lib_dir().join("libcudalloc.so"), &shim]);
+    run_ok(&loader, &[&native::lib_dir().join("libcudalloc.so"), &shim]);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,9 +7,11 @@
 //! - device capacity shrinks mid-run (another process takes memory) and
 //!   comes back.
 
+#[allow(dead_code)] // this binary uses part of the shared tree (tests/support/mod.rs)
 mod support;
 
-use support::{Harness, Mix, Op};
+use support::model::Harness;
+use support::ops::{Mix, Op};
 
 const CONF: &str = "sim_devices:2,sim_memory:256MiB";
 

@@ -11,12 +11,14 @@
 //! ignored `soak` test: `CUDALLOC_SOAK_OPS=100000000 cargo test --release
 //! --test model soak -- --ignored --nocapture`.
 
+#[allow(dead_code)] // this binary uses part of the shared tree (tests/support/mod.rs)
 mod support;
 
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PtConfig, RngSeed, TestCaseError, TestRunner};
-use support::{Harness, Mix, Op};
+use support::model::Harness;
+use support::ops::{Mix, Op};
 
 /// The configurations every model run covers: (CUDALLOC_CONF, manual events).
 const CONFIGS: &[(&str, bool)] = &[

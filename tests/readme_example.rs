@@ -7,10 +7,12 @@
 //! operator's CUDALLOC_CONF is honoured next to the program's cudalloc_init
 //! string.
 
-mod common;
+#[allow(dead_code)] // this binary uses part of the shared tree (tests/support/mod.rs)
+mod support;
 
 use std::path::Path;
 use std::process::Command;
+use support::native;
 
 /// The first fenced block of `lang` after `heading` in README.md.
 fn block(readme: &str, heading: &str, lang: &str) -> String {
@@ -41,7 +43,7 @@ fn sh(dir: &Path, line: &str, conf: &str) -> std::process::Output {
 
 #[test]
 fn the_readme_c_example_builds_and_runs_with_the_readme_commands() {
-    let readme = std::fs::read_to_string(common::root().join("README.md")).unwrap();
+    let readme = std::fs::read_to_string(native::root().join("README.md")).unwrap();
     let heading = "## Using it from C/C++";
     let code = block(&readme, heading, "c");
     let commands = block(&readme, heading, "sh");
@@ -56,11 +58,11 @@ fn the_readme_c_example_builds_and_runs_with_the_readme_commands() {
         .expect("a line running ./app");
     let run = run.split('#').next().unwrap().trim();
 
-    let dir = common::temp_dir("readme");
+    let dir = native::temp_dir("readme");
     std::fs::write(dir.join("app.c"), &code).unwrap();
-    std::os::unix::fs::symlink(common::root().join("include"), dir.join("include")).unwrap();
+    std::os::unix::fs::symlink(native::root().join("include"), dir.join("include")).unwrap();
     std::fs::create_dir(dir.join("target")).unwrap();
-    std::os::unix::fs::symlink(common::lib_dir(), dir.join("target/release")).unwrap();
+    std::os::unix::fs::symlink(native::lib_dir(), dir.join("target/release")).unwrap();
 
     let out = sh(&dir, build, "");
     assert!(
@@ -91,7 +93,7 @@ fn the_readme_c_example_builds_and_runs_with_the_readme_commands() {
     assert_eq!(trace.lines().count(), 3, "header, allocate, free:\n{trace}");
 
     // And the example is clean C11 under -Wall -Wextra -Werror.
-    common::build_c_client(&dir.join("app.c"), &dir.join("app-strict"), &[])
+    native::build_c_client(&dir.join("app.c"), &dir.join("app-strict"), &[])
         .unwrap_or_else(|e| panic!("the README's C example has warnings:\n{e}"));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,10 +7,11 @@
 //! Checked during the run: no address is handed out while live (a shared
 //! tracker sees every allocation the moment it returns) and no block is
 //! handed to another stream before its free is proven complete (the spy
-//! driver in `support`). At the end: `check_invariants()`, counters that add
+//! driver and the stream-safety ledger in `support`, as in the model). At the end: `check_invariants()`, counters that add
 //! up exactly, and an empty device after draining. Deterministic seeds; the
 //! interleaving is up to the OS. `CUDALLOC_STRESS_OPS` scales the run.
 
+#[allow(dead_code)] // this binary uses part of the shared tree (tests/support/mod.rs)
 mod support;
 
 use cudalloc::error::ErrorCode;
@@ -19,23 +20,16 @@ use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use support::{Mix, Spy};
+use support::ledger::Ledger;
+use support::ops::{Mix, STREAMS};
+use support::spy::Spy;
 
 const THREADS: u64 = 6;
-const STREAMS: [u64; 4] = [0, 0x10, 0x20, 0x30];
 
-#[derive(Clone)]
-struct Freed {
-    end: u64,
-    streams: Vec<u64>,
-    tick: u64,
-}
-
-#[derive(Default)]
 struct Tracker {
     /// ptr -> (device, stream, size, recorded streams)
     live: BTreeMap<u64, (usize, u64, u64, Vec<u64>)>,
-    freed: [BTreeMap<u64, Freed>; 2],
+    ledger: Ledger,
     violations: Vec<String>,
 }
 
@@ -67,35 +61,9 @@ impl World {
         }
         // Stream safety, as in the model: overlapped freed ranges must be
         // proven complete on every other stream they wait for.
-        let end = p + size;
-        let over: Vec<u64> = t.freed[dev]
-            .range(..end)
-            .rev()
-            .take_while(|(_, f)| f.end > p)
-            .map(|(&s, _)| s)
-            .collect();
-        for s in over {
-            let f = t.freed[dev].remove(&s).unwrap();
-            for &w in &f.streams {
-                if w != stream && !self.spy.complete_since(dev, w, f.tick) {
-                    t.violations.push(format!(
-                        "{p:#x} to stream {stream:#x} before its free on {w:#x} completed"
-                    ));
-                }
-            }
-            if s < p {
-                t.freed[dev].insert(
-                    s,
-                    Freed {
-                        end: p,
-                        ..f.clone()
-                    },
-                );
-            }
-            if f.end > end {
-                t.freed[dev].insert(end, Freed { end: f.end, ..f });
-            }
-        }
+        let unproven = t.ledger.hand_out(&self.spy, dev, stream, p, size);
+        t.violations
+            .extend(unproven.iter().map(ToString::to_string));
         t.live.insert(p, (dev, stream, size, Vec::new()));
     }
 
@@ -113,14 +81,7 @@ impl World {
             .expect("free of a live pointer");
         self.frees.fetch_add(1, Relaxed);
         streams.push(stream);
-        t.freed[dev].insert(
-            p,
-            Freed {
-                end: p + size,
-                streams,
-                tick,
-            },
-        );
+        t.ledger.freed(dev, p, size, streams, tick);
     }
 
     fn record_near(&self, key: u64, s: u64) {
@@ -148,7 +109,11 @@ fn threads_by_streams_random_ops() {
     let w = Arc::new(World {
         alloc: Allocator::new(c, spy.clone()),
         spy,
-        tracker: Mutex::default(),
+        tracker: Mutex::new(Tracker {
+            live: BTreeMap::new(),
+            ledger: Ledger::new(2),
+            violations: Vec::new(),
+        }),
         mallocs: AtomicU64::new(0),
         frees: AtomicU64::new(0),
         invalid: AtomicU64::new(0),

@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests that build C programs.
-#![allow(dead_code)]
+//! Building native clients: the crate root, a fresh cdylib, temporary
+//! directories, and C and C++ programs compiled against the committed header
+//! and linked to the cdylib.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
