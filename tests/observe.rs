@@ -167,7 +167,11 @@ fn age_alarm_fires_on_an_old_allocation_and_not_on_a_steady_loop() {
 
     let a = sim_clocked(conf, &CLOCK, read);
     let old = a.malloc(1 << 20, 0, 0).unwrap();
-    churn(&a, &CLOCK, 600, 0);
+    // The alarm's warning is expected: captured, and checked.
+    let logs = captured_logs(|| {
+        churn(&a, &CLOCK, 600, 0);
+    });
+    assert!(logs.contains("leak_age: 1 allocation(s), 1MiB"), "{logs}");
     let st = a.stats(0).unwrap();
     assert_eq!(
         st.num_leak_age_alarms, 1,
@@ -195,7 +199,9 @@ fn growth_alarm_fires_on_a_leak_and_not_on_a_steady_loop() {
 
     let a = sim_clocked(conf, &CLOCK, read);
     let base = a.malloc(8 << 20, 0, 0).unwrap();
-    let kept = churn(&a, &CLOCK, 1300, 8);
+    let mut kept = Vec::new();
+    let logs = captured_logs(|| kept = churn(&a, &CLOCK, 1300, 8));
+    assert!(logs.contains("leak_growth: live bytes rose steadily"), "{logs}");
     let st = a.stats(0).unwrap();
     assert!(
         (2..=4).contains(&st.num_leak_growth_alarms),
@@ -334,7 +340,8 @@ fn a_logged_trace_replays_to_the_same_peak_live_bytes() {
             a.free(p, Some(0), s).unwrap();
         }
     }
-    assert!(a.malloc(1 << 40, 0, 0).is_err());
+    let logs = captured_logs(|| assert!(a.malloc(1 << 40, 0, 0).is_err()));
+    assert!(logs.contains("out of memory on device 0"), "{logs}");
     let peak = a.stats(0).unwrap().allocated_bytes_peak;
     drop(a); // flushes the log
     let text = std::fs::read_to_string(&path).unwrap();
