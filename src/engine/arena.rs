@@ -22,7 +22,6 @@
 //! another stream or the driver.
 
 use super::core::DeviceCore;
-use super::pools::PoolTag;
 use super::tlsf::{Block, BlockState, Blocks, FreeIndex, NIL};
 use crate::driver::{DriverError, Event, Stream};
 use crate::size_class::{Policy, Pool};
@@ -30,6 +29,23 @@ use crate::stats::{ArenaBytes, ArenaCounters};
 use crate::tracking::{now_ms, thread_id, LiveInfo, LiveRecord};
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
+
+/// PyTorch's `MempoolId_t`.
+pub type PoolId = (u64, u64);
+
+/// Which private pool an arena serves.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PoolTag {
+    /// A stream's own arena.
+    #[default]
+    None,
+    /// A pool with references (a graph, or a capture under way).
+    Live(PoolId),
+    /// A pool whose last reference was dropped.
+    Released(PoolId),
+    /// A drained pool arena, kept for the next pool on its stream.
+    Spare,
+}
 
 /// A block [`ArenaInner::free`] took back.
 #[derive(Debug, Clone, Copy)]

@@ -11,15 +11,13 @@
 //!   it knows (`cuStreamIsCapturing`, legal during a capture). A stream
 //!   found capturing is *watched* until the next `empty_cache`, and sets
 //!   *seen* for good: from then on each free asks whether its stream
-//!   captures ([`DeviceCore::captures_now`]: its block is then
+//!   captures (`DeviceCore::captures_now`: its block is then
 //!   quarantined), and no epoch event is recorded.
 //!
-//! The slow paths' precise test is [`Device::capture_underway`]: a pool's
+//! The slow paths' precise test is `Device::capture_underway`: a pool's
 //! capture runs, or a stream holding memory or watched captures (the legacy
 //! stream counts while another captures: the driver answers "implicit").
 
-use super::core::DeviceCore;
-use super::device::Device;
 use crate::driver::Stream;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -52,7 +50,7 @@ impl CaptureWatch {
     /// Whether a pool routes allocations now: a capture may be under way.
     /// The fast paths' cheap test: while true they ask no event, and a
     /// `record_stream` free records none (its events wait for the end).
-    /// The slow paths ask [`Device::capture_underway`], which tells a
+    /// The slow paths ask `Device::capture_underway`, which tells a
     /// routing that outlived a failed capture from a capture that runs.
     #[inline]
     pub fn pools_routing(&self) -> bool {
@@ -88,68 +86,5 @@ impl CaptureWatch {
     /// destroyed now, so it is not asked again.
     pub fn forget_watched(&self) {
         self.watched.lock().clear();
-    }
-}
-
-impl DeviceCore {
-    /// Whether any of `streams` is capturing a graph now (the legacy stream
-    /// while another captures counts). Each one found is watched, and the
-    /// capture is *seen*.
-    pub fn note_capturing(&self, streams: &[Stream]) -> bool {
-        let mut found = false;
-        for &s in streams {
-            if matches!(self.driver.stream_is_capturing(self.index, s), Ok(true)) {
-                found = true;
-                self.capture.watch(&[s]);
-            }
-        }
-        if found {
-            self.capture.mark_seen();
-        }
-        found
-    }
-
-    /// Whether a block freed now on `stream` must be quarantined: `stream`
-    /// is capturing a graph. Costs nothing until a capture is seen.
-    #[inline]
-    pub fn captures_now(&self, stream: Stream) -> bool {
-        self.capture.seen()
-            && matches!(
-                self.driver.stream_is_capturing(self.index, stream),
-                Ok(true)
-            )
-    }
-
-    /// Whether a pool routes allocations now (see [`CaptureWatch::pools_routing`]).
-    #[inline]
-    pub fn pools_routing(&self) -> bool {
-        self.capture.pools_routing()
-    }
-}
-
-impl Device {
-    /// Whether a capture may be under way on this device: then nothing goes
-    /// back to the driver, no idle segment moves between streams, and no
-    /// stream or event is asked. Either a pool's (PyTorch's graphs) or a
-    /// C/C++ one: a stream cudalloc holds memory for (one of the device's
-    /// arenas', not emptied) or watches is capturing now, or is the legacy
-    /// stream while another captures. Finding one also marks the capture
-    /// *seen*. (A C/C++ capture on a stream cudalloc knows nothing of is not
-    /// noticed: README.) Slow paths only: it asks the driver once per
-    /// stream. Call with `slow` held.
-    pub(super) fn capture_underway(&self) -> bool {
-        if self.pool_capture_underway() {
-            return true;
-        }
-        // Only an arena holding memory: a program may destroy a stream once
-        // its blocks are freed and `empty_cache` emptied its arena (README).
-        let mut streams: Vec<Stream> = self
-            .arena_list()
-            .iter()
-            .filter(|a| !a.pooled && a.inner.lock().segment_count() > 0)
-            .map(|a| a.stream)
-            .collect();
-        streams.extend(self.core.capture.watched());
-        self.core.note_capturing(&streams)
     }
 }

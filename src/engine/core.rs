@@ -4,7 +4,7 @@
 //! record events and ask about captures; they never see the device above.
 
 use super::capture::CaptureWatch;
-use crate::driver::{Driver, DriverError, Event};
+use crate::driver::{Driver, DriverError, Event, Stream};
 use crate::stats::DeviceCounters;
 use once_cell::sync::OnceCell;
 use parking_lot::Mutex;
@@ -68,5 +68,41 @@ impl DeviceCore {
     /// Stamp by `clock` from now on (only the first call counts).
     pub fn set_clock(&self, clock: fn() -> u64) {
         let _ = self.clock.set(clock);
+    }
+}
+
+impl DeviceCore {
+    /// Whether any of `streams` is capturing a graph now (the legacy stream
+    /// while another captures counts). Each one found is watched, and the
+    /// capture is *seen*.
+    pub fn note_capturing(&self, streams: &[Stream]) -> bool {
+        let mut found = false;
+        for &s in streams {
+            if matches!(self.driver.stream_is_capturing(self.index, s), Ok(true)) {
+                found = true;
+                self.capture.watch(&[s]);
+            }
+        }
+        if found {
+            self.capture.mark_seen();
+        }
+        found
+    }
+
+    /// Whether a block freed now on `stream` must be quarantined: `stream`
+    /// is capturing a graph. Costs nothing until a capture is seen.
+    #[inline]
+    pub fn captures_now(&self, stream: Stream) -> bool {
+        self.capture.seen()
+            && matches!(
+                self.driver.stream_is_capturing(self.index, stream),
+                Ok(true)
+            )
+    }
+
+    /// Whether a pool routes allocations now (see `CaptureWatch::pools_routing`).
+    #[inline]
+    pub fn pools_routing(&self) -> bool {
+        self.capture.pools_routing()
     }
 }

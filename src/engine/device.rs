@@ -4,8 +4,7 @@
 
 use super::arena::{Arena, ArenaInner};
 use super::core::DeviceCore;
-use super::pools;
-use super::reclaim::Release;
+use super::pool_state::{PoolState, Pools};
 use crate::config::Config;
 use crate::driver::{Driver, Stream};
 use crate::stats::cudalloc_stats;
@@ -35,7 +34,7 @@ pub(super) struct Device {
     /// on the sim moved by 20 ns with the size of this struct).
     pub(super) accumulated_base: Box<Mutex<cudalloc_stats>>,
     /// Private pools (PyTorch's graph pools; `pools.rs`).
-    pub(super) pools: Box<Mutex<pools::Pools>>,
+    pub(super) pools: Box<Mutex<Pools>>,
 }
 
 impl Device {
@@ -49,7 +48,7 @@ impl Device {
             total: OnceCell::new(),
             peak: Mutex::new(0),
             accumulated_base: Box::new(Mutex::new(cudalloc_stats::default())),
-            pools: Box::new(Mutex::new(pools::Pools::default())),
+            pools: Box::new(Mutex::new(Pools::default())),
         }
     }
 
@@ -181,23 +180,6 @@ impl Device {
             .any(|a| a.inner.lock().segment_holding(ptr).is_some())
     }
 
-    /// `empty_cache` for this device: end the quarantine and release every
-    /// idle segment. Nothing while a capture is under way (pools.rs; a
-    /// C/C++ capture on one of the device's streams too): that would
-    /// invalidate it. Call with `slow` held.
-    pub(super) fn empty_cache(&self) -> u64 {
-        if self.capture_underway() {
-            tracing::debug!(
-                device = self.core.index,
-                "empty_cache during a graph capture: nothing released"
-            );
-            return 0;
-        }
-        self.release_quarantine();
-        // The captures are over: a stream they named may be destroyed now.
-        self.core.capture.forget_watched();
-        self.release_idle(Release::All)
-    }
 
     /// End every arena's quarantine. Call with `slow` held.
     pub(super) fn release_quarantine(&self) {
@@ -208,6 +190,64 @@ impl Device {
 
     pub(super) fn arena_list(&self) -> Vec<Arc<Arena>> {
         self.arenas.read().values().cloned().collect()
+    }
+
+    /// Whether a capture may be under way on this device: then nothing goes
+    /// back to the driver, no idle segment moves between streams, and no
+    /// stream or event is asked. Either a pool's (PyTorch's graphs) or a
+    /// C/C++ one: a stream cudalloc holds memory for (one of the device's
+    /// arenas', not emptied) or watches is capturing now, or is the legacy
+    /// stream while another captures. Finding one also marks the capture
+    /// *seen*. (A C/C++ capture on a stream cudalloc knows nothing of is not
+    /// noticed: README.) Slow paths only: it asks the driver once per
+    /// stream. Call with `slow` held.
+    pub(super) fn capture_underway(&self) -> bool {
+        if self.pool_capture_underway() {
+            return true;
+        }
+        // Only an arena holding memory: a program may destroy a stream once
+        // its blocks are freed and `empty_cache` emptied its arena (README).
+        let mut streams: Vec<Stream> = self
+            .arena_list()
+            .iter()
+            .filter(|a| !a.pooled && a.inner.lock().segment_count() > 0)
+            .map(|a| a.stream)
+            .collect();
+        streams.extend(self.core.capture.watched());
+        self.core.note_capturing(&streams)
+    }
+
+    /// Whether a pool's capture may be under way on this device. A pool routes
+    /// (between `begin_pool` and `end_pool`) and either nothing was routed
+    /// to it yet, or a stream something was routed on is capturing (or the
+    /// driver will not say). So a routing whose capture failed before
+    /// PyTorch's end hook (PyTorch skips the hook when `cudaStreamEndCapture`
+    /// fails) holds nothing back once its streams stop capturing; one that
+    /// failed before its first allocation does, until the process ends (see
+    /// docs/PYTHON.md). Routing outside a capture (a thread's allocations
+    /// sent to a pool) holds back only until its first allocation.
+    pub(super) fn pool_capture_underway(&self) -> bool {
+        if !self.core.pools_routing() {
+            return false;
+        }
+        let pools = self.pools.lock();
+        pools
+            .map
+            .values()
+            .any(|st| st.routing > 0 && !self.routing_idle(st))
+    }
+
+    /// Whether `st`'s routing holds nothing back now: something was routed,
+    /// and none of the streams it was routed on is capturing (its capture
+    /// ended, or it routes outside any capture).
+    pub(super) fn routing_idle(&self, st: &PoolState) -> bool {
+        !st.routed_streams.is_empty()
+            && st.routed_streams.iter().all(|&s| {
+                matches!(
+                    self.core.driver.stream_is_capturing(self.core.index, s),
+                    Ok(false)
+                )
+            })
     }
 }
 

@@ -46,6 +46,7 @@ mod device;
 mod diagnose;
 mod limits;
 mod lookup;
+mod pool_state;
 mod pools;
 mod reclaim;
 mod slow;
@@ -53,7 +54,7 @@ pub mod tlsf;
 mod trim;
 
 pub use diagnose::OOM_DIAGNOSES_LOGGED;
-pub use pools::PoolId;
+pub use arena::PoolId;
 
 use crate::config::Config;
 use crate::driver::{Driver, Stream};

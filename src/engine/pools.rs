@@ -40,103 +40,15 @@
 //! keeps the filters and asks them (`ffi/cxx_function.rs`), then calls
 //! [`Allocator::malloc_pool`].
 
-use super::arena::Arena;
+use super::arena::{Arena, PoolId, PoolTag};
+use super::pool_state::{show, Pools};
 use super::device::Device;
 use super::Allocator;
 use crate::driver::Stream;
 use crate::error::{Error, ErrorCode, Result};
-use rustc_hash::FxHashMap;
 use std::sync::Arc;
 
-/// PyTorch's `MempoolId_t`.
-pub type PoolId = (u64, u64);
-
-/// Which private pool an arena serves.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum PoolTag {
-    /// A stream's own arena.
-    #[default]
-    None,
-    /// A pool with references (a graph, or a capture under way).
-    Live(PoolId),
-    /// A pool whose last reference was dropped.
-    Released(PoolId),
-    /// A drained pool arena, kept for the next pool on its stream.
-    Spare,
-}
-
-#[derive(Debug, Default)]
-struct PoolState {
-    /// `begin_pool` calls minus `release_pool` calls.
-    refs: u64,
-    /// `begin_pool` calls not yet ended.
-    routing: u64,
-    /// The streams allocations were routed on since routing began: where
-    /// the capture runs (see `Device::pool_capture_underway`).
-    routed_streams: Vec<Stream>,
-    /// One of `routed_streams` was capturing when first routed: this
-    /// routing serves a capture (not `use_mem_pool`-style routing outside
-    /// one), so once none of them captures, the capture is over.
-    captured: bool,
-    arenas: Vec<Arc<Arena>>,
-}
-
-impl PoolState {
-    /// End `n` of the routings; the last one takes the routed streams with it.
-    fn end_routings(&mut self, n: u64) {
-        self.routing -= n;
-        if self.routing == 0 {
-            self.routed_streams.clear();
-            self.captured = false;
-        }
-    }
-}
-
-/// One device's pools.
-#[derive(Debug, Default)]
-pub(crate) struct Pools {
-    map: FxHashMap<PoolId, PoolState>,
-    spare: Vec<Arc<Arena>>,
-    next_key: u64,
-}
-
-fn show(id: PoolId) -> String {
-    format!("pool ({}, {})", id.0, id.1)
-}
-
 impl Device {
-    /// Whether a pool's capture may be under way on this device. A pool routes
-    /// (between `begin_pool` and `end_pool`) and either nothing was routed
-    /// to it yet, or a stream something was routed on is capturing (or the
-    /// driver will not say). So a routing whose capture failed before
-    /// PyTorch's end hook (PyTorch skips the hook when `cudaStreamEndCapture`
-    /// fails) holds nothing back once its streams stop capturing; one that
-    /// failed before its first allocation does, until the process ends (see
-    /// docs/PYTHON.md). Routing outside a capture (a thread's allocations
-    /// sent to a pool) holds back only until its first allocation.
-    pub(super) fn pool_capture_underway(&self) -> bool {
-        if !self.core.pools_routing() {
-            return false;
-        }
-        let pools = self.pools.lock();
-        pools
-            .map
-            .values()
-            .any(|st| st.routing > 0 && !self.routing_idle(st))
-    }
-
-    /// Whether `st`'s routing holds nothing back now: something was routed,
-    /// and none of the streams it was routed on is capturing (its capture
-    /// ended, or it routes outside any capture).
-    fn routing_idle(&self, st: &PoolState) -> bool {
-        !st.routed_streams.is_empty()
-            && st.routed_streams.iter().all(|&s| {
-                matches!(
-                    self.core.driver.stream_is_capturing(self.core.index, s),
-                    Ok(false)
-                )
-            })
-    }
 
     /// The arena of pool `id` for `stream`, made (or taken from the spares)
     /// on first use.
@@ -191,28 +103,6 @@ impl Device {
         Ok(unsafe { &*Arc::as_ptr(&arc) })
     }
 
-    /// Hand the arenas of released pools that hold no segment to the spares.
-    /// Call with `slow` held.
-    pub(super) fn retire_drained_pools(&self) {
-        let mut pools = self.pools.lock();
-        let Pools { map, spare, .. } = &mut *pools;
-        map.retain(|_, st| {
-            if st.refs > 0 || st.routing > 0 {
-                return true;
-            }
-            let drained = st
-                .arenas
-                .iter()
-                .all(|a| a.inner.lock().segment_count() == 0);
-            if drained {
-                for a in st.arenas.drain(..) {
-                    a.inner.lock().pool = PoolTag::Spare;
-                    spare.push(a);
-                }
-            }
-            !drained
-        });
-    }
 
     /// The pool bookkeeping agrees with the arenas' tags. Call with `slow` held.
     pub(super) fn check_pools(&self) -> std::result::Result<(), String> {

@@ -4,7 +4,8 @@
 
 use super::arena::{Arena, Detached, ProofPass};
 use super::device::Device;
-use super::pools::PoolTag;
+use super::pool_state::Pools;
+use super::arena::PoolTag;
 use crate::driver::DriverError;
 use crate::size_class::{Policy, Pool};
 use std::sync::Arc;
@@ -40,6 +41,47 @@ pub(super) fn useless(
 }
 
 impl Device {
+    /// `empty_cache` for this device: end the quarantine and release every
+    /// idle segment. Nothing while a capture is under way (pools.rs; a
+    /// C/C++ capture on one of the device's streams too): that would
+    /// invalidate it. Call with `slow` held.
+    pub(super) fn empty_cache(&self) -> u64 {
+        if self.capture_underway() {
+            tracing::debug!(
+                device = self.core.index,
+                "empty_cache during a graph capture: nothing released"
+            );
+            return 0;
+        }
+        self.release_quarantine();
+        // The captures are over: a stream they named may be destroyed now.
+        self.core.capture.forget_watched();
+        self.release_idle(Release::All)
+    }
+
+    /// Hand the arenas of released pools that hold no segment to the spares.
+    /// Call with `slow` held.
+    pub(super) fn retire_drained_pools(&self) {
+        let mut pools = self.pools.lock();
+        let Pools { map, spare, .. } = &mut *pools;
+        map.retain(|_, st| {
+            if st.refs > 0 || st.routing > 0 {
+                return true;
+            }
+            let drained = st
+                .arenas
+                .iter()
+                .all(|a| a.inner.lock().segment_count() == 0);
+            if drained {
+                for a in st.arenas.drain(..) {
+                    a.inner.lock().pool = PoolTag::Spare;
+                    spare.push(a);
+                }
+            }
+            !drained
+        });
+    }
+
     /// Release idle segments of every arena of this device to the driver.
     /// Returns the bytes released. Call with `slow` held, and only when no
     /// capture is under way (`capture_underway`: that would invalidate it).
