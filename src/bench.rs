@@ -19,8 +19,8 @@
 
 use crate::config::{format_size, Config};
 use crate::driver::Stream;
-use crate::engine::Allocator;
 use crate::global;
+use crate::Allocator;
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use std::hint::black_box;

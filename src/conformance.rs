@@ -12,8 +12,8 @@
 //! selftest prints every failure rather than stopping at the first.
 
 use crate::driver::Stream;
-use crate::engine::Allocator;
 use crate::error::ErrorCode;
+use crate::Allocator;
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use std::sync::Arc;

@@ -7,7 +7,7 @@
 //! environment is remembered and reported by every call (and logged once);
 //! an explicit init reports it too. At process exit (an `atexit` hook) the allocator
 //! stops calling the driver (its driver is wrapped in an `ExitGuard`): frees
-//! are ignored quietly, and the exit-time reports of `observe::at_exit` run.
+//! are ignored quietly, and the exit-time reports of `Allocator::at_exit` run.
 //! Nor is it created during exit: a first call from a destructor that runs
 //! after `main` returned gets `CUDALLOC_ERR_SHUTTING_DOWN` (the library's
 //! constructor marks the loading thread, whose thread-locals `exit()` tears
@@ -27,8 +27,8 @@ use crate::driver::cuda::CudaDriver;
 use crate::driver::exit_guard::ExitGuard;
 use crate::driver::sim::SimDriver;
 use crate::driver::{Driver, DriverError};
-use crate::engine::Allocator;
 use crate::error::{Error, ErrorCode, Result};
+use crate::Allocator;
 use once_cell::sync::OnceCell;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -134,7 +134,7 @@ extern "C" fn on_exit() {
     // driver is already fenced off by `ExitGuard`; nothing may unwind into C.
     let _ = std::panic::catch_unwind(|| {
         if let Some(a) = GLOBAL.get() {
-            crate::observe::at_exit(a);
+            a.at_exit();
         }
     });
 }

@@ -45,6 +45,7 @@
 //! benchmarks build one over a [`driver::sim::SimDriver`]. The C ABI in
 //! [`ffi`] wraps one process-wide instance ([`global`]).
 
+pub mod allocator;
 pub mod bench;
 pub mod config;
 pub mod conformance;
@@ -59,6 +60,6 @@ pub mod stats;
 pub mod trace;
 pub mod tracking;
 
+pub use allocator::Allocator;
 pub use config::Config;
-pub use engine::Allocator;
 pub use error::{Error, ErrorCode, Result};

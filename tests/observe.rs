@@ -201,7 +201,10 @@ fn growth_alarm_fires_on_a_leak_and_not_on_a_steady_loop() {
     let base = a.malloc(8 << 20, 0, 0).unwrap();
     let mut kept = Vec::new();
     let logs = captured_logs(|| kept = churn(&a, &CLOCK, 1300, 8));
-    assert!(logs.contains("leak_growth: live bytes rose steadily"), "{logs}");
+    assert!(
+        logs.contains("leak_growth: live bytes rose steadily"),
+        "{logs}"
+    );
     let st = a.stats(0).unwrap();
     assert!(
         (2..=4).contains(&st.num_leak_growth_alarms),

@@ -1,13 +1,14 @@
 //! Statistics of the engine: snapshots, accumulated counters since a reset,
-//! and peaks.
+//! and peaks. The observability adaptors fill their own fields into the
+//! same snapshot ([`Engine::stats_with`]), so one reset restarts them all.
 
 use super::device::Device;
-use super::Allocator;
+use super::Engine;
 use crate::error::Result;
 use crate::stats::cudalloc_stats;
 
 /// Subtract `base`'s accumulated counters from `s`'s (every `num_*` count
-/// and `trimmed_bytes`; see [`Allocator::reset_accumulated`]).
+/// and `trimmed_bytes`; see [`Engine::reset_accumulated`]).
 fn accumulated(s: &mut cudalloc_stats, base: &cudalloc_stats) {
     macro_rules! since {
         ($($f:ident),*) => {$( s.$f = s.$f.saturating_sub(base.$f); )*};
@@ -34,16 +35,28 @@ fn accumulated(s: &mut cudalloc_stats, base: &cudalloc_stats) {
     );
 }
 
-impl Allocator {
+impl Engine {
     /// A statistics snapshot of `device`. The accumulated counters (see
-    /// [`Allocator::reset_accumulated`]) count from the last reset.
+    /// [`Engine::reset_accumulated`]) count from the last reset.
     pub fn stats(&self, device: usize) -> Result<cudalloc_stats> {
+        self.stats_with(device, |_| {})
+    }
+
+    /// [`Engine::stats`], with `fill` adding the fields the engine does not
+    /// keep (the observability adaptors': pressure, trims, alarms, the trace
+    /// log's drops) before the counts since the last reset are taken.
+    pub fn stats_with(
+        &self,
+        device: usize,
+        fill: impl FnOnce(&mut cudalloc_stats),
+    ) -> Result<cudalloc_stats> {
         let dev = self.device(device)?;
         // Segments come and go only under `slow`: holding it makes the
         // snapshot consistent (allocated <= reserved, every block counted
         // inside a segment counted), while cache hits and frees go on.
         let _slow = dev.slow.lock();
         let mut s = self.stats_since_start(dev);
+        fill(&mut s);
         accumulated(&mut s, &dev.accumulated_base.lock());
         Ok(s)
     }
@@ -52,18 +65,28 @@ impl Allocator {
     /// allocations, frees, cache hits, driver calls, OOMs, retries, invalid
     /// frees, adoptions, pressure events, trims and leak alarms (torch's
     /// `reset_accumulated_memory_stats`). Current values and peaks stay.
-    pub fn reset_accumulated(&self, device: usize) -> Result<()> {
+    /// `fill` adds the adaptors' fields, as for [`Engine::stats_with`].
+    pub fn reset_accumulated_with(
+        &self,
+        device: usize,
+        fill: impl FnOnce(&mut cudalloc_stats),
+    ) -> Result<()> {
         let dev = self.device(device)?;
         let _slow = dev.slow.lock();
-        let now = self.stats_since_start(dev);
+        let mut now = self.stats_since_start(dev);
+        fill(&mut now);
         *dev.accumulated_base.lock() = now;
         Ok(())
+    }
+
+    /// [`Engine::reset_accumulated_with`] for the engine's own counters.
+    pub fn reset_accumulated(&self, device: usize) -> Result<()> {
+        self.reset_accumulated_with(device, |_| {})
     }
 
     /// `stats` with the accumulated counters since the allocator started.
     /// Call with `slow` held.
     pub(super) fn stats_since_start(&self, dev: &Device) -> cudalloc_stats {
-        let device = dev.core.index;
         let c = &dev.core.counters;
         let allocated = dev.allocated();
         let mut s = cudalloc_stats {
@@ -87,7 +110,6 @@ impl Allocator {
             },
             ..Default::default()
         };
-        self.observe.fill_stats(device, &mut s);
         for a in dev.arena_list() {
             let inner = a.inner.lock();
             s.num_allocs += inner.counters.allocs;

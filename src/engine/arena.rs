@@ -123,7 +123,7 @@ pub(crate) struct Stash {
 #[derive(Debug, Default)]
 pub(crate) struct ArenaInner {
     /// The clock of allocation and idle stamps when a test set one
-    /// (`Allocator::set_clock`); the real coarse clock otherwise.
+    /// (`Engine::set_clock`); the real coarse clock otherwise.
     pub clock: Option<fn() -> u64>,
     pub stash: Stash,
     pub blocks: Blocks,

@@ -1,9 +1,9 @@
 //! The invariants of DESIGN.md, walked over every structure: checked in
 //! debug builds (`ArenaInner::debug_check`) and by the tests.
 
-use super::Allocator;
+use super::Engine;
 
-impl Allocator {
+impl Engine {
     /// Walk every structure and check the invariants of DESIGN.md. Exact when
     /// no other thread is allocating or freeing meanwhile.
     pub fn check_invariants(&self) -> std::result::Result<(), String> {

@@ -23,7 +23,7 @@ pub(crate) struct DeviceCore {
     /// What the device knows of graph captures (`capture.rs`).
     pub capture: CaptureWatch,
     /// The clock of new arenas' stamps, when a test set one
-    /// (`Allocator::set_clock`).
+    /// (`Engine::set_clock`).
     clock: OnceCell<fn() -> u64>,
 }
 

@@ -180,7 +180,6 @@ impl Device {
             .any(|a| a.inner.lock().segment_holding(ptr).is_some())
     }
 
-
     /// End every arena's quarantine. Call with `slow` held.
     pub(super) fn release_quarantine(&self) {
         for a in self.arena_list() {

@@ -3,16 +3,16 @@
 //! rate and carried by the error.
 
 use super::device::Device;
-use super::Allocator;
+use super::Engine;
 use crate::driver::Stream;
 use crate::error::{Error, ErrorCode};
 use crate::size_class::{round_size, Pool};
 
 /// Out-of-memory diagnoses logged in full per device; after these, only a
-/// line at each power of two (see `Allocator::oom`).
+/// line at each power of two (see `Engine::oom`).
 pub const OOM_DIAGNOSES_LOGGED: u64 = 5;
 
-impl Allocator {
+impl Engine {
     /// Count an OOM, log the diagnosis, and make the error carrying it.
     ///
     /// The log is rate-limited per device, as invalid frees are: the first

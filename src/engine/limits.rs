@@ -2,7 +2,7 @@
 //! device's total memory (torch's `set_per_process_memory_fraction`).
 
 use super::device::Device;
-use super::Allocator;
+use super::Engine;
 use crate::error::{Error, ErrorCode, Result};
 use std::sync::atomic::Ordering;
 
@@ -48,9 +48,9 @@ impl Device {
     }
 }
 
-impl Allocator {
+impl Engine {
     /// The fraction of `device`'s total memory cudalloc may reserve, as set
-    /// by [`Allocator::set_memory_fraction`] (1.0 until then; torch's
+    /// by [`Engine::set_memory_fraction`] (1.0 until then; torch's
     /// `get_per_process_memory_fraction`).
     pub fn memory_fraction(&self, device: usize) -> Result<f64> {
         Ok(self.device(device)?.fraction())

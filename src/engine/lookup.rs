@@ -1,13 +1,47 @@
-//! Finding what a pointer is: frees that miss the hinted arena, the true
-//! size of a live allocation.
+//! Finding a live pointer: the hinted arena first (the caller's device and
+//! stream), then every arena of every device. Frees that miss the hint,
+//! `record_stream`, the true size of an allocation and call-site stamps all
+//! look up the same way ([`Engine::find_live`]).
 
-use super::Allocator;
+use super::arena::{Arena, ArenaInner};
+use super::device::Device;
+use super::Engine;
 use crate::driver::Stream;
 use crate::error::{Error, ErrorCode, Result};
-use crate::observe::Action;
 use std::sync::atomic::Ordering;
 
-impl Allocator {
+impl Engine {
+    /// Run `f` under the lock of each arena in turn, the hinted one
+    /// (`device`, `stream`) first, until it answers `Some`: `f` looks for
+    /// `ptr` in the arena's live table. `None` when no arena answered.
+    pub(super) fn find_live<R>(
+        &self,
+        device: Option<usize>,
+        stream: Stream,
+        mut f: impl FnMut(&Device, &Arena, &mut ArenaInner) -> Option<R>,
+    ) -> Option<R> {
+        let hinted = device
+            .and_then(|d| self.devices.get(d))
+            .and_then(|dev| Some((dev, dev.find_arena(self.id, stream)?)));
+        if let Some((dev, a)) = hinted {
+            if let Some(r) = f(dev, a, &mut a.inner.lock()) {
+                return Some(r);
+            }
+        }
+        for dev in &self.devices {
+            for a in dev.arena_list() {
+                if hinted.is_some_and(|(_, h)| std::ptr::eq(h, &*a)) {
+                    continue;
+                }
+                if let Some(r) = f(dev, &a, &mut a.inner.lock()) {
+                    return Some(r);
+                }
+            }
+        }
+        None
+    }
+
+    /// A free that missed the hinted arena (see [`Engine::free`]).
     #[cold]
     pub(super) fn free_search(
         &self,
@@ -15,17 +49,18 @@ impl Allocator {
         device: Option<usize>,
         stream: Stream,
     ) -> Result<()> {
-        for dev in &self.devices {
-            for a in dev.arena_list() {
-                let mut inner = a.inner.lock();
-                if let Some(f) = inner.free(ptr, &dev.core, || {
-                    !a.pooled && dev.core.captures_now(a.stream)
-                }) {
-                    dev.note_free(&a, &mut inner, f.size);
-                    self.log_under_lock(Action::Free, ptr, f.requested, &a);
-                    return Ok(());
-                }
+        let freed = self.find_live(None, stream, |dev, a, inner| {
+            let f = inner.free(ptr, &dev.core, || {
+                !a.pooled && dev.core.captures_now(a.stream)
+            })?;
+            dev.note_free(a, inner, f.size);
+            if let Some(j) = &self.journal {
+                j.freed(ptr, f.requested, a.stream);
             }
+            Some(())
+        });
+        if freed.is_some() {
+            return Ok(());
         }
         // Counted on the hinted device; with no such device, where the
         // pointer lies (a double free), else on device 0: a count nobody
@@ -50,14 +85,38 @@ impl Allocator {
         ))
     }
 
+    /// Make the free of `ptr` also wait for work enqueued on `stream` up to the free.
+    pub fn record_stream(&self, ptr: u64, stream: Stream) -> Result<()> {
+        self.find_live(None, 0, |_, a, inner| {
+            let rec = inner.live.get_mut(&ptr)?;
+            if stream != a.stream && !rec.streams.contains(&stream) {
+                rec.streams.push(stream);
+            }
+            Some(())
+        })
+        .ok_or_else(|| {
+            Error::new(
+                ErrorCode::CUDALLOC_ERR_UNKNOWN_POINTER,
+                format!("record_stream of {ptr:#x}: not a live cudalloc allocation"),
+            )
+        })
+    }
+
     /// The true (rounded) size of a live allocation.
     pub fn size_of(&self, ptr: u64) -> Option<u64> {
-        self.devices
-            .iter()
-            .flat_map(|d| d.arena_list())
-            .find_map(|a| {
-                let inner = a.inner.lock();
-                inner.live.get(&ptr).map(|r| inner.blocks.get(r.block).size)
+        self.find_live(None, 0, |_, _, inner| {
+            let r = inner.live.get(&ptr)?;
+            Some(inner.blocks.get(r.block).size)
+        })
+    }
+
+    /// Stamp the live allocation `ptr` with call site `site` (for leak
+    /// reports; the allocation was made on `device` and `stream`).
+    pub fn set_site(&self, ptr: u64, device: usize, stream: Stream, site: u32) {
+        self.find_live(Some(device), stream, |_, _, inner| {
+            inner.live.contains_key(&ptr).then(|| {
+                inner.sites.insert(ptr, site);
             })
+        });
     }
 }

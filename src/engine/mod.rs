@@ -1,7 +1,7 @@
 //! The engine: per device, stream arenas over segments from the driver.
 //!
 //! ```text
-//! Allocator ── Device 0 ── Arena(stream 0) ── segments ── blocks (TLSF free index)
+//! Engine ── Device 0 ── Arena(stream 0) ── segments ── blocks (TLSF free index)
 //!           │           └─ Arena(stream 7) ── ...
 //!           └─ Device 1 ── ...
 //! ```
@@ -10,7 +10,7 @@
 //!   thread-local cache.
 //! - **Slow path** (miss), serialised per device: adopt an idle segment of
 //!   another stream whose free is proven complete, else get a segment from the
-//!   driver, else the OOM ladder in [`Allocator::malloc`]'s docs.
+//!   driver, else the OOM ladder in [`Engine::malloc`]'s docs.
 //! - **Free** trusts nothing the caller says but the pointer: the stream and
 //!   device arguments are hints for where to look first.
 //! - **Proving a free complete.** An idle segment changes stream or goes
@@ -51,15 +51,13 @@ mod pools;
 mod reclaim;
 mod slow;
 pub mod tlsf;
-mod trim;
 
-pub use diagnose::OOM_DIAGNOSES_LOGGED;
 pub use arena::PoolId;
+pub use diagnose::OOM_DIAGNOSES_LOGGED;
 
 use crate::config::Config;
 use crate::driver::{Driver, Stream};
-use crate::error::{Error, ErrorCode, Result};
-use crate::observe::{Action, Observer};
+use crate::error::{Error, Result};
 use crate::size_class::{round_size, Policy};
 use crate::tracking::LiveInfo;
 use arena::Arena;
@@ -71,10 +69,24 @@ use std::sync::Arc;
 /// Called at step 3 of the OOM ladder with `(device, requested bytes)`.
 pub type OomCallback = Box<dyn Fn(usize, u64) + Send + Sync>;
 
-static NEXT_ALLOCATOR_ID: AtomicU64 = AtomicU64::new(1);
+/// Told of every allocation and free, under the lock of the block's arena,
+/// where the block's fate is decided: so a journal sees each address's
+/// allocations and frees in the engine's order, whatever the threads (the
+/// trace log, `observe::tracelog`, is one). Called on the hot path: it must
+/// be quick and must not call back into the engine.
+pub trait Journal: Send + Sync {
+    /// `ptr` was handed out for a request of `requested` bytes on `stream`.
+    fn allocated(&self, ptr: u64, requested: u64, stream: Stream);
+    /// `ptr`, which had asked for `requested` bytes, was freed; `stream` is
+    /// the block's own.
+    fn freed(&self, ptr: u64, requested: u64, stream: Stream);
+}
 
-/// A caching allocator over all devices of one driver.
-pub struct Allocator {
+static NEXT_ENGINE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The caching allocator over all devices of one driver, without the
+/// observability adaptors (`crate::Allocator` wraps it with them).
+pub struct Engine {
     id: u64,
     config: Config,
     policy: Policy,
@@ -85,26 +97,45 @@ pub struct Allocator {
     oom_callbacks: RwLock<Vec<Arc<OomCallback>>>,
     /// Invalid frees on an allocator without devices.
     stray_invalid_frees: AtomicU64,
-    /// Observability adaptors (src/observe/): call sites, trace log, pressure, alarms.
-    observe: Observer,
+    /// Told of every allocation and free, when set.
+    journal: Option<Arc<dyn Journal>>,
 }
 
-impl Allocator {
-    /// An allocator over every device of `driver`, configured by `config`.
+impl Engine {
+    /// An engine over every device of `driver`, configured by `config`.
     pub fn new(config: Config, driver: Arc<dyn Driver>) -> Self {
+        Engine::with_journal(config, driver, None)
+    }
+
+    /// [`Engine::new`], telling `journal` of every allocation and free.
+    pub fn with_journal(
+        config: Config,
+        driver: Arc<dyn Driver>,
+        journal: Option<Arc<dyn Journal>>,
+    ) -> Self {
         let devices = (0..driver.device_count())
             .map(|index| Device::new(index, driver.clone(), &config))
             .collect();
-        let observe = Observer::new(&config, driver.device_count());
-        Allocator {
-            id: NEXT_ALLOCATOR_ID.fetch_add(1, Ordering::Relaxed),
+        Engine {
+            id: NEXT_ENGINE_ID.fetch_add(1, Ordering::Relaxed),
             policy: Policy::from_config(&config),
             config,
             driver,
             devices,
             oom_callbacks: RwLock::new(Vec::new()),
             stray_invalid_frees: AtomicU64::new(0),
-            observe,
+            journal,
+        }
+    }
+
+    /// Stamp allocations and idle segments by `clock`, coarse monotonic
+    /// milliseconds, instead of the real clock: tests advance time by
+    /// counts instead of waiting. Call it before the first allocation;
+    /// only the first call counts.
+    #[doc(hidden)]
+    pub fn set_clock(&self, clock: fn() -> u64) {
+        for d in &self.devices {
+            d.core.set_clock(clock);
         }
     }
 
@@ -146,28 +177,12 @@ impl Allocator {
     /// driver (in relaxed mode) and the callbacks can serve.
     #[inline]
     pub fn malloc(&self, size: u64, device: usize, stream: Stream) -> Result<u64> {
-        self.malloc_from(size, device, stream, None)
+        self.malloc_in(size, device, stream, None)
     }
 
-    /// [`Allocator::malloc`], from private pool `pool` when given
-    /// (`pools.rs`; [`Allocator::malloc_pool`]).
+    /// [`Engine::malloc`], from private pool `pool` when given (`pools.rs`).
     #[inline(always)]
-    pub(crate) fn malloc_from(
-        &self,
-        size: u64,
-        device: usize,
-        stream: Stream,
-        pool: Option<PoolId>,
-    ) -> Result<u64> {
-        let r = self.malloc_engine(size, device, stream, pool);
-        if self.observe.on {
-            self.observe.after_malloc(self, &r, size, device, stream);
-        }
-        r
-    }
-
-    #[inline(always)]
-    fn malloc_engine(
+    pub(super) fn malloc_in(
         &self,
         size: u64,
         device: usize,
@@ -195,20 +210,19 @@ impl Allocator {
             if let Some((p, block)) = a.try_alloc(rounded, size, &self.policy, &dev.core) {
                 a.counters.cache_hits += 1;
                 dev.note_alloc(arena, block);
-                self.log_under_lock(Action::Allocate, p, size, arena);
+                self.journal_allocated(p, size, arena);
                 return Ok(p);
             }
         }
         self.malloc_slow(dev, arena, rounded, size)
     }
 
-    /// Log an allocation or free of `arena`'s to the trace log, if on.
-    /// Call under the arena's lock (see `observe::tracelog`: the log's
-    /// order per address is then the engine's).
+    /// Tell the journal, if any, of an allocation from `arena`. Call under
+    /// the arena's lock (see [`Journal`]).
     #[inline(always)]
-    fn log_under_lock(&self, action: Action, ptr: u64, requested: u64, arena: &Arena) {
-        if self.observe.logging {
-            self.observe.log(action, ptr, requested, arena.stream);
+    fn journal_allocated(&self, ptr: u64, requested: u64, arena: &Arena) {
+        if let Some(j) = &self.journal {
+            j.allocated(ptr, requested, arena.stream);
         }
     }
 
@@ -227,31 +241,14 @@ impl Allocator {
                     !a.pooled && dev.core.captures_now(a.stream)
                 }) {
                     dev.note_free(a, &mut inner, f.size);
-                    self.log_under_lock(Action::Free, ptr, f.requested, a);
-                    return Ok(());
-                }
-            }
-        }
-        self.free_search(ptr, device, stream)
-    }
-
-    /// Make the free of `ptr` also wait for work enqueued on `stream` up to the free.
-    pub fn record_stream(&self, ptr: u64, stream: Stream) -> Result<()> {
-        for dev in &self.devices {
-            for a in dev.arena_list() {
-                let mut inner = a.inner.lock();
-                if let Some(rec) = inner.live.get_mut(&ptr) {
-                    if stream != a.stream && !rec.streams.contains(&stream) {
-                        rec.streams.push(stream);
+                    if let Some(j) = &self.journal {
+                        j.freed(ptr, f.requested, a.stream);
                     }
                     return Ok(());
                 }
             }
         }
-        Err(Error::new(
-            ErrorCode::CUDALLOC_ERR_UNKNOWN_POINTER,
-            format!("record_stream of {ptr:#x}: not a live cudalloc allocation"),
-        ))
+        self.free_search(ptr, device, stream)
     }
 
     /// Release every idle cached segment on every device to the driver.
@@ -300,7 +297,7 @@ impl Allocator {
 /// replay's) gives its idle segments back to the driver when dropped, and
 /// destroys its events. Live allocations stay the caller's: their
 /// segments are not freed under them.
-impl Drop for Allocator {
+impl Drop for Engine {
     fn drop(&mut self) {
         self.empty_cache();
         for dev in &self.devices {
@@ -316,18 +313,19 @@ impl Drop for Allocator {
 mod tests {
     use super::*;
     use crate::driver::sim::SimDriver;
+    use crate::error::ErrorCode;
     use crate::stats::cudalloc_stats;
     use parking_lot::Mutex;
 
-    fn sim(conf: &str) -> (Allocator, Arc<SimDriver>) {
+    fn sim(conf: &str) -> (Engine, Arc<SimDriver>) {
         let c = Config::parse(conf).unwrap();
         let d = Arc::new(SimDriver::new(c.sim_devices, c.sim_memory));
-        (Allocator::new(c, d.clone()), d)
+        (Engine::new(c, d.clone()), d)
     }
 
     /// A miss of `size` bytes on stream `s` while `s` captures asks no event
     /// and no stream, and frees nothing; the capture then ends.
-    fn quiet_miss_during_capture(a: &Allocator, d: &SimDriver, s: Stream, size: u64) {
+    fn quiet_miss_during_capture(a: &Engine, d: &SimDriver, s: Stream, size: u64) {
         d.set_capturing(s, true);
         let before = d.counters();
         a.malloc(size, 0, s).unwrap();
@@ -340,11 +338,11 @@ mod tests {
     }
 
     /// `n` blocks of 30 MiB on stream `s`, each alone in its own segment.
-    fn own_segments(a: &Allocator, s: Stream, n: u64) -> Vec<u64> {
+    fn own_segments(a: &Engine, s: Stream, n: u64) -> Vec<u64> {
         (0..n).map(|_| a.malloc(30 << 20, 0, s).unwrap()).collect()
     }
 
-    fn free_all(a: &Allocator, s: Stream, ps: &[u64]) {
+    fn free_all(a: &Engine, s: Stream, ps: &[u64]) {
         for &p in ps {
             a.free(p, Some(0), s).unwrap();
         }
@@ -746,7 +744,9 @@ mod tests {
         let before = d.counters();
         assert_eq!(a.empty_cache(), 0);
         let r = a.malloc(100 << 20, 0, t).unwrap(); // s's idle 30 MiB is too small
-        a.observer().tick(&a);
+                                                    // What periodic work does (observe/): trim, and sample device memory.
+        a.trim(0, u64::MAX);
+        let _ = a.mem_info_outside_capture(0, false);
         let after = d.counters();
         assert_eq!(after.capture_violations, 0);
         assert_eq!(after.mem_frees, before.mem_frees);

@@ -45,4 +45,3 @@ pub(crate) struct Pools {
 pub(super) fn show(id: PoolId) -> String {
     format!("pool ({}, {})", id.0, id.1)
 }
-

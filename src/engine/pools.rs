@@ -38,18 +38,17 @@
 //!
 //! Which allocations go to a pool is PyTorch's filter's answer. The FFI layer
 //! keeps the filters and asks them (`ffi/cxx_function.rs`), then calls
-//! [`Allocator::malloc_pool`].
+//! [`Engine::malloc_pool`].
 
 use super::arena::{Arena, PoolId, PoolTag};
-use super::pool_state::{show, Pools};
 use super::device::Device;
-use super::Allocator;
+use super::pool_state::{show, Pools};
+use super::Engine;
 use crate::driver::Stream;
 use crate::error::{Error, ErrorCode, Result};
 use std::sync::Arc;
 
 impl Device {
-
     /// The arena of pool `id` for `stream`, made (or taken from the spares)
     /// on first use.
     pub(super) fn pool_arena(&self, id: PoolId, stream: Stream) -> Result<&Arena> {
@@ -103,7 +102,6 @@ impl Device {
         Ok(unsafe { &*Arc::as_ptr(&arc) })
     }
 
-
     /// The pool bookkeeping agrees with the arenas' tags. Call with `slow` held.
     pub(super) fn check_pools(&self) -> std::result::Result<(), String> {
         let pools = self.pools.lock();
@@ -147,11 +145,11 @@ impl Device {
     }
 }
 
-impl Allocator {
+impl Engine {
     /// Start routing allocations to pool `id` of `device` (PyTorch's
     /// `beginAllocateToPool`; which allocations, the caller decides): the
     /// pool is made on first use, takes a reference, and until
-    /// [`Allocator::end_pool`] nothing on the device goes back to the driver
+    /// [`Engine::end_pool`] nothing on the device goes back to the driver
     /// while the capture runs. A pool already routing is an error, unless
     /// that routing outlived its capture (it failed before PyTorch ended
     /// it): then that routing ends and its reference is dropped. Returns how
@@ -280,10 +278,10 @@ impl Allocator {
     }
 
     /// Allocate `size` bytes on `device` for `stream` from pool `id`, which
-    /// must be live ([`Allocator::begin_pool`]). Freed with
-    /// [`Allocator::free`], like any allocation.
+    /// must be live ([`Engine::begin_pool`]). Freed with
+    /// [`Engine::free`], like any allocation.
     pub fn malloc_pool(&self, size: u64, device: usize, stream: Stream, id: PoolId) -> Result<u64> {
-        self.malloc_from(size, device, stream, Some(id))
+        self.malloc_in(size, device, stream, Some(id))
     }
 
     /// The driver's `(free, total)` for `device`, unless a graph capture may
@@ -328,13 +326,13 @@ mod tests {
     const MIB: u64 = 1 << 20;
     const P: PoolId = (1, 0);
 
-    fn sim() -> (Allocator, Arc<SimDriver>) {
+    fn sim() -> (Engine, Arc<SimDriver>) {
         let c = Config::parse("sim_memory:1GiB").unwrap();
         let d = Arc::new(SimDriver::new(c.sim_devices, c.sim_memory));
-        (Allocator::new(c, d.clone()), d)
+        (Engine::new(c, d.clone()), d)
     }
 
-    fn arenas(a: &Allocator) -> usize {
+    fn arenas(a: &Engine) -> usize {
         a.devices[0].arenas.read().len()
     }
 
@@ -547,38 +545,6 @@ mod tests {
         );
         a.free(x, Some(0), 0x10).unwrap();
         a.check_invariants().unwrap();
-    }
-
-    #[test]
-    fn pressure_sampling_waits_for_the_capture() {
-        let c = Config::parse("sim_memory:1GiB,pressure_interval:1ms").unwrap();
-        let d = Arc::new(SimDriver::new(c.sim_devices, c.sim_memory));
-        let a = Allocator::new(c, d.clone());
-        let tick = |a: &Allocator| {
-            let p = a.malloc(4096, 0, 0x20).unwrap();
-            a.free(p, Some(0), 0x20).unwrap();
-            a.observer().tick(a);
-        };
-        tick(&a);
-        let before = d.counters().mem_info_calls;
-        tick(&a);
-        assert!(
-            d.counters().mem_info_calls > before,
-            "sampled without a capture"
-        );
-        a.begin_pool(0, P).unwrap();
-        let during = d.counters().mem_info_calls;
-        for _ in 0..3 {
-            tick(&a);
-        }
-        assert_eq!(
-            d.counters().mem_info_calls,
-            during,
-            "no cuMemGetInfo during a capture"
-        );
-        a.end_pool(0, P).unwrap();
-        tick(&a);
-        assert!(d.counters().mem_info_calls > during);
     }
 
     #[test]

@@ -2,10 +2,11 @@
 //! ladder, `empty_cache`, growth's release of useless segments, trim) or
 //! to another stream's arena (adoption).
 
+use super::arena::PoolTag;
 use super::arena::{Arena, Detached, ProofPass};
 use super::device::Device;
 use super::pool_state::Pools;
-use super::arena::PoolTag;
+use super::Engine;
 use crate::driver::DriverError;
 use crate::size_class::{Policy, Pool};
 use std::sync::Arc;
@@ -240,5 +241,71 @@ impl Device {
             }
         }
         None
+    }
+}
+
+impl Engine {
+    /// Release idle cached segments of `device`, the longest idle first,
+    /// until at least `want` bytes are released or none is left. Never
+    /// blocks: a segment goes only once its free is proven complete.
+    /// Returns the bytes released.
+    pub fn trim(&self, device: usize, want: u64) -> u64 {
+        let Ok(dev) = self.device(device) else {
+            return 0;
+        };
+        let _slow = dev.slow.lock();
+        if dev.capture_underway() {
+            return 0;
+        }
+        // Pools keep their memory (pools.rs).
+        let arenas: Vec<_> = dev.arena_list().into_iter().filter(|a| !a.pooled).collect();
+        let mut cands: Vec<(u64, usize, u64)> = Vec::new();
+        for (ai, a) in arenas.iter().enumerate() {
+            let mut inner = a.inner.lock();
+            inner.flush_stash();
+            inner.process_pending(&dev.core, false);
+            for &s in &inner.idle {
+                let seg = inner.seg(s);
+                cands.push((seg.idle_since_ms, ai, seg.base));
+            }
+        }
+        cands.sort_unstable();
+        let mut released = 0;
+        for (_, ai, base) in cands {
+            if released >= want {
+                break;
+            }
+            let a = &arenas[ai];
+            let d: Option<Detached> = {
+                let mut inner = a.inner.lock();
+                let found = inner
+                    .idle
+                    .iter()
+                    .copied()
+                    .find(|&s| inner.seg(s).base == base);
+                match found {
+                    // The stream is asked afresh under each lock: the segment
+                    // may have been used and freed again meanwhile.
+                    Some(s)
+                        if inner.idle_free_complete(
+                            s,
+                            a.stream,
+                            &dev.core,
+                            &mut ProofPass::default(),
+                        ) =>
+                    {
+                        Some(inner.detach(s, &dev.core))
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(d) = d {
+                let size = d.size;
+                if dev.driver_free(a, d) {
+                    released += size;
+                }
+            }
+        }
+        released
     }
 }

@@ -1,14 +1,13 @@
 //! The slow path of an allocation (a cache miss), serialised per device:
 //! adopt another stream's idle segment proven free, else grow from the
-//! driver, else the OOM ladder (see [`Allocator::malloc`]).
+//! driver, else the OOM ladder (see [`Engine::malloc`]).
 
 use super::arena::{Arena, Detached};
 use super::device::Device;
 use super::reclaim::Release;
-use super::Allocator;
+use super::Engine;
 use crate::driver::DriverError;
 use crate::error::{Error, ErrorCode, Result};
-use crate::observe::Action;
 use crate::size_class::Pool;
 use std::cell::Cell;
 
@@ -49,7 +48,7 @@ pub(super) struct Want {
     hold: bool,
 }
 
-impl Allocator {
+impl Engine {
     #[cold]
     pub(super) fn malloc_slow(
         &self,
@@ -156,7 +155,7 @@ impl Allocator {
             if let Some((p, block)) = a.try_alloc(rounded, size, &self.policy, &dev.core) {
                 a.counters.cache_hits += 1;
                 dev.note_alloc(arena, block);
-                self.log_under_lock(Action::Allocate, p, size, arena);
+                self.journal_allocated(p, size, arena);
                 return Ok(p);
             }
         }
@@ -174,7 +173,7 @@ impl Allocator {
             let s = a.attach(d);
             let (p, block) = a.alloc_from_segment(s, rounded, size, &self.policy, &dev.core);
             dev.note_alloc(arena, block);
-            self.log_under_lock(Action::Allocate, p, size, arena);
+            self.journal_allocated(p, size, arena);
             return Ok(p);
         }
         // About to grow: first give back idle segments of this pool that cannot
@@ -196,7 +195,7 @@ impl Allocator {
         });
         let (p, block) = a.alloc_from_segment(s, rounded, size, &self.policy, &dev.core);
         dev.note_alloc(arena, block);
-        self.log_under_lock(Action::Allocate, p, size, arena);
+        self.journal_allocated(p, size, arena);
         Ok(p)
     }
 

@@ -29,7 +29,7 @@ fn device_index(device: c_int) -> Option<usize> {
 /// one is `CUDALLOC_ERR_INVALID_DEVICE` (the engine checks the upper bound).
 fn on_device<T>(
     device: c_int,
-    f: impl FnOnce(&'static crate::engine::Allocator, usize) -> crate::error::Result<T>,
+    f: impl FnOnce(&'static crate::Allocator, usize) -> crate::error::Result<T>,
 ) -> crate::error::Result<T> {
     global::get().and_then(|a| match device_index(device) {
         Some(d) => f(a, d),
@@ -662,7 +662,8 @@ pub unsafe extern "C" fn cudalloc_leak_report(
         }
         match global::get() {
             Ok(a) => {
-                let text = crate::observe::leak::report(a, (min_age_s * 1e3) as u64, json != 0);
+                let text =
+                    crate::observe::leak::report(a.engine(), (min_age_s * 1e3) as u64, json != 0);
                 write_text("cudalloc_leak_report", &text, buf, len)
             }
             Err(e) => {
@@ -684,7 +685,7 @@ pub unsafe extern "C" fn cudalloc_leak_report(
 pub unsafe extern "C" fn cudalloc_stats_json(buf: *mut c_char, len: usize) -> usize {
     guard("cudalloc_stats_json", || match global::get() {
         Ok(a) => {
-            let text = crate::observe::export::stats_json(a);
+            let text = a.stats_json();
             write_text("cudalloc_stats_json", &text, buf, len)
         }
         Err(e) => {

@@ -95,7 +95,8 @@ fn intern(ips: Box<[usize]>, frames: usize) -> u32 {
 fn entry(name: &str) -> bool {
     name == "cudalloc_malloc"
         || name == "cudalloc::ffi::cudalloc_malloc"
-        || name == "cudalloc::engine::Allocator::malloc"
+        || name == "cudalloc::allocator::Allocator::malloc"
+        || name == "cudalloc::engine::Engine::malloc"
 }
 
 fn internal(name: &str) -> bool {

@@ -1,6 +1,6 @@
 //! Stats export: the JSON behind `cudalloc_stats_json` and `stats_file:PATH`.
 
-use crate::engine::Allocator;
+use crate::config::Config;
 use crate::stats::cudalloc_stats;
 use serde_json::{json, Map, Value};
 
@@ -41,13 +41,13 @@ pub fn stats_fields(s: &cudalloc_stats) -> Vec<(&'static str, u64)> {
 }
 
 /// `{"devices":[{"device":0, <every cudalloc_stats field>}, ...], "config":{key: value}}`.
-pub fn stats_json(alloc: &Allocator) -> String {
-    let devices: Vec<Value> = (0..alloc.device_count())
-        .filter_map(|d| alloc.stats(d).ok().map(|s| (d, s)))
+pub fn stats_json(devices: &[(usize, cudalloc_stats)], config: &Config) -> String {
+    let devices: Vec<Value> = devices
+        .iter()
         .map(|(d, s)| {
             let mut m = Map::new();
             m.insert("device".into(), json!(d));
-            for (k, v) in stats_fields(&s) {
+            for (k, v) in stats_fields(s) {
                 m.insert(k.into(), json!(v));
             }
             Value::Object(m)
@@ -55,12 +55,7 @@ pub fn stats_json(alloc: &Allocator) -> String {
         .collect();
     let config: Map<String, Value> = crate::config::OPTIONS
         .iter()
-        .filter_map(|o| {
-            alloc
-                .config()
-                .get(o.key)
-                .map(|v| (o.key.to_string(), json!(v)))
-        })
+        .filter_map(|o| config.get(o.key).map(|v| (o.key.to_string(), json!(v))))
         .collect();
     json!({ "devices": devices, "config": config }).to_string()
 }

@@ -4,14 +4,14 @@
 
 use super::callsite;
 use crate::config::{format_duration_ms, format_size};
-use crate::engine::Allocator;
+use crate::engine::Engine;
 use crate::tracking::{now_ms, LiveInfo};
 use serde_json::json;
 use std::fmt::Write as _;
 
 /// Live allocations at least `min_age_ms` old at `now`, biggest first.
 fn old_allocations(
-    alloc: &Allocator,
+    alloc: &Engine,
     device: Option<usize>,
     min_age_ms: u64,
     now: u64,
@@ -56,7 +56,7 @@ const TEXT_LIST: usize = 20;
 /// The leak report: every live allocation at least `min_age_ms` old, on all
 /// devices. Text lists the biggest [`TEXT_LIST`]; JSON lists all. Groups by
 /// call site when any allocation has one. Never calls the driver.
-pub fn report(alloc: &Allocator, min_age_ms: u64, json_out: bool) -> String {
+pub fn report(alloc: &Engine, min_age_ms: u64, json_out: bool) -> String {
     let now = now_ms();
     let live = old_allocations(alloc, None, min_age_ms, now);
     let bytes: u64 = live.iter().map(|l| l.size).sum();
@@ -170,7 +170,7 @@ impl AgeAlarm {
     }
 
     /// Scan if due. Returns whether it logged an alarm.
-    pub fn check(&mut self, alloc: &Allocator, device: usize, now: u64) -> bool {
+    pub fn check(&mut self, alloc: &Engine, device: usize, now: u64) -> bool {
         if now < self.last_scan + self.scan_ms || now < self.age_ms {
             return false;
         }

@@ -8,10 +8,13 @@
 //! tracelog   RMM-format CSV of every allocate / free / failure    log_file
 //! export     JSON stats, on demand and at exit                    stats_file
 //! ```
-//! The engine calls [`Observer::after_malloc`] when [`Observer::on`] says
-//! so, and logs allocations and frees ([`Observer::log`], under the arena's
-//! lock: see `tracelog`) when [`Observer::logging`] does: with everything
-//! off the hot path pays one predictable branch on a plain field. Periodic work
+//! They wrap the engine, in the manner of rmm's adaptors: `crate::Allocator`
+//! calls [`Observer::after_malloc`] after each allocation when
+//! [`Observer::on`] says so (with everything off the hot path pays one
+//! predictable branch on a plain field), and gives the engine the trace log
+//! as its journal ([`Observer::journal`]), which the engine tells of each
+//! allocation and free under the block's arena's lock. The engine knows
+//! nothing of this module. Periodic work
 //! (pressure sampling, trim, the leak alarms) piggybacks on allocation calls:
 //! a thread-local countdown reads the clock once every [`TICK_CALLS`] calls and
 //! one thread claims a due tick with a compare-and-swap, so two threads on two
@@ -25,7 +28,7 @@ pub mod tracelog;
 
 use crate::config::Config;
 use crate::driver::Stream;
-use crate::engine::Allocator;
+use crate::engine::{Engine, Journal};
 use crate::error::Result;
 use crate::stats::cudalloc_stats;
 use crate::tracking::now_ms;
@@ -36,6 +39,7 @@ use parking_lot::{Mutex, RwLock};
 use pressure::{Level, PressureCallback, PressureState};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 pub use tracelog::Action;
 use tracelog::TraceLog;
 
@@ -74,10 +78,8 @@ pub struct Observer {
     pub on: bool,
     /// The trace log or call-site sampling is on.
     per_call: bool,
-    /// The trace log is on: frees are logged too.
-    pub logging: bool,
     sampler: Option<Sampler>,
-    log: Option<TraceLog>,
+    log: Option<Arc<TraceLog>>,
     /// Milliseconds between ticks of periodic work; 0 = none.
     tick_ms: u64,
     next_tick: AtomicU64,
@@ -99,7 +101,7 @@ impl Observer {
             None
         } else {
             match TraceLog::create(&config.log_file) {
-                Ok(l) => Some(l),
+                Ok(l) => Some(Arc::new(l)),
                 Err(e) => {
                     tracing::error!(
                         "log_file: cannot create '{}': {e}; no trace log",
@@ -133,7 +135,6 @@ impl Observer {
         Observer {
             on: sampler.is_some() || log.is_some() || tick_ms > 0,
             per_call: sampler.is_some() || log.is_some(),
-            logging: log.is_some(),
             sampler,
             log,
             tick_ms,
@@ -166,7 +167,7 @@ impl Observer {
     #[inline]
     pub fn after_malloc(
         &self,
-        alloc: &Allocator,
+        alloc: &Engine,
         r: &Result<u64>,
         size: u64,
         device: usize,
@@ -184,7 +185,7 @@ impl Observer {
     #[inline(never)]
     fn per_call_hooks(
         &self,
-        alloc: &Allocator,
+        alloc: &Engine,
         r: &Result<u64>,
         size: u64,
         device: usize,
@@ -209,20 +210,16 @@ impl Observer {
         }
     }
 
-    /// Log an allocation or a free to the trace log (when
-    /// [`Observer::logging`]). The engine calls it under the lock of the
-    /// block's arena, so that the log keeps the engine's order.
-    #[inline]
-    pub fn log(&self, action: Action, ptr: u64, requested: u64, stream: Stream) {
-        if let Some(log) = &self.log {
-            log.record(action, ptr, requested, stream);
-        }
+    /// The trace log, as the engine's journal: it is told of every
+    /// allocation and free under the block's arena's lock (`tracelog`).
+    pub fn journal(&self) -> Option<Arc<dyn Journal>> {
+        self.log.clone().map(|l| l as Arc<dyn Journal>)
     }
 
     /// The clock, then one CAS to claim the tick; then the tick.
     #[cold]
     #[inline(never)]
-    fn maybe_tick(&self, alloc: &Allocator) {
+    fn maybe_tick(&self, alloc: &Engine) {
         let now = self.now();
         let next = self.next_tick.load(Ordering::Relaxed);
         if now >= next
@@ -241,7 +238,7 @@ impl Observer {
     }
 
     /// Periodic work now, for every device: pressure and trim, then the alarms.
-    pub fn tick(&self, alloc: &Allocator) {
+    pub fn tick(&self, alloc: &Engine) {
         let now = self.now();
         for (d, w) in self.watches.iter().enumerate() {
             if !alloc.device_used(d) {
@@ -269,7 +266,7 @@ impl Observer {
         }
     }
 
-    fn sample_pressure(&self, alloc: &Allocator, d: usize, w: &Watch) {
+    fn sample_pressure(&self, alloc: &Engine, d: usize, w: &Watch) {
         // Nothing while a graph capture may be under way there: cuMemGetInfo
         // could invalidate it (engine/pools.rs; trim holds back too).
         let Some(Ok((free, total))) = alloc.mem_info_outside_capture(d, false) else {
@@ -338,7 +335,7 @@ impl Observer {
         s.trimmed_bytes = p.trimmed_bytes.load(Ordering::Relaxed);
         s.num_leak_age_alarms = w.age_alarms.load(Ordering::Relaxed);
         s.num_leak_growth_alarms = w.growth_alarms.load(Ordering::Relaxed);
-        s.log_records_dropped = self.log.as_ref().map_or(0, TraceLog::dropped);
+        s.log_records_dropped = self.log.as_ref().map_or(0, |l| l.dropped());
     }
 
     /// The trace log's clock (see `TraceLog::set_clock`), for tests.
@@ -349,42 +346,15 @@ impl Observer {
         }
     }
 
+    /// The trace log's path and the records it dropped, when it is on.
+    pub fn log_drops(&self) -> Option<(&str, u64)> {
+        self.log.as_ref().map(|l| (l.path(), l.dropped()))
+    }
+
     /// Append every buffered trace line to the log file.
     pub fn flush_log(&self) {
         if let Some(l) = &self.log {
             l.flush();
         }
-    }
-}
-
-/// Exit-time work for the process-wide allocator: flush the trace log, write
-/// `stats_file`, print the leak report (`leak_report:exit`). Never calls the
-/// driver (the global driver refuses calls once the process is exiting).
-pub fn at_exit(alloc: &Allocator) {
-    use std::io::Write as _;
-    let o = alloc.observer();
-    o.flush_log();
-    if let Some(log) = &o.log {
-        let n = log.dropped();
-        if n > 0 {
-            let _ = writeln!(
-                std::io::stderr(),
-                "cudalloc: log_file '{}': {n} records dropped (its reader fell behind, went away or never came)",
-                log.path()
-            );
-        }
-    }
-    let c = alloc.config();
-    if !c.stats_file.is_empty() {
-        if let Err(e) = std::fs::write(&c.stats_file, export::stats_json(alloc)) {
-            let _ = writeln!(
-                std::io::stderr(),
-                "cudalloc: stats_file '{}': {e}",
-                c.stats_file
-            );
-        }
-    }
-    if c.leak_report_exit {
-        let _ = std::io::stderr().write_all(leak::report(alloc, 0, false).as_bytes());
     }
 }

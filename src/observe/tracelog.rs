@@ -23,6 +23,7 @@
 //! calls from `atexit` handlers and thread-exit destructors are logged too.
 
 use crate::driver::Stream;
+use crate::engine::Journal;
 use crate::tracking::thread_id;
 use parking_lot::{Condvar, Mutex};
 use std::fs::{File, OpenOptions};
@@ -230,6 +231,20 @@ impl TraceLog {
     /// The log's path.
     pub fn path(&self) -> &str {
         &self.shared.path
+    }
+}
+
+/// The trace log is the engine's journal: told of each allocation and free
+/// under the block's arena's lock, so the file keeps the engine's order.
+impl Journal for TraceLog {
+    #[inline]
+    fn allocated(&self, ptr: u64, requested: u64, stream: Stream) {
+        self.record(Action::Allocate, ptr, requested, stream);
+    }
+
+    #[inline]
+    fn freed(&self, ptr: u64, requested: u64, stream: Stream) {
+        self.record(Action::Free, ptr, requested, stream);
     }
 }
 

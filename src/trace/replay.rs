@@ -4,8 +4,8 @@
 use super::Event;
 use crate::config::Config;
 use crate::driver::sim::SimDriver;
-use crate::engine::Allocator;
 use crate::observe::tracelog::Action;
+use crate::Allocator;
 use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::time::Instant;
