@@ -28,6 +28,19 @@
 //!    made while the process exits by returning that error, never aborting.
 //! 7. **No panics.** A missing driver library is an error at construction,
 //!    never a panic later.
+//! 8. **Graph capture.** While a stream is captured into a CUDA graph in
+//!    global mode, a call that synchronises or queries invalidates the
+//!    capture. The engine relies on these being legal during a capture, and
+//!    an implementation keeps them so: [`Driver::stream_is_capturing`] (asked
+//!    of any stream; the legacy stream answers `true` while another stream
+//!    captures, as CUDA's "implicit" status), [`Driver::mem_alloc`] (the CUDA
+//!    backend switches the calling thread to relaxed capture mode around
+//!    it) and [`Driver::mem_info`] (likewise). Everything else (`mem_free`, `stream_synchronize`, `stream_query`,
+//!    `event_record`, `event_query`, `event_synchronize`) the engine calls
+//!    only once it has asked whether a capture may be under way, and never
+//!    on a capturing stream. [`Driver::stream_is_capturing`] is required, not
+//!    defaulted: a wrapping driver that forgot to forward it would switch
+//!    that safety off silently.
 
 pub mod cuda;
 pub mod exit_guard;
@@ -105,12 +118,12 @@ pub trait Driver: Send + Sync {
     /// Required, not defaulted, so that a wrapping driver cannot forget to
     /// forward it.
     fn stream_query(&self, device: usize, stream: Stream) -> DriverResult<bool>;
-    /// Whether `stream` is being captured into a CUDA graph. While it is, the
-    /// engine must not call [`Driver::mem_alloc`] (illegal in global capture
-    /// mode) and must not reuse blocks freed during the capture.
-    fn stream_is_capturing(&self, _device: usize, _stream: Stream) -> DriverResult<bool> {
-        Ok(false)
-    }
+    /// Whether `stream` is being captured into a CUDA graph (for the legacy
+    /// stream: or another stream captures). Legal during a capture. While
+    /// it is, the engine calls nothing that would invalidate the capture
+    /// (see the contract, 8) and does not reuse blocks freed during it.
+    /// Required, not defaulted, as `stream_query` is.
+    fn stream_is_capturing(&self, device: usize, stream: Stream) -> DriverResult<bool>;
     /// Create a stream (for self-tests and benchmarks; the engine never does).
     fn stream_create(&self, _device: usize) -> DriverResult<Stream> {
         Err(DriverError::Other {
