@@ -389,11 +389,9 @@ impl ArenaInner {
             }
             Err(_) => return,
         }
-        let Ok(e) = dev.get_event() else { return };
-        if dev.driver.event_record(dev.index, e, stream).is_err() {
-            dev.put_event(e);
+        let Some(e) = dev.record_event(stream) else {
             return;
-        }
+        };
         if self.epochs.len() == EPOCH_EVENTS {
             // A later event covers what the oldest did.
             dev.put_event(self.epochs.remove(0).1);
@@ -549,11 +547,9 @@ impl ArenaInner {
         let ev = match self.seg(s).event {
             Some(e) => e,
             None => {
-                let Ok(e) = dev.get_event() else { return false };
-                if dev.driver.event_record(dev.index, e, stream).is_err() {
-                    dev.put_event(e);
+                let Some(e) = dev.record_event(stream) else {
                     return false;
-                }
+                };
                 self.seg_mut(s).event = Some(e);
                 e
             }
@@ -680,20 +676,15 @@ impl ArenaInner {
             let mut events = Vec::with_capacity(streams.len());
             let mut unproven = false;
             for &s in streams {
-                match dev.get_event() {
-                    Ok(e) if dev.driver.event_record(dev.index, e, s).is_ok() => {
-                        events.push((e, s))
-                    }
-                    other => {
-                        if let Ok(e) = other {
-                            dev.put_event(e);
-                        }
-                        // No event: wait for the stream now, or, if even that
-                        // fails, keep the block out of reuse until empty_cache.
+                match dev.record_event(s) {
+                    Some(e) => events.push((e, s)),
+                    // No event: wait for the stream now, or, if even that
+                    // fails, keep the block out of reuse until empty_cache.
+                    None => {
                         unproven |= !matches!(
                             dev.driver.stream_synchronize(dev.index, s),
                             Ok(()) | Err(DriverError::Deinitialized)
-                        );
+                        )
                     }
                 }
             }

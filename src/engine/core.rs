@@ -48,6 +48,17 @@ impl DeviceCore {
         self.driver.event_create(self.index)
     }
 
+    /// An event from the pool recorded on `stream` now, or `None` when no
+    /// event could be had or recorded (the event, if any, goes back).
+    pub fn record_event(&self, stream: Stream) -> Option<Event> {
+        let e = self.get_event().ok()?;
+        if self.driver.event_record(self.index, e, stream).is_err() {
+            self.put_event(e);
+            return None;
+        }
+        Some(e)
+    }
+
     /// Give an event back to the pool.
     pub fn put_event(&self, e: Event) {
         self.events.lock().push(e);

@@ -2,12 +2,12 @@
 //! ladder, `empty_cache`, growth's release of useless segments, trim) or
 //! to another stream's arena (adoption).
 
-use super::arena::PoolTag;
-use super::arena::{Arena, Detached, ProofPass};
+use super::arena::{Arena, ArenaInner, Detached, PoolTag, ProofPass};
+use super::core::DeviceCore;
 use super::device::Device;
 use super::pool_state::Pools;
 use super::Engine;
-use crate::driver::DriverError;
+use crate::driver::{DriverError, Stream};
 use crate::size_class::{Policy, Pool};
 use std::sync::Arc;
 
@@ -41,7 +41,50 @@ pub(super) fn useless(
     seg_pool == pool && (seg_size < rounded || !policy.may_serve(pool, seg_size, seg_size, rounded))
 }
 
+/// Detach from `inner` (the locked arena of `stream`), in the order given,
+/// the candidate idle segments whose free is proven complete (see
+/// `ArenaInner::idle_free_complete`; every candidate when `all_proven`: the
+/// stream was synchronised), stopping after `most` of them. The one place
+/// where idle segments leave an arena: release, adoption and trim all
+/// choose their candidates and come here.
+fn take_proven(
+    inner: &mut ArenaInner,
+    stream: Stream,
+    dev: &DeviceCore,
+    candidates: impl IntoIterator<Item = u32>,
+    all_proven: bool,
+    most: usize,
+) -> Vec<Detached> {
+    let mut out = Vec::new();
+    let mut pass = ProofPass::default();
+    for s in candidates {
+        if out.len() == most {
+            break;
+        }
+        if all_proven || inner.idle_free_complete(s, stream, dev, &mut pass) {
+            out.push(inner.detach(s, dev));
+        }
+    }
+    out
+}
+
 impl Device {
+    /// Give segments detached from `arena` back to the driver; returns the
+    /// bytes that went (one the driver refuses stays cached: `driver_free`).
+    fn give_back(&self, arena: &Arena, detached: Vec<Detached>) -> u64 {
+        detached
+            .into_iter()
+            .map(|d| {
+                let size = d.size;
+                if self.driver_free(arena, d) {
+                    size
+                } else {
+                    0
+                }
+            })
+            .sum()
+    }
+
     /// `empty_cache` for this device: end the quarantine and release every
     /// idle segment. Nothing while a capture is under way (pools.rs; a
     /// C/C++ capture on one of the device's streams too): that would
@@ -136,37 +179,29 @@ impl Device {
                         .driver
                         .stream_synchronize(self.core.index, arena.stream);
                 }
-                let idle = a.idle.clone();
-                let mut out = Vec::with_capacity(idle.len());
-                let mut pass = ProofPass::default();
-                for s in idle {
-                    let wanted = match mode {
-                        Release::All => true,
-                        Release::Completed => {
-                            a.idle_free_complete(s, arena.stream, &self.core, &mut pass)
-                        }
-                        Release::Useless {
-                            pool,
-                            rounded,
-                            policy,
-                        } => {
-                            let seg = a.seg(s);
-                            useless(seg.pool, seg.size, pool, rounded, &policy)
-                                && a.idle_free_complete(s, arena.stream, &self.core, &mut pass)
-                        }
-                    };
-                    if wanted {
-                        out.push(a.detach(s, &self.core));
-                    }
-                }
-                out
+                let candidates: Vec<u32> = match mode {
+                    Release::All | Release::Completed => a.idle.clone(),
+                    Release::Useless {
+                        pool,
+                        rounded,
+                        policy,
+                    } => a
+                        .idle
+                        .iter()
+                        .copied()
+                        .filter(|&s| useless(a.seg(s).pool, a.seg(s).size, pool, rounded, &policy))
+                        .collect(),
+                };
+                take_proven(
+                    &mut a,
+                    arena.stream,
+                    &self.core,
+                    candidates,
+                    mode == Release::All,
+                    usize::MAX,
+                )
             };
-            for d in detached {
-                let size = d.size;
-                if self.driver_free(&arena, d) {
-                    released += size;
-                }
-            }
+            released += self.give_back(&arena, detached);
         }
         if mode == Release::All {
             self.retire_drained_pools();
@@ -229,11 +264,7 @@ impl Device {
                     })
                     .collect();
                 cands.sort_by_key(|&s| o.seg(s).size);
-                let mut pass = ProofPass::default();
-                cands
-                    .into_iter()
-                    .find(|&s| o.idle_free_complete(s, other.stream, &self.core, &mut pass))
-                    .map(|s| o.detach(s, &self.core))
+                take_proven(&mut o, other.stream, &self.core, cands, false, 1).pop()
             };
             if let Some(d) = found {
                 self.core.counters.adopted.inc();
@@ -276,35 +307,18 @@ impl Engine {
                 break;
             }
             let a = &arenas[ai];
-            let d: Option<Detached> = {
+            let detached = {
                 let mut inner = a.inner.lock();
+                // The stream is asked afresh under each lock: the segment may
+                // have been used and freed again meanwhile.
                 let found = inner
                     .idle
                     .iter()
                     .copied()
                     .find(|&s| inner.seg(s).base == base);
-                match found {
-                    // The stream is asked afresh under each lock: the segment
-                    // may have been used and freed again meanwhile.
-                    Some(s)
-                        if inner.idle_free_complete(
-                            s,
-                            a.stream,
-                            &dev.core,
-                            &mut ProofPass::default(),
-                        ) =>
-                    {
-                        Some(inner.detach(s, &dev.core))
-                    }
-                    _ => None,
-                }
+                take_proven(&mut inner, a.stream, &dev.core, found, false, 1)
             };
-            if let Some(d) = d {
-                let size = d.size;
-                if dev.driver_free(a, d) {
-                    released += size;
-                }
-            }
+            released += dev.give_back(a, detached);
         }
         released
     }
