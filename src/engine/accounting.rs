@@ -139,3 +139,45 @@ impl Engine {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::engine::testing::*;
+
+    #[test]
+    fn reset_accumulated_restarts_the_counts_and_keeps_the_rest() {
+        let (a, _) = sim("sim_memory:1GiB,max_memory:100MiB");
+        let p = a.malloc(60 << 20, 0, 0).unwrap();
+        assert!(a.malloc(60 << 20, 0, 0).is_err());
+        assert!(a.free(0xdead, Some(0), 0).is_err());
+        let q = a.malloc(4096, 0, 0).unwrap();
+        a.free(q, Some(0), 0).unwrap();
+        let before = a.stats(0).unwrap();
+        assert!(before.num_ooms == 1 && before.num_invalid_frees == 1 && before.num_allocs == 2);
+        a.reset_accumulated(0).unwrap();
+        let after = a.stats(0).unwrap();
+        let zeroed = cudalloc_stats {
+            num_allocs: 0,
+            num_frees: 0,
+            num_cache_hits: 0,
+            num_driver_allocs: 0,
+            num_driver_frees: 0,
+            num_ooms: 0,
+            num_alloc_retries: 0,
+            num_invalid_frees: 0,
+            num_segments_adopted: 0,
+            ..before
+        };
+        assert_eq!(after, zeroed, "only the accumulated counters restart");
+        // Counting goes on from zero; the peaks stay.
+        let r = a.malloc(4096, 0, 0).unwrap();
+        let st = a.stats(0).unwrap();
+        assert_eq!((st.num_allocs, st.num_cache_hits), (1, 1));
+        assert_eq!(st.allocated_bytes_peak, before.allocated_bytes_peak);
+        a.free(r, Some(0), 0).unwrap();
+        a.free(p, Some(0), 0).unwrap();
+        assert_eq!(a.stats(0).unwrap().num_frees, 2);
+        assert!(a.reset_accumulated(1).is_err());
+        a.check_invariants().unwrap();
+    }
+}

@@ -182,3 +182,83 @@ impl Engine {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::engine::testing::*;
+
+    /// An OOM with enough cached free bytes but no block that fits says so,
+    /// with the requesting stream's own largest block; a plain OOM does not.
+    #[test]
+    fn oom_diagnosis_tells_fragmentation_from_a_full_device() {
+        const M: u64 = 1 << 20;
+        let (a, _) = sim("sim_memory:40MiB");
+        let s = 0x10;
+        // Two 20 MiB large segments, four 5 MiB blocks each.
+        let blocks: Vec<u64> = (0..8).map(|_| a.malloc(5 * M, 0, s).unwrap()).collect();
+        assert_eq!(a.stats(0).unwrap().reserved_bytes, 40 * M);
+        let e = a.malloc(8 * M, 0, s).unwrap_err();
+        assert!(e.message.contains("hint: free tensors"), "{}", e.message);
+        assert!(!e.message.contains("fragmentation, or"), "{}", e.message);
+        // Free every other block: 20 MiB cached, no two free blocks adjacent.
+        for p in blocks.iter().step_by(2) {
+            a.free(*p, Some(0), s).unwrap();
+        }
+        let e = a.malloc(8 * M, 0, s).unwrap_err();
+        assert_eq!(e.code, ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY);
+        let m = &e.message;
+        assert!(
+            m.contains("on stream 0x10: largest free block of the large pool 5MiB"),
+            "{m}"
+        );
+        assert!(
+            m.contains("the large pool holds 20MiB free, but no free block of this stream fits"),
+            "{m}"
+        );
+        // Another stream sees none of it: its own largest block is 0.
+        let e = a.malloc(8 * M, 0, 0x20).unwrap_err();
+        assert!(
+            e.message
+                .contains("on stream 0x20: largest free block of the large pool 0B"),
+            "{}",
+            e.message
+        );
+        a.check_invariants().unwrap();
+        for p in blocks.iter().skip(1).step_by(2) {
+            a.free(*p, Some(0), s).unwrap();
+        }
+    }
+
+    /// Free bytes in the other pool are not fragmentation of this one: the
+    /// hint says where they are (found in review: a full large pool with a
+    /// half-free small pool was called fragmentation).
+    #[test]
+    fn oom_diagnosis_names_free_bytes_in_the_other_pool() {
+        const M: u64 = 1 << 20;
+        let (a, _) = sim("sim_memory:40MiB");
+        let s = 0x10;
+        let small: Vec<u64> = (0..40)
+            .map(|_| a.malloc(512 << 10, 0, s).unwrap())
+            .collect();
+        for (i, p) in small.iter().enumerate() {
+            if i % 4 != 0 {
+                a.free(*p, Some(0), s).unwrap();
+            }
+        }
+        let mut large = Vec::new();
+        while let Ok(p) = a.malloc(4 * M, 0, s) {
+            large.push(p);
+        }
+        let e = a.malloc(8 * M, 0, s).unwrap_err();
+        let m = &e.message;
+        assert!(!m.contains("fragmentation, or"), "{m}");
+        assert!(
+            m.contains("free in the small pool, which never serves large"),
+            "{m}"
+        );
+        a.check_invariants().unwrap();
+        for p in large.into_iter().chain(small.into_iter().step_by(4)) {
+            a.free(p, Some(0), s).unwrap();
+        }
+    }
+}

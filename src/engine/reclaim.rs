@@ -323,3 +323,152 @@ impl Engine {
         released
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::engine::testing::*;
+
+    #[test]
+    fn other_stream_waits_for_the_event() {
+        let (a, d) = sim("sim_memory:64MiB,sim_events:manual");
+        d.set_manual_events(true);
+        let p = a.malloc(40 << 20, 0, 1).unwrap();
+        a.free(p, Some(0), 1).unwrap();
+        // Stream 2 cannot take the segment before stream 1's work is done, and
+        // there is no room for a second one: the ladder synchronises.
+        let before = d.counters().stream_syncs;
+        let q = a.malloc(40 << 20, 0, 2).unwrap();
+        assert!(
+            d.counters().stream_syncs > before,
+            "had to wait for stream 1"
+        );
+        a.free(q, Some(0), 2).unwrap();
+        // Now with room to spare: stream 3 is refused the idle segment while
+        // its event is pending and gets a new one.
+        let (a, d) = sim("sim_memory:1GiB");
+        d.set_manual_events(true);
+        let p = a.malloc(40 << 20, 0, 1).unwrap();
+        a.free(p, Some(0), 1).unwrap();
+        let q = a.malloc(40 << 20, 0, 3).unwrap();
+        assert_ne!(p, q);
+        assert_eq!(a.stats(0).unwrap().num_segments_adopted, 0);
+        d.complete_stream(0, 1);
+        a.free(q, Some(0), 3).unwrap();
+        let r = a.malloc(40 << 20, 0, 4).unwrap();
+        assert!(r == p || r == q);
+        assert_eq!(a.stats(0).unwrap().num_segments_adopted, 1);
+        a.check_invariants().unwrap();
+    }
+
+    /// A GPU that runs behind the host: idle segments freed before an epoch
+    /// event are proven free once it completes (the host synchronised, say),
+    /// though the stream is busy, so growth releases the ones too small.
+    /// Segments freed after it stay unproven (their fallback event is
+    /// recorded only when asked for, and has not completed).
+    #[test]
+    fn epoch_events_prove_segments_freed_before_them() {
+        const M: u64 = 1 << 20;
+        let (a, d) = sim("sim_memory:4GiB");
+        d.set_manual_events(true);
+        let s = 0x10;
+        let n = EPOCH_SPACING as u64 + 3;
+        let ps = own_segments(&a, s, n);
+        assert_eq!(a.stats(0).unwrap().reserved_bytes, n * 30 * M);
+        let before = d.counters().event_records;
+        free_all(&a, s, &ps);
+        // One epoch event, at the EPOCH_SPACING-th idle segment.
+        assert_eq!(d.counters().event_records, before + 1);
+        d.complete_all();
+        let big = a.malloc(100 * M, 0, s).unwrap();
+        let st = a.stats(0).unwrap();
+        assert_eq!(st.num_driver_frees, EPOCH_SPACING as u64);
+        assert_eq!(st.reserved_bytes, 3 * 30 * M + 100 * M);
+        // The last three have fallback events now; once those complete,
+        // they go too, but not the segment freed since.
+        d.complete_all();
+        a.free(big, Some(0), s).unwrap();
+        a.malloc(200 * M, 0, s).unwrap();
+        let st = a.stats(0).unwrap();
+        assert_eq!(st.num_driver_frees, EPOCH_SPACING as u64 + 3);
+        assert_eq!(st.reserved_bytes, 100 * M + 200 * M);
+        a.check_invariants().unwrap();
+    }
+
+    /// A segment the driver refuses to free stays cached: nothing is lost,
+    /// `reserved` stays true, the segment serves again, and a later release
+    /// frees it.
+    #[test]
+    fn a_refused_driver_free_keeps_the_segment() {
+        let (a, d) = sim("sim_memory:1GiB");
+        let p = a.malloc(30 << 20, 0, 0x10).unwrap();
+        a.free(p, Some(0), 0x10).unwrap();
+        d.set_fail_frees(true);
+        assert_eq!(a.empty_cache(), 0);
+        let st = a.stats(0).unwrap();
+        assert_eq!((st.reserved_bytes, st.num_driver_frees), (30 << 20, 0));
+        a.check_invariants().unwrap();
+        assert_eq!(
+            a.malloc(30 << 20, 0, 0x10).unwrap(),
+            p,
+            "served from the cache"
+        );
+        a.free(p, Some(0), 0x10).unwrap();
+        d.set_fail_frees(false);
+        assert_eq!(a.empty_cache(), 30 << 20);
+        assert_eq!((a.stats(0).unwrap().reserved_bytes, d.used(0)), (0, 0));
+        a.check_invariants().unwrap();
+    }
+
+    /// One large block freed again and again (alone in its segment) counts
+    /// as one segment per epoch: it records nothing by itself.
+    #[test]
+    fn one_segment_freed_in_a_loop_records_no_epoch_event() {
+        let (a, d) = sim("sim_memory:4GiB");
+        let before = d.counters().event_records;
+        for _ in 0..10 * EPOCH_SPACING {
+            let p = a.malloc(30 << 20, 0, 0x10).unwrap();
+            a.free(p, Some(0), 0x10).unwrap();
+        }
+        assert_eq!(d.counters().event_records, before);
+        assert_eq!(a.stats(0).unwrap().num_driver_allocs, 1);
+    }
+
+    /// A pass over idle segments asks a pending epoch event once, not once
+    /// per segment it would cover.
+    #[test]
+    fn a_pending_epoch_event_is_queried_once_a_pass() {
+        let (a, d) = sim("sim_memory:4GiB");
+        d.set_manual_events(true);
+        let s = 0x10;
+        let n = EPOCH_SPACING as u64;
+        free_all(&a, s, &own_segments(&a, s, n));
+        let before = d.counters();
+        a.malloc(100 << 20, 0, s).unwrap();
+        let after = d.counters();
+        // The epoch event once, then each segment's own fallback event.
+        assert_eq!(after.event_queries - before.event_queries, 1 + n);
+        assert_eq!(after.stream_queries - before.stream_queries, 1);
+        assert_eq!(a.stats(0).unwrap().num_driver_frees, 0);
+    }
+
+    #[test]
+    fn record_stream_delays_reuse() {
+        let (a, d) = sim("sim_memory:1GiB");
+        d.set_manual_events(true);
+        let p = a.malloc(4096, 0, 1).unwrap();
+        a.record_stream(p, 2).unwrap();
+        a.free(p, Some(0), 1).unwrap();
+        let q = a.malloc(4096, 0, 1).unwrap();
+        assert_ne!(p, q, "block still in use by stream 2");
+        assert_eq!(a.stats(0).unwrap().pending_free_bytes, 4096);
+        a.check_invariants().unwrap();
+        d.complete_stream(0, 2);
+        let r = a.malloc(4096, 0, 1).unwrap();
+        assert_eq!(r, p, "reused once stream 2's work completed");
+        assert_eq!(
+            a.record_stream(0xdead, 2).unwrap_err().code,
+            ErrorCode::CUDALLOC_ERR_UNKNOWN_POINTER
+        );
+        a.check_invariants().unwrap();
+    }
+}
