@@ -16,8 +16,9 @@
  *   streams always do.
  * - Errors: functions returning int return CUDALLOC_OK (0) or a code from
  *   cudalloc_result (base 42000). Every call except cudalloc_last_error*,
- *   cudalloc_error_string sets the calling thread's last error (CUDALLOC_OK on
- *   success); read it with cudalloc_last_error / cudalloc_last_error_message.
+ *   cudalloc_error_string and cudalloc_version sets the calling thread's last
+ *   error (CUDALLOC_OK on success); read it with cudalloc_last_error /
+ *   cudalloc_last_error_message.
  * - Free: the size, device and stream arguments are hints; cudalloc's own
  *   table decides. Unknown and double frees change nothing and are counted.
  * - Threads: every function may be called from any thread at any time.
@@ -99,6 +100,19 @@ typedef enum {
    */
   CUDALLOC_ERR_UNSUPPORTED = 42013,
 } cudalloc_result;
+
+/**
+ * Called at step 3 of the OOM ladder with `(device, requested bytes, user_data)`,
+ * from the allocating thread, with no cudalloc lock held: it may free memory.
+ */
+typedef void (*cudalloc_oom_fn)(int device, size_t requested, void *user_data);
+
+/**
+ * Called when a device's pressure level changes with `(device, level,
+ * user_data)`; level is 0 LOW, 1 MODERATE, 2 HIGH, 3 CRITICAL. Runs on an
+ * allocating thread after its allocation, with no cudalloc lock held.
+ */
+typedef void (*cudalloc_pressure_fn)(int device, int level, void *user_data);
 
 /**
  * PyTorch's memory-pool id (`c10::cuda::MempoolId_t`, a
@@ -241,19 +255,6 @@ typedef struct {
   uint64_t log_records_dropped;
 } cudalloc_stats;
 
-/**
- * Called at step 3 of the OOM ladder with `(device, requested bytes, user_data)`,
- * from the allocating thread, with no cudalloc lock held: it may free memory.
- */
-typedef void (*cudalloc_oom_fn)(int device, size_t requested, void *user_data);
-
-/**
- * Called when a device's pressure level changes with `(device, level,
- * user_data)`; level is 0 LOW, 1 MODERATE, 2 HIGH, 3 CRITICAL. Runs on an
- * allocating thread after its allocation, with no cudalloc lock held.
- */
-typedef void (*cudalloc_pressure_fn)(int device, int level, void *user_data);
-
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -289,49 +290,6 @@ void *cudalloc_malloc(size_t size, int device, void *stream);
 void *cudalloc_malloc_torch(size_t size, int device, void *stream);
 
 /**
- * PyTorch's `begin_allocate_to_pool` hook (`enable()` installs it with
- * `set_begin_allocate_to_pool`). PyTorch calls it when CUDA graph capture
- * (`torch.cuda.graph`, `make_graphed_callables`, `torch.compile`'s
- * cudagraphs) starts sending allocations to a private pool, before the
- * capture begins; `filter` (a `std::function<bool(cudaStream_t)>*` that
- * PyTorch owns) says which allocations.
- *
- * With `graph_pools:on`, cudalloc copies the filter and serves those
- * allocations from pool-private memory until
- * `cudalloc_end_allocate_to_pool`; the memory stays the pool's until
- * `cudalloc_release_pool` (see the README). With `graph_pools:off` (the
- * default) it refuses: without a pool the memory a graph replays into could
- * be handed out again. Refusals and errors (a bad device, an empty filter)
- * throw a C++ `std::runtime_error`, which PyTorch turns into a
- * `RuntimeError` before any capture starts, and set the last error
- * (`CUDALLOC_ERR_UNSUPPORTED` for the refusal). Without a C++ runtime in
- * the process, or while the process exits, it logs instead. Only for
- * PyTorch: like `cudalloc_malloc_torch` it throws, and C code cannot pass
- * an exception on.
- *
- * # Safety
- * `filter` is NULL or points to a live libstdc++
- * `std::function<bool(cudaStream_t)>` (with `graph_pools:on` it is read).
- */
-void cudalloc_begin_allocate_to_pool(int device, cudalloc_mempool_id pool, void *filter);
-
-/**
- * PyTorch's `end_allocate_to_pool` hook (`set_end_allocate_to_pool_fn`):
- * the capture into `pool` on `device` is over; its allocations stop going
- * to the pool (the oldest route of that pool ends), and the pool keeps its
- * memory. An unknown pool is logged and sets an error; nothing changes.
- */
-void cudalloc_end_allocate_to_pool(int device, cudalloc_mempool_id pool);
-
-/**
- * PyTorch's `release_pool` hook (`set_release_pool`): a graph that used
- * `pool` on `device` is reset or destroyed. When no graph holds the pool
- * any more, its memory goes back to the driver at the next `empty_cache`,
- * once freed. An unknown pool is logged and sets an error; nothing changes.
- */
-void cudalloc_release_pool(int device, cudalloc_mempool_id pool);
-
-/**
  * Free `ptr` (PyTorch's `free_fn`). `size`, `device` and `stream` are hints
  * only: cudalloc's own table decides. Freeing NULL is a no-op. An unknown or
  * double free changes nothing, counts `num_invalid_frees`, and sets
@@ -351,29 +309,6 @@ void cudalloc_record_stream(void *ptr, void *stream);
  * (PyTorch's `reset_fn`, called by `torch.cuda.empty_cache()`).
  */
 void cudalloc_empty_cache(void);
-
-/**
- * Fill `*out` with the statistics of `device`. Returns `CUDALLOC_OK` (0) or
- * an error code (`CUDALLOC_ERR_INVALID_ARGUMENT` when `out` is NULL,
- * `CUDALLOC_ERR_INVALID_DEVICE` for a bad index).
- *
- * # Safety
- * 1. `out` is NULL or points to writable memory for one `cudalloc_stats`.
- */
-int cudalloc_get_stats(int device, cudalloc_stats *out);
-
-/**
- * Reset the peak statistics of `device` to the current values.
- */
-void cudalloc_reset_peak_stats(int device);
-
-/**
- * Restart the accumulated counters of `device` from zero: the `num_*`
- * counts and `trimmed_bytes` (PyTorch's `reset_accumulated_memory_stats`).
- * Current values and peaks stay. A bad device sets an error and changes
- * nothing.
- */
-void cudalloc_reset_accumulated_stats(int device);
 
 /**
  * The fraction (0, 1] of `device`'s total memory cudalloc may reserve: 1.0
@@ -450,6 +385,95 @@ const char *cudalloc_error_string(int code);
 const char *cudalloc_version(void);
 
 /**
+ * Register `callback(device, requested, user_data)` for step 3 of the OOM ladder:
+ * after the cache is flushed and before the last retry. Callbacks run in
+ * registration order and cannot be removed. Returns `CUDALLOC_OK`, or
+ * `CUDALLOC_ERR_INVALID_ARGUMENT` when `callback` is NULL.
+ *
+ * # Safety
+ * 1. `callback` is NULL or a function callable from any thread with `user_data`
+ *    for as long as the process uses cudalloc.
+ */
+int cudalloc_register_oom_callback(cudalloc_oom_fn callback, void *user_data);
+
+/**
+ * Register `callback(device, level, user_data)`, run when a device's pressure level
+ * changes (sampled every `pressure_interval` on allocation calls). Returns
+ * `CUDALLOC_OK`, or `CUDALLOC_ERR_INVALID_ARGUMENT` when `callback` is NULL.
+ *
+ * # Safety
+ * 1. `callback` is NULL or a function callable from any thread with `user_data`
+ *    for as long as the process uses cudalloc.
+ */
+int cudalloc_register_pressure_callback(cudalloc_pressure_fn callback, void *user_data);
+
+/**
+ * PyTorch's `begin_allocate_to_pool` hook (`enable()` installs it with
+ * `set_begin_allocate_to_pool`). PyTorch calls it when CUDA graph capture
+ * (`torch.cuda.graph`, `make_graphed_callables`, `torch.compile`'s
+ * cudagraphs) starts sending allocations to a private pool, before the
+ * capture begins; `filter` (a `std::function<bool(cudaStream_t)>*` that
+ * PyTorch owns) says which allocations.
+ *
+ * With `graph_pools:on`, cudalloc copies the filter and serves those
+ * allocations from pool-private memory until
+ * `cudalloc_end_allocate_to_pool`; the memory stays the pool's until
+ * `cudalloc_release_pool` (see the README). With `graph_pools:off` (the
+ * default) it refuses: without a pool the memory a graph replays into could
+ * be handed out again. Refusals and errors (a bad device, an empty filter)
+ * throw a C++ `std::runtime_error`, which PyTorch turns into a
+ * `RuntimeError` before any capture starts, and set the last error
+ * (`CUDALLOC_ERR_UNSUPPORTED` for the refusal). Without a C++ runtime in
+ * the process, or while the process exits, it logs instead. Only for
+ * PyTorch: like `cudalloc_malloc_torch` it throws, and C code cannot pass
+ * an exception on.
+ *
+ * # Safety
+ * `filter` is NULL or points to a live libstdc++
+ * `std::function<bool(cudaStream_t)>` (with `graph_pools:on` it is read).
+ */
+void cudalloc_begin_allocate_to_pool(int device, cudalloc_mempool_id pool, void *filter);
+
+/**
+ * PyTorch's `end_allocate_to_pool` hook (`set_end_allocate_to_pool_fn`):
+ * the capture into `pool` on `device` is over; its allocations stop going
+ * to the pool (the oldest route of that pool ends), and the pool keeps its
+ * memory. An unknown pool is logged and sets an error; nothing changes.
+ */
+void cudalloc_end_allocate_to_pool(int device, cudalloc_mempool_id pool);
+
+/**
+ * PyTorch's `release_pool` hook (`set_release_pool`): a graph that used
+ * `pool` on `device` is reset or destroyed. When no graph holds the pool
+ * any more, its memory goes back to the driver at the next `empty_cache`,
+ * once freed. An unknown pool is logged and sets an error; nothing changes.
+ */
+void cudalloc_release_pool(int device, cudalloc_mempool_id pool);
+
+/**
+ * Fill `*out` with the statistics of `device`. Returns `CUDALLOC_OK` (0) or
+ * an error code (`CUDALLOC_ERR_INVALID_ARGUMENT` when `out` is NULL,
+ * `CUDALLOC_ERR_INVALID_DEVICE` for a bad index).
+ *
+ * # Safety
+ * 1. `out` is NULL or points to writable memory for one `cudalloc_stats`.
+ */
+int cudalloc_get_stats(int device, cudalloc_stats *out);
+
+/**
+ * Reset the peak statistics of `device` to the current values.
+ */
+void cudalloc_reset_peak_stats(int device);
+
+/**
+ * Restart the accumulated counters of `device` from zero: the `num_*`
+ * counts and `trimmed_bytes` (PyTorch's `reset_accumulated_memory_stats`).
+ * Current values and peaks stay. A bad device sets an error and changes
+ * nothing.
+ */
+void cudalloc_reset_accumulated_stats(int device);
+
+/**
  * Write the leak report into `buf`: every live allocation at least
  * `min_age_s` seconds old, on every device, as text (`json` == 0) or JSON,
  * grouped by call site when `backtrace:N` is on.
@@ -477,29 +501,6 @@ size_t cudalloc_leak_report(double min_age_s, int json, char *buf, size_t len);
  * 1. `buf` is NULL or points to `len` writable bytes.
  */
 size_t cudalloc_stats_json(char *buf, size_t len);
-
-/**
- * Register `callback(device, requested, user_data)` for step 3 of the OOM ladder:
- * after the cache is flushed and before the last retry. Callbacks run in
- * registration order and cannot be removed. Returns `CUDALLOC_OK`, or
- * `CUDALLOC_ERR_INVALID_ARGUMENT` when `callback` is NULL.
- *
- * # Safety
- * 1. `callback` is NULL or a function callable from any thread with `user_data`
- *    for as long as the process uses cudalloc.
- */
-int cudalloc_register_oom_callback(cudalloc_oom_fn callback, void *user_data);
-
-/**
- * Register `callback(device, level, user_data)`, run when a device's pressure level
- * changes (sampled every `pressure_interval` on allocation calls). Returns
- * `CUDALLOC_OK`, or `CUDALLOC_ERR_INVALID_ARGUMENT` when `callback` is NULL.
- *
- * # Safety
- * 1. `callback` is NULL or a function callable from any thread with `user_data`
- *    for as long as the process uses cudalloc.
- */
-int cudalloc_register_pressure_callback(cudalloc_pressure_fn callback, void *user_data);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -10,9 +10,9 @@ use crate::config::Config;
 use crate::driver::{Driver, Stream};
 use crate::engine::{Engine, OomCallback, PoolId};
 use crate::error::Result;
+use crate::live::LiveInfo;
 use crate::observe::{export, leak, Observer};
 use crate::stats::cudalloc_stats;
-use crate::tracking::LiveInfo;
 use std::sync::Arc;
 
 /// A caching allocator over all devices of one driver, with its

@@ -235,6 +235,17 @@ fn create(config: Config, origin: &str) -> Result<Allocator> {
     Ok(Allocator::new(config, driver))
 }
 
+/// The allocator for a call that may reach the driver (allocate, free,
+/// empty the cache): refused with `CUDALLOC_ERR_SHUTTING_DOWN` once the
+/// process exits, so that nothing reaches the driver then.
+#[inline]
+pub fn serving() -> Result<&'static Allocator> {
+    if exiting() {
+        return Err(stopped_error());
+    }
+    get()
+}
+
 /// The allocator, created from `CUDALLOC_CONF` on first use.
 #[inline]
 pub fn get() -> Result<&'static Allocator> {

@@ -54,11 +54,11 @@ pub mod engine;
 pub mod error;
 pub mod ffi;
 pub mod global;
+pub mod live;
 pub mod observe;
 pub mod size_class;
 pub mod stats;
 pub mod trace;
-pub mod tracking;
 
 pub use allocator::Allocator;
 pub use config::Config;

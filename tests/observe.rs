@@ -146,7 +146,7 @@ fn churn(a: &Allocator, clock: &AtomicU64, iters: u64, leak_every: u64) -> Vec<u
 /// An allocator on the sim whose periodic work follows `clock`, which
 /// starts at the real clock's now (allocations are stamped by it).
 fn sim_clocked(conf: &str, clock: &'static AtomicU64, read: fn() -> u64) -> Allocator {
-    clock.store(cudalloc::tracking::now_ms(), Ordering::Relaxed);
+    clock.store(cudalloc::live::now_ms(), Ordering::Relaxed);
     let (a, _) = sim(conf);
     a.set_clock(read);
     a

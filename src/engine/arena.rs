@@ -24,9 +24,9 @@
 use super::core::DeviceCore;
 use super::tlsf::{Block, BlockState, Blocks, FreeIndex, NIL};
 use crate::driver::{DriverError, Event, Stream};
+use crate::live::{now_ms, thread_id, LiveInfo, LiveRecord};
 use crate::size_class::{Policy, Pool};
 use crate::stats::{ArenaBytes, ArenaCounters};
-use crate::tracking::{now_ms, thread_id, LiveInfo, LiveRecord};
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 

@@ -45,7 +45,7 @@ pub(super) struct Want {
     size: u64,
     /// A capture is under way (the stream asking captures, or
     /// `Device::capture_underway`): adopt nothing, release nothing.
-    hold: bool,
+    capture_underway: bool,
 }
 
 impl Engine {
@@ -93,7 +93,7 @@ impl Engine {
             pool,
             rounded,
             size,
-            hold: capturing || dev.capture_underway(),
+            capture_underway: capturing || dev.capture_underway(),
         };
         match self.try_serve(dev, arena, &want) {
             Ok(p) => return Ok(p),
@@ -101,7 +101,7 @@ impl Engine {
             Err(_) => {}
         }
         dev.core.counters.alloc_retries.inc();
-        if !want.hold {
+        if !want.capture_underway {
             for mode in [Release::Completed, Release::All] {
                 let freed = dev.release_idle(mode);
                 tracing::debug!(
@@ -125,8 +125,8 @@ impl Engine {
             }
         }
         slow = dev.slow.lock();
-        want.hold = capturing || dev.capture_underway();
-        if !want.hold {
+        want.capture_underway = capturing || dev.capture_underway();
+        if !want.capture_underway {
             dev.release_idle(Release::All);
         }
         let last = self.try_serve(dev, arena, &want);
@@ -141,13 +141,13 @@ impl Engine {
     }
 
     /// Own arena, then adoption, then the driver. Call with `slow` held.
-    /// With `want.hold` (a capture is under way), no adoption and no release.
+    /// With `want.capture_underway` (a capture is under way), no adoption and no release.
     pub(super) fn try_serve(&self, dev: &Device, arena: &Arena, want: &Want) -> Result<u64> {
         let Want {
             pool,
             rounded,
             size,
-            hold,
+            capture_underway,
         } = *want;
         {
             let mut a = arena.inner.lock();
@@ -162,7 +162,7 @@ impl Engine {
         // A pool's memory comes only from the driver, and proving another
         // stream's segment free (stream and event queries) is illegal during
         // a capture (pools.rs).
-        let adopted = if arena.pooled || hold {
+        let adopted = if arena.pooled || capture_underway {
             None
         } else {
             dev.adopt(arena, pool, rounded, &self.policy)
@@ -179,7 +179,7 @@ impl Engine {
         // About to grow: first give back idle segments of this pool that cannot
         // serve the request (too small, or whole-handed and far too big under
         // huge_split:off): they would only sit in the cache.
-        if !hold {
+        if !capture_underway {
             dev.release_idle(Release::Useless {
                 pool,
                 rounded,

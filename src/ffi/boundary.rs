@@ -151,6 +151,120 @@ pub fn last_message_ptr() -> *const libc::c_char {
     }
 }
 
+/// How an export's Rust result becomes its C return value, setting the
+/// thread's last error on the way: `CUDALLOC_OK`, or the error's code and
+/// message. One rule for every export (see [`export!`](crate::export)).
+pub trait Finish<R> {
+    fn finish(self) -> R;
+}
+
+/// A void export.
+impl Finish<()> for Result<(), Error> {
+    fn finish(self) {
+        match self {
+            Ok(()) => set_ok(),
+            Err(e) => {
+                set_error(&e);
+            }
+        }
+    }
+}
+
+/// An export returning a result code: 0 or the error's code.
+impl Finish<i32> for Result<(), Error> {
+    fn finish(self) -> i32 {
+        match self {
+            Ok(()) => {
+                set_ok();
+                0
+            }
+            Err(e) => set_error(&e),
+        }
+    }
+}
+
+/// An export returning a count: -1 on error.
+impl Finish<i32> for Result<i32, Error> {
+    fn finish(self) -> i32 {
+        match self {
+            Ok(n) => {
+                set_ok();
+                n
+            }
+            Err(e) => {
+                set_error(&e);
+                -1
+            }
+        }
+    }
+}
+
+/// An export returning a pointer: NULL on error.
+impl<T> Finish<*mut T> for Result<*mut T, Error> {
+    fn finish(self) -> *mut T {
+        match self {
+            Ok(p) => {
+                set_ok();
+                p
+            }
+            Err(e) => {
+                set_error(&e);
+                std::ptr::null_mut()
+            }
+        }
+    }
+}
+
+/// An export returning a fraction: -1.0 on error (a value no getter returns).
+impl Finish<f64> for Result<f64, Error> {
+    fn finish(self) -> f64 {
+        match self {
+            Ok(f) => {
+                set_ok();
+                f
+            }
+            Err(e) => {
+                set_error(&e);
+                -1.0
+            }
+        }
+    }
+}
+
+/// What a buffer-filling export did (`cudalloc_leak_report`'s convention):
+/// the bytes needed, and the error when nothing was written.
+pub struct Written {
+    pub needed: usize,
+    pub error: Option<Error>,
+}
+
+/// A buffer-filling export returns the bytes needed (0 when it failed
+/// before knowing), with the error, if any, as the last error.
+impl Finish<usize> for Result<Written, Error> {
+    fn finish(self) -> usize {
+        match self {
+            Ok(Written {
+                needed,
+                error: None,
+            }) => {
+                set_ok();
+                needed
+            }
+            Ok(Written {
+                needed,
+                error: Some(e),
+            }) => {
+                set_error(&e);
+                needed
+            }
+            Err(e) => {
+                set_error(&e);
+                0
+            }
+        }
+    }
+}
+
 /// Run an export's body, catching any panic.
 #[inline]
 pub fn guard<R: PanicDefault>(name: &'static str, f: impl FnOnce() -> R) -> R {

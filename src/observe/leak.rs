@@ -5,7 +5,7 @@
 use super::callsite;
 use crate::config::{format_duration_ms, format_size};
 use crate::engine::Engine;
-use crate::tracking::{now_ms, LiveInfo};
+use crate::live::{now_ms, LiveInfo};
 use serde_json::json;
 use std::fmt::Write as _;
 

@@ -30,8 +30,8 @@ use crate::config::Config;
 use crate::driver::Stream;
 use crate::engine::{Engine, Journal};
 use crate::error::Result;
+use crate::live::now_ms;
 use crate::stats::cudalloc_stats;
-use crate::tracking::now_ms;
 use callsite::Sampler;
 use leak::{AgeAlarm, GrowthAlarm};
 use once_cell::sync::OnceCell;
@@ -149,7 +149,7 @@ impl Observer {
 
     /// Drive periodic work (its due times, the leak alarms' ages and
     /// windows) by `clock`, in coarse monotonic milliseconds like
-    /// `tracking::now_ms`, instead of the real clock: tests advance time by
+    /// `live::now_ms`, instead of the real clock: tests advance time by
     /// counts, not by waiting. Only the first call counts.
     #[doc(hidden)]
     pub fn set_clock(&self, clock: fn() -> u64) {

@@ -24,7 +24,7 @@
 
 use crate::driver::Stream;
 use crate::engine::Journal;
-use crate::tracking::thread_id;
+use crate::live::thread_id;
 use parking_lot::{Condvar, Mutex};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt as _;

@@ -1,4 +1,6 @@
-//! The live-allocation table: one record per pointer handed out.
+//! Live-allocation records, and the stamps they carry (when, which thread).
+//!
+//! The live table: one record per pointer handed out.
 //!
 //! It is always on: it validates frees (unknown and double frees are caught
 //! here) and supplies the true size of every block, so the size argument of
