@@ -45,6 +45,9 @@
 //! benchmarks build one over a [`driver::sim::SimDriver`]. The C ABI in
 //! [`ffi`] wraps one process-wide instance ([`global`]).
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod allocator;
 pub mod bench;
 pub mod config;

@@ -327,8 +327,8 @@ impl CudaDriver {
             .0;
         let mut prev: cu::CUcontext = std::ptr::null_mut();
         // SAFETY: `prev` is a valid out-pointer.
-        self.api
-            .check(unsafe { (self.api.ctx_get_current)(&mut prev) })?;
+        let r = unsafe { (self.api.ctx_get_current)(&mut prev) };
+        self.api.check(r)?;
         if prev == ctx {
             return Ok(CtxGuard { api: None, prev });
         }
@@ -385,8 +385,8 @@ impl Driver for CudaDriver {
         let mut e: cu::CUevent = std::ptr::null_mut();
         let flags = cu::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
         // SAFETY: `e` is a valid out-pointer.
-        self.api
-            .check(unsafe { (self.api.event_create)(&mut e, flags) })?;
+        let r = unsafe { (self.api.event_create)(&mut e, flags) };
+        self.api.check(r)?;
         Ok(e as usize as u64)
     }
 
@@ -458,8 +458,8 @@ impl Driver for CudaDriver {
         let mut s: cu::CUstream = std::ptr::null_mut();
         let flags = cu::CUstream_flags::CU_STREAM_NON_BLOCKING as u32;
         // SAFETY: `s` is a valid out-pointer.
-        self.api
-            .check(unsafe { (self.api.stream_create)(&mut s, flags) })?;
+        let r = unsafe { (self.api.stream_create)(&mut s, flags) };
+        self.api.check(r)?;
         Ok(s as usize as u64)
     }
 

@@ -969,3 +969,150 @@ impl ArenaInner {
         Ok(live_ranges)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::driver::sim::SimDriver;
+    use crate::driver::Driver;
+    use std::sync::Arc;
+
+    const MIB: u64 = 1 << 20;
+
+    /// An arena's parts over a simulated device: the arena, its device
+    /// core, the default policy and the driver (manual events when asked).
+    fn parts(manual: bool) -> (ArenaInner, DeviceCore, Policy, Arc<SimDriver>) {
+        let c = Config::parse("backend:sim,sim_memory:1GiB").unwrap();
+        let d = Arc::new(SimDriver::new(1, c.sim_memory));
+        d.set_manual_events(manual);
+        let core = DeviceCore::new(0, d.clone(), c.small_max);
+        (ArenaInner::default(), core, Policy::from_config(&c), d)
+    }
+
+    /// A new segment of `size` bytes of `pool` from the driver, attached.
+    fn segment(a: &mut ArenaInner, d: &SimDriver, size: u64, pool: Pool) -> (u32, u64) {
+        let base = d.mem_alloc(0, size).unwrap();
+        (a.attach(Detached { base, size, pool }), base)
+    }
+
+    fn alloc(a: &mut ArenaInner, core: &DeviceCore, p: &Policy, size: u64) -> u64 {
+        let r = crate::size_class::round_size(size).unwrap();
+        a.try_alloc(r, size, p, core).expect("a block fits").0
+    }
+
+    fn free(a: &mut ArenaInner, core: &DeviceCore, ptr: u64) -> Freed {
+        a.free(ptr, core, || false).expect("live")
+    }
+
+    /// Blocks are carved from the segment's start, in address order, and
+    /// freed neighbours coalesce back into one block: the segment is idle
+    /// again, whole.
+    #[test]
+    fn carve_then_coalesce_back_to_one_idle_segment() {
+        let (mut a, core, p, d) = parts(false);
+        let (s, base) = segment(&mut a, &d, 2 * MIB, Pool::Small);
+        assert_eq!(a.idle, vec![s], "a new segment is idle");
+        let x = alloc(&mut a, &core, &p, 512);
+        let y = alloc(&mut a, &core, &p, 1000);
+        let z = alloc(&mut a, &core, &p, 512);
+        assert_eq!((x, y, z), (base, base + 512, base + 1536));
+        assert!(a.idle.is_empty(), "a segment in use is not idle");
+        assert_eq!(free(&mut a, &core, y).requested, 1000);
+        for q in [x, z] {
+            free(&mut a, &core, q);
+        }
+        a.flush_stash();
+        a.check().unwrap();
+        assert_eq!(a.idle, vec![s]);
+        assert_eq!(a.index[Pool::Small as usize].largest(&a.blocks), 2 * MIB);
+        assert_eq!(a.free_bytes(), 2 * MIB);
+        assert!(
+            a.free(x, &core, || false).is_none(),
+            "a double free is refused"
+        );
+    }
+
+    /// A freed small block waits whole in the stash: a request of exactly
+    /// its size takes it back, another size does not; a full stash sends
+    /// its oldest block to the free index, and a flush empties it.
+    #[test]
+    fn the_stash_serves_exact_sizes_and_flushes() {
+        let (mut a, core, p, d) = parts(false);
+        segment(&mut a, &d, 2 * MIB, Pool::Small);
+        let x = alloc(&mut a, &core, &p, 4096);
+        free(&mut a, &core, x);
+        assert_eq!(a.stash.bytes, 4096);
+        let y = alloc(&mut a, &core, &p, 8192);
+        assert_ne!(y, x, "another size is carved afresh");
+        assert_eq!(
+            alloc(&mut a, &core, &p, 4096),
+            x,
+            "the same size takes it back"
+        );
+        assert_eq!(a.stash.bytes, 0);
+        let ps: Vec<u64> = (0..STASH_BLOCKS + 1)
+            .map(|_| alloc(&mut a, &core, &p, 512))
+            .collect();
+        for &q in &ps {
+            free(&mut a, &core, q);
+        }
+        assert_eq!(
+            a.stash.bytes,
+            STASH_BLOCKS as u64 * 512,
+            "at most STASH_BLOCKS"
+        );
+        assert!(a.flush_stash());
+        assert_eq!(a.stash.bytes, 0);
+        assert!(!a.flush_stash(), "nothing left to flush");
+        a.check().unwrap();
+    }
+
+    /// Large blocks split only when more than `small_max` would be left
+    /// (torch's rule): the rest of a 20 MiB segment after 19 MiB stays with
+    /// the block.
+    #[test]
+    fn large_blocks_split_only_past_small_max() {
+        let (mut a, core, p, d) = parts(false);
+        let (_, base) = segment(&mut a, &d, 20 * MIB, Pool::Large);
+        let x = alloc(&mut a, &core, &p, 19 * MIB);
+        assert_eq!(x, base);
+        assert_eq!(free(&mut a, &core, x).size, 20 * MIB, "not split");
+        let y = alloc(&mut a, &core, &p, 18 * MIB);
+        assert_eq!(free(&mut a, &core, y).size, 18 * MIB, "split");
+        a.check().unwrap();
+    }
+
+    /// After EPOCH_SPACING distinct segments go idle an epoch event is due;
+    /// once recorded and complete it proves every segment idle before it,
+    /// while the stream itself proves nothing (it is busy).
+    #[test]
+    fn an_epoch_event_proves_the_segments_idle_before_it() {
+        let (mut a, core, p, d) = parts(true);
+        let stream = 0x10;
+        let mut segs = Vec::new();
+        let mut ptrs = Vec::new();
+        for _ in 0..EPOCH_SPACING {
+            let (s, _) = segment(&mut a, &d, 20 * MIB, Pool::Large);
+            segs.push(s);
+            ptrs.push(alloc(&mut a, &core, &p, 20 * MIB));
+        }
+        for (i, q) in ptrs.into_iter().enumerate() {
+            assert!(!a.epoch_due(), "due after {i} idle segments");
+            free(&mut a, &core, q);
+        }
+        assert!(a.epoch_due());
+        a.record_epoch(stream, &core);
+        assert!(!a.epoch_due());
+        let proven = |a: &mut ArenaInner| {
+            let mut pass = ProofPass::default();
+            segs.iter()
+                .filter(|&&s| a.idle_free_complete(s, stream, &core, &mut pass))
+                .count()
+        };
+        assert_eq!(proven(&mut a), 0, "the epoch event is pending");
+        d.complete_stream(0, stream);
+        assert_eq!(proven(&mut a), segs.len(), "all proven by one event");
+        a.check().unwrap();
+    }
+}

@@ -67,18 +67,28 @@ impl Filter {
         let src = src as *const StdFunction;
         // Read the two pointers only: the functor's bytes may be
         // uninitialised (an empty function), so no reference to the whole.
-        let manager = std::ptr::addr_of!((*src).manager).read()?;
-        let invoker = std::ptr::addr_of!((*src).invoker).read()?;
+        // SAFETY: `src` points to a live std::function (the caller's
+        // promise), whose manager and invoker fields are initialised.
+        let (manager, invoker) = unsafe {
+            (
+                std::ptr::addr_of!((*src).manager).read()?,
+                std::ptr::addr_of!((*src).invoker).read()?,
+            )
+        };
         let mut f = Box::new(StdFunction {
             functor: UnsafeCell::new([0; 2]),
             manager: None,
             invoker: None,
         });
-        manager(
-            f.functor.get(),
-            std::ptr::addr_of!((*src).functor) as *const AnyData,
-            CLONE_FUNCTOR,
-        );
+        // SAFETY: libstdc++'s manager, asked to clone (CLONE_FUNCTOR), copies
+        // the live source functor into the fresh, zeroed storage of `f`.
+        unsafe {
+            manager(
+                f.functor.get(),
+                std::ptr::addr_of!((*src).functor) as *const AnyData,
+                CLONE_FUNCTOR,
+            )
+        };
         f.manager = Some(manager);
         f.invoker = Some(invoker);
         Some(Filter(f))
