@@ -6,27 +6,28 @@
 //! `CUDALLOC_CONF` configures it. See `README.md` for use and
 //! `../shared/DESIGN.md` for the design brief.
 //!
-//! ## The layers (data flows down once)
+//! ## The layers (data flows down once; no module imports one above it)
 //! ```text
-//! ffi        extern "C" exports, panic boundary, NULL rules, error codes,    ffi/, global.rs
-//!            thread-local last error, the process-wide allocator, exit and
-//!            fork-child guards; a C++ exception for PyTorch's alloc_fn and
-//!            graph-pool refusal (ffi/cxx_throw.rs); PyTorch's pool filters,
-//!            a libstdc++ std::function kept and called (ffi/cxx_function.rs)
-//! config     one options table; CUDALLOC_CONF parsing; effective-config print config.rs
-//! engine     per device: stream arenas -> segments -> blocks (TLSF free index) engine/
-//!            a per-arena stash of freed small blocks (deferred coalescing);
-//!            stream-ordered reuse; adoption of idle segments, proven free
-//!            by epoch events, stream queries or per-segment events; OOM
-//!            ladder; limits; empty_cache; check_invariants()
-//!   pools       private pools for PyTorch's CUDA graphs (graph_pools:on)   engine/pools.rs
-//!   size_class  pure size -> granule, pool, segment, bin functions           size_class.rs
-//!   trim        oldest-first trim and the engine's hooks for observe/        engine/trim.rs
-//! tracking   live-allocation records (validate frees, true sizes)            tracking.rs
-//! observe    adaptors around the engine: call-site sampling, leak report and  observe/
-//!            alarms, pressure levels + trim, RMM-CSV trace log, JSON stats
+//! ffi        extern "C" exports by family (alloc, pools, stats, control),  ffi/, global.rs
+//!            each inside the panic boundary (export!); thread-local last
+//!            error; the process-wide allocator, exit and fork-child guards;
+//!            C++ exceptions and std::function for PyTorch's hooks
+//! config     one options table; CUDALLOC_CONF over a program's defaults;     config.rs
+//!            effective-config print with each value's source
+//! allocator  Allocator = the engine + the observability adaptors around it  allocator.rs
+//! observe    adaptors: call-site sampling, leak report and alarms,          observe/
+//!            pressure levels + trim, the RMM-CSV trace log (the engine's
+//!            Journal), JSON stats
+//! engine     per device: stream arenas -> segments -> blocks (TLSF); the    engine/
+//!            stash; stream-ordered reuse; adoption of idle segments proven
+//!            free (epoch events, stream queries, per-segment events); the
+//!            OOM ladder; limits; graph captures; private pools; reclaim;
+//!            diagnosis; check_invariants (engine/mod.rs maps its files)
+//!   size_class  pure size -> granule, pool, segment, bin functions          size_class.rs
+//! live       live-allocation records and their stamps (time, thread)       live.rs
 //! stats      cudalloc_stats snapshot; device gauges and counters             stats.rs
-//! driver     trait Driver, the one narrow interface to a device              driver/
+//! driver     trait Driver, the one narrow interface to a device, with its   driver/
+//!            contract (which calls are legal during a graph capture)
 //!              cuda: CUDA driver API via cudarc (run-time loaded libcuda,
 //!                    raw result codes, primary context per device with
 //!                    the caller's restored, relaxed capture mode)
@@ -38,12 +39,14 @@
 //! bench      the `cudalloc bench` workloads                                  bench.rs
 //! trace      RMM-format traces: parse, replay, generate, SVG/HTML timeline    trace/
 //! ```
-//! Nothing above `driver` names CUDA; nothing below `ffi` knows about C.
+//! Nothing above `driver` names CUDA; nothing below `ffi` knows about C;
+//! the engine knows nothing of observe.
 //!
 //! ## Where to start
-//! [`engine::Allocator`] is the whole allocator as a Rust value: tests and
+//! [`Allocator`] is the whole allocator as a Rust value: tests and
 //! benchmarks build one over a [`driver::sim::SimDriver`]. The C ABI in
-//! [`ffi`] wraps one process-wide instance ([`global`]).
+//! [`ffi`] wraps one process-wide instance ([`global`]). [`engine::Engine`]
+//! is the caching allocator alone.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]

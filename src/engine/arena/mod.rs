@@ -21,9 +21,17 @@
 //! every miss, adoption, release and `empty_cache`: it never hides memory from
 //! another stream or the driver.
 
+mod proof;
+mod waits;
+
+pub(crate) use proof::ProofPass;
+#[cfg(test)]
+pub(crate) use proof::EPOCH_SPACING;
+pub(crate) use waits::PendingFree;
+
 use super::core::DeviceCore;
 use super::tlsf::{Block, BlockState, Blocks, FreeIndex, NIL};
-use crate::driver::{DriverError, Event, Stream};
+use crate::driver::{Event, Stream};
 use crate::live::{now_ms, thread_id, LiveInfo, LiveRecord};
 use crate::size_class::{Policy, Pool};
 use crate::stats::{ArenaBytes, ArenaCounters};
@@ -90,25 +98,6 @@ pub(crate) struct Detached {
     pub pool: Pool,
 }
 
-#[derive(Debug)]
-pub(crate) struct PendingFree {
-    pub block: u32,
-    /// An event recorded on each other stream the block was used on.
-    pub events: Vec<(Event, Stream)>,
-}
-
-/// Most epoch events an arena keeps (see [`ArenaInner::record_epoch`]).
-const EPOCH_EVENTS: usize = 4;
-/// Distinct segments frees make idle between two epoch events of one
-/// arena. A count, not a time, so that replays (which run far faster than
-/// the trace) see what a GPU run does. On the CPU-recorded trace of
-/// bench/torch_bench.py's training loop, with the GPU behind the host
-/// (`replay --gpu-lag`), 8 records 7.5 events a step (with the fallback
-/// events) and keeps 4.59 GiB reserved, against 4.58 GiB and 16 events for
-/// 4, 4.69 GiB and 4.3 for 16, and 6.12 GiB with no epoch events
-/// (docs/BENCHMARKS.md).
-pub(crate) const EPOCH_SPACING: u32 = 8;
-
 /// Most blocks the stash holds.
 pub const STASH_BLOCKS: usize = 32;
 
@@ -157,28 +146,6 @@ pub(crate) struct ArenaInner {
     epoch_proven: u64,
     /// Distinct segments frees made idle since the last epoch event.
     epoch_open: u32,
-}
-
-/// What one pass over an arena's idle segments learned (see
-/// [`ArenaInner::idle_free_complete`]).
-#[derive(Debug, Default)]
-pub(crate) struct ProofPass {
-    stream: Option<StreamState>,
-    /// The oldest epoch event found incomplete.
-    epoch_pending: Option<u64>,
-}
-
-/// What a stream was found to be, for one pass over an arena's idle
-/// segments (see [`ArenaInner::idle_free_complete`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum StreamState {
-    /// All its work so far has completed.
-    Idle,
-    /// Work pending (or not known): prove with an event.
-    Busy,
-    /// Capturing a graph (or the driver would not say): neither queried nor
-    /// recorded on, so nothing of it is proven.
-    Capturing,
 }
 
 /// One stream's arena on one device.
@@ -357,78 +324,6 @@ impl ArenaInner {
         seg.idle_epoch = epoch;
     }
 
-    /// Whether an epoch event is due: frees made [`EPOCH_SPACING`]
-    /// distinct segments idle since the last one.
-    #[inline]
-    pub fn epoch_due(&self) -> bool {
-        self.epoch_open >= EPOCH_SPACING
-    }
-
-    /// Record an epoch event on `stream`, the arena's: it closes the current
-    /// idle epoch, so once it completes every segment that became idle
-    /// before it is proven free ([`ArenaInner::idle_free_complete`]). This
-    /// is what proves a segment free on a GPU that runs behind the host:
-    /// recorded soon after the segment goes idle (one per [`EPOCH_SPACING`]
-    /// idle segments), it has usually completed by the time the segment is
-    /// wanted (a training step later, say), where an event recorded only
-    /// then (the fallback) has not.
-    /// Nothing is recorded while a capture may be under way on the device
-    /// (a pool routes, or a capture was ever seen: an event recorded on the
-    /// legacy stream would invalidate another stream's capture) or on a
-    /// capturing stream; those segments take the fallback.
-    pub fn record_epoch(&mut self, stream: Stream, dev: &DeviceCore) {
-        self.epoch_open = 0;
-        if dev.pools_routing() || dev.capture.seen() {
-            return;
-        }
-        match dev.driver.stream_is_capturing(dev.index, stream) {
-            Ok(false) => {}
-            Ok(true) => {
-                dev.capture.mark_seen();
-                return;
-            }
-            Err(_) => return,
-        }
-        let Some(e) = dev.record_event(stream) else {
-            return;
-        };
-        if self.epochs.len() == EPOCH_EVENTS {
-            // A later event covers what the oldest did.
-            dev.put_event(self.epochs.remove(0).1);
-        }
-        self.epochs.push((self.epoch, e));
-        self.epoch += 1;
-    }
-
-    /// Whether segments stamped with idle epoch `k` are proven free: an
-    /// epoch event closing `k` or later has completed. Events on one stream
-    /// complete in order, so the oldest such event is the one asked, and the
-    /// events up to it are done with.
-    ///
-    /// `pending` is the oldest epoch event found incomplete in this pass:
-    /// it and every later one are not asked again.
-    fn epoch_proves(&mut self, k: u64, dev: &DeviceCore, pending: &mut Option<u64>) -> bool {
-        if k < self.epoch_proven {
-            return true;
-        }
-        let Some(pos) = self.epochs.iter().position(|&(t, _)| t >= k) else {
-            return false;
-        };
-        let (t, e) = self.epochs[pos];
-        if pending.is_some_and(|p| t >= p) {
-            return false;
-        }
-        if !matches!(dev.driver.event_query(dev.index, e), Ok(true)) {
-            *pending = Some(t);
-            return false;
-        }
-        self.epoch_proven = t + 1;
-        for (_, old) in self.epochs.drain(..=pos) {
-            dev.put_event(old);
-        }
-        true
-    }
-
     /// Add a segment as one free block; it is idle until something is taken from it.
     pub fn attach(&mut self, d: Detached) -> u32 {
         let s = match self.seg_vacant.pop() {
@@ -498,65 +393,6 @@ impl ArenaInner {
         }
     }
 
-    /// Whether the free of idle segment `s` is proven complete, so that the
-    /// segment may change hands or go back to the driver. Asked in order:
-    /// 1. `stream` itself (`cuStreamIsCapturing`, then `cuStreamQuery`): a
-    ///    capturing stream proves nothing and is never queried or recorded
-    ///    on (that would invalidate the capture, and an event recorded into
-    ///    a capture proves nothing); a stream with no work pending proves
-    ///    everything enqueued before the segment went idle done;
-    /// 2. an epoch event recorded since the segment went idle
-    ///    ([`Self::record_epoch`]), if one has completed;
-    /// 3. an event recorded on `stream` since the segment went idle
-    ///    (recorded now if there is none), once it has completed.
-    ///
-    /// `pass` caches the stream's answer and an epoch event found pending
-    /// for one pass under one lock (start each pass at its default).
-    /// Errors count as "not proven".
-    pub fn idle_free_complete(
-        &mut self,
-        s: u32,
-        stream: Stream,
-        dev: &DeviceCore,
-        pass: &mut ProofPass,
-    ) -> bool {
-        let st = *pass.stream.get_or_insert_with(|| {
-            match dev.driver.stream_is_capturing(dev.index, stream) {
-                Ok(false) => {
-                    if matches!(dev.driver.stream_query(dev.index, stream), Ok(true)) {
-                        StreamState::Idle
-                    } else {
-                        StreamState::Busy
-                    }
-                }
-                Ok(true) => {
-                    dev.capture.mark_seen();
-                    StreamState::Capturing
-                }
-                Err(_) => StreamState::Capturing,
-            }
-        });
-        match st {
-            StreamState::Idle => return true,
-            StreamState::Capturing => return false,
-            StreamState::Busy => {}
-        }
-        if self.epoch_proves(self.seg(s).idle_epoch, dev, &mut pass.epoch_pending) {
-            return true;
-        }
-        let ev = match self.seg(s).event {
-            Some(e) => e,
-            None => {
-                let Some(e) = dev.record_event(stream) else {
-                    return false;
-                };
-                self.seg_mut(s).event = Some(e);
-                e
-            }
-        };
-        matches!(dev.driver.event_query(dev.index, ev), Ok(true))
-    }
-
     /// Free `ptr` if this arena holds it live, returning the block's sizes.
     /// `None` when it does not.
     /// `quarantine` is asked only when the pointer is found: a true answer
@@ -614,100 +450,6 @@ impl ArenaInner {
         })
     }
 
-    /// The free of a block used on other streams (`record_stream`): it waits
-    /// for their work; during a pool's capture no event or synchronisation
-    /// is made now (pools.rs), the events are recorded when the capture
-    /// ends. A block used on a stream capturing outside a pool (C/C++) is in
-    /// that graph, which may replay it: it is quarantined until
-    /// `empty_cache`, as a block freed on a capturing stream is (an event
-    /// recorded there would be a node of the graph, and a synchronisation
-    /// would invalidate the capture), then waits for all its streams.
-    #[cold]
-    #[inline(never)]
-    fn free_recorded(&mut self, block: u32, streams: Vec<Stream>, dev: &DeviceCore) {
-        if dev.pools_routing() {
-            self.blocks.get_mut(block).state = BlockState::Pending;
-            self.deferred.push((block, streams));
-        } else if dev.note_capturing(&streams) {
-            self.quarantine(block, streams, dev);
-        } else {
-            self.wait_for_streams(block, &streams, dev);
-        }
-    }
-
-    /// Keep `block` out of reuse until `empty_cache`; it then waits for
-    /// `streams` (`record_stream`). Until then every slow path asks them
-    /// whether they capture (the device's watched streams): the end of the
-    /// quarantine records events on them.
-    fn quarantine(&mut self, block: u32, streams: Vec<Stream>, dev: &DeviceCore) {
-        self.blocks.get_mut(block).state = BlockState::Pending;
-        dev.capture.watch(&streams);
-        self.quarantined.push((block, streams));
-    }
-
-    /// Record the events of the blocks freed during a capture, now that it
-    /// is over (their frees then complete as any `record_stream` free).
-    /// A block whose streams include one still capturing stays deferred: an
-    /// event recorded into a capture proves nothing. (A stream the driver
-    /// will not answer about, say one destroyed meanwhile, is left to
-    /// `wait_for_streams`, which synchronises or quarantines.)
-    pub fn record_deferred(&mut self, dev: &DeviceCore) {
-        for (block, streams) in std::mem::take(&mut self.deferred) {
-            let capturing = streams
-                .iter()
-                .any(|&s| matches!(dev.driver.stream_is_capturing(dev.index, s), Ok(true)));
-            if capturing {
-                self.deferred.push((block, streams));
-            } else {
-                self.wait_for_streams(block, &streams, dev);
-            }
-        }
-    }
-
-    /// Block `block` (pending) waits for the work enqueued so far on
-    /// `streams`: an event on each, or else a synchronisation, or else
-    /// quarantine until `empty_cache`. Out of line: off the free path's hot
-    /// code (kept small, the live-table removal is inlined into it).
-    #[cold]
-    #[inline(never)]
-    fn wait_for_streams(&mut self, block: u32, streams: &[Stream], dev: &DeviceCore) {
-        {
-            // record_stream: the block waits for the other streams' work.
-            let mut events = Vec::with_capacity(streams.len());
-            let mut unproven = false;
-            for &s in streams {
-                match dev.record_event(s) {
-                    Some(e) => events.push((e, s)),
-                    // No event: wait for the stream now, or, if even that
-                    // fails, keep the block out of reuse until empty_cache.
-                    None => {
-                        unproven |= !matches!(
-                            dev.driver.stream_synchronize(dev.index, s),
-                            Ok(()) | Err(DriverError::Deinitialized)
-                        )
-                    }
-                }
-            }
-            self.blocks.get_mut(block).state = BlockState::Pending;
-            if unproven {
-                for (e, _) in events {
-                    dev.put_event(e);
-                }
-                self.quarantined.push((block, Vec::new()));
-                return;
-            }
-            self.pending.push(PendingFree { block, events });
-        }
-    }
-
-    /// Give every event this arena holds for proofs (its epoch events) back
-    /// to the device's pool: the allocator is going away.
-    pub fn return_events(&mut self, dev: &DeviceCore) {
-        for (_, e) in self.epochs.drain(..) {
-            dev.put_event(e);
-        }
-    }
-
     /// Coalesce every stashed block into the free index. Returns whether
     /// there was anything to flush.
     pub fn flush_stash(&mut self) -> bool {
@@ -720,50 +462,6 @@ impl ArenaInner {
         self.stash.bytes = 0;
         self.debug_check();
         true
-    }
-
-    /// End the quarantine (the capture is over): each block goes back to the
-    /// free index, or, if it was used on other streams (`record_stream`),
-    /// waits for the work enqueued on them so far.
-    pub fn release_quarantine(&mut self, dev: &DeviceCore) {
-        for (i, streams) in std::mem::take(&mut self.quarantined) {
-            if streams.is_empty() {
-                self.release_block(i);
-            } else {
-                self.wait_for_streams(i, &streams, dev);
-            }
-        }
-    }
-
-    /// Release pending frees whose events have completed (all of them when `wait`).
-    pub fn process_pending(&mut self, dev: &DeviceCore, wait: bool) {
-        let mut i = 0;
-        while i < self.pending.len() {
-            let done = self.pending[i].events.iter().all(|&(e, s)| {
-                let r = if wait {
-                    // If the event cannot be waited on, wait for its stream.
-                    dev.driver
-                        .event_synchronize(dev.index, e)
-                        .or_else(|_| dev.driver.stream_synchronize(dev.index, s))
-                        .map(|()| true)
-                } else {
-                    dev.driver.event_query(dev.index, e)
-                };
-                // Only completion proves the other stream is done. A transient
-                // error keeps the block waiting; a deinitialised driver means
-                // no work will ever run again.
-                matches!(r, Ok(true) | Err(DriverError::Deinitialized))
-            });
-            if done {
-                let p = self.pending.swap_remove(i);
-                for (e, _) in p.events {
-                    dev.put_event(e);
-                }
-                self.release_block(p.block);
-            } else {
-                i += 1;
-            }
-        }
     }
 
     /// Return block `i` to the free index, coalescing with free neighbours.
