@@ -101,29 +101,11 @@ fn summarise(name: &str, samples: &[Sample]) -> Row {
     }
 }
 
-fn make(config: &Config) -> crate::Result<BenchAllocator> {
-    Ok(BenchAllocator(Allocator::new(
-        config.clone(),
-        global::make_driver(config)?,
-    )))
-}
-
-/// A workload's allocator, which gives its cached memory back to the driver
-/// when the workload ends: on a GPU the workloads run one after another in
-/// one process, and each would otherwise keep what it reserved.
-struct BenchAllocator(Allocator);
-
-impl std::ops::Deref for BenchAllocator {
-    type Target = Allocator;
-    fn deref(&self) -> &Allocator {
-        &self.0
-    }
-}
-
-impl Drop for BenchAllocator {
-    fn drop(&mut self) {
-        self.0.empty_cache();
-    }
+/// A workload's allocator. Dropped when the workload ends, it gives its
+/// cached memory back to the driver (on a GPU the workloads run one after
+/// another in one process).
+fn make(config: &Config) -> crate::Result<Allocator> {
+    Ok(Allocator::new(config.clone(), global::make_driver(config)?))
 }
 
 fn hit_rate(a: &Allocator) -> f64 {

@@ -394,6 +394,29 @@ mod tests {
         a.check_invariants().unwrap();
     }
 
+    /// A dropped engine gives its idle segments back and destroys every
+    /// event it made; a live allocation's segment stays (the caller's).
+    #[test]
+    fn a_dropped_engine_gives_back_what_it_holds() {
+        let (a, d) = sim("sim_memory:1GiB,sim_events:manual");
+        d.set_manual_events(true);
+        let keep = a.malloc(30 << 20, 0, 1).unwrap();
+        let ps: Vec<u64> = (0..12).map(|_| a.malloc(30 << 20, 0, 2).unwrap()).collect();
+        free_all(&a, 2, &ps); // idle segments and epoch events
+        a.record_stream(keep, 3).unwrap();
+        let _ = a.malloc(30 << 20, 0, 4).unwrap(); // adoption asks events
+        assert!(d.counters().event_creates > 0);
+        drop(a);
+        let c = d.counters();
+        assert_eq!(
+            d.live_allocations(0),
+            2,
+            "the two live allocations' segments stay"
+        );
+        assert_eq!(c.event_destroys, c.event_creates, "every event destroyed");
+        let _ = keep;
+    }
+
     #[test]
     fn bad_device_and_sizes() {
         let (a, _) = sim("sim_devices:2,sim_memory:1GiB");
