@@ -5,6 +5,7 @@
 use super::device::Device;
 use super::Engine;
 use crate::error::Result;
+use crate::size_class::Pool;
 use crate::stats::cudalloc_stats;
 
 /// Subtract `base`'s accumulated counters from `s`'s (every `num_*` count
@@ -122,8 +123,8 @@ impl Engine {
             s.pending_free_bytes += inner.pending_bytes();
             s.largest_free_block = s
                 .largest_free_block
-                .max(inner.index[0].largest(&inner.blocks))
-                .max(inner.index[1].largest(&inner.blocks));
+                .max(inner.largest_free(Pool::Small))
+                .max(inner.largest_free(Pool::Large));
         }
         s
     }

@@ -92,8 +92,10 @@ impl Engine {
             };
             for a in dev.arena_list() {
                 let inner = a.inner.lock();
-                let stash = inner.stash.bytes;
-                let (small, large) = (inner.index[0].free_bytes + stash, inner.index[1].free_bytes);
+                let (small, large) = (
+                    inner.pool_free_bytes(Pool::Small),
+                    inner.pool_free_bytes(Pool::Large),
+                );
                 let (mine, other) = if pool == Pool::Small {
                     (small, large)
                 } else {
@@ -102,7 +104,7 @@ impl Engine {
                 h.pool_free += mine;
                 h.other_free += other;
                 if a.stream == stream {
-                    h.largest = inner.index[pool as usize].largest(&inner.blocks);
+                    h.largest = inner.largest_free(pool);
                 }
             }
             h

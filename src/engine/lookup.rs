@@ -88,11 +88,7 @@ impl Engine {
     /// Make the free of `ptr` also wait for work enqueued on `stream` up to the free.
     pub fn record_stream(&self, ptr: u64, stream: Stream) -> Result<()> {
         self.find_live(None, 0, |_, a, inner| {
-            let rec = inner.live.get_mut(&ptr)?;
-            if stream != a.stream && !rec.streams.contains(&stream) {
-                rec.streams.push(stream);
-            }
-            Some(())
+            inner.record_stream(ptr, stream, a.stream)
         })
         .ok_or_else(|| {
             Error::new(
@@ -104,19 +100,14 @@ impl Engine {
 
     /// The true (rounded) size of a live allocation.
     pub fn size_of(&self, ptr: u64) -> Option<u64> {
-        self.find_live(None, 0, |_, _, inner| {
-            let r = inner.live.get(&ptr)?;
-            Some(inner.blocks.get(r.block).size)
-        })
+        self.find_live(None, 0, |_, _, inner| inner.live_size(ptr))
     }
 
     /// Stamp the live allocation `ptr` with call site `site` (for leak
     /// reports; the allocation was made on `device` and `stream`).
     pub fn set_site(&self, ptr: u64, device: usize, stream: Stream, site: u32) {
         self.find_live(Some(device), stream, |_, _, inner| {
-            inner.live.contains_key(&ptr).then(|| {
-                inner.sites.insert(ptr, site);
-            })
+            inner.stamp_site(ptr, site)
         });
     }
 }

@@ -227,7 +227,7 @@ impl Engine {
         {
             let mut a = arena.inner.lock();
             // cuEventQuery is illegal during a capture (pools.rs).
-            if !a.pending.is_empty() && !dev.core.pools_routing() {
+            if a.has_pending() && !dev.core.pools_routing() {
                 a.process_pending(&dev.core, false);
             }
             if let Some((p, block)) = a.try_alloc(rounded, size, &self.policy, &dev.core) {

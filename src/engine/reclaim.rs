@@ -136,7 +136,7 @@ impl Device {
                 let mut a = arena.inner.lock();
                 // Frees held back by a capture that ended without its end
                 // hook (see `capture_underway`) proceed now.
-                if !a.deferred.is_empty() {
+                if a.has_deferred() {
                     a.record_deferred(&self.core);
                 }
                 match a.pool {
@@ -155,7 +155,7 @@ impl Device {
                 }
                 a.flush_stash();
                 a.process_pending(&self.core, mode == Release::All);
-                if a.idle.is_empty() {
+                if a.idle_segments().is_empty() {
                     continue;
                 }
                 if let Release::Useless {
@@ -165,7 +165,7 @@ impl Device {
                 } = mode
                 {
                     if !a
-                        .idle
+                        .idle_segments()
                         .iter()
                         .any(|&s| useless(a.seg(s).pool, a.seg(s).size, pool, rounded, &policy))
                     {
@@ -180,13 +180,13 @@ impl Device {
                         .stream_synchronize(self.core.index, arena.stream);
                 }
                 let candidates: Vec<u32> = match mode {
-                    Release::All | Release::Completed => a.idle.clone(),
+                    Release::All | Release::Completed => a.idle_segments().to_vec(),
                     Release::Useless {
                         pool,
                         rounded,
                         policy,
                     } => a
-                        .idle
+                        .idle_segments()
                         .iter()
                         .copied()
                         .filter(|&s| useless(a.seg(s).pool, a.seg(s).size, pool, rounded, &policy))
@@ -253,7 +253,7 @@ impl Device {
                 let mut o = other.inner.lock();
                 o.flush_stash();
                 let mut cands: Vec<u32> = o
-                    .idle
+                    .idle_segments()
                     .iter()
                     .copied()
                     .filter(|&s| {
@@ -295,7 +295,7 @@ impl Engine {
             let mut inner = a.inner.lock();
             inner.flush_stash();
             inner.process_pending(&dev.core, false);
-            for &s in &inner.idle {
+            for &s in inner.idle_segments() {
                 let seg = inner.seg(s);
                 cands.push((seg.idle_since_ms, ai, seg.base));
             }
@@ -312,7 +312,7 @@ impl Engine {
                 // The stream is asked afresh under each lock: the segment may
                 // have been used and freed again meanwhile.
                 let found = inner
-                    .idle
+                    .idle_segments()
                     .iter()
                     .copied()
                     .find(|&s| inner.seg(s).base == base);

@@ -113,26 +113,26 @@ pub(crate) struct Stash {
 pub(crate) struct ArenaInner {
     /// The clock of allocation and idle stamps when a test set one
     /// (`Engine::set_clock`); the real coarse clock otherwise.
-    pub clock: Option<fn() -> u64>,
-    pub stash: Stash,
-    pub blocks: Blocks,
-    pub segs: Vec<Option<Segment>>,
+    clock: Option<fn() -> u64>,
+    stash: Stash,
+    blocks: Blocks,
+    segs: Vec<Option<Segment>>,
     seg_vacant: Vec<u32>,
-    pub index: [FreeIndex; 2],
-    pub live: FxHashMap<u64, LiveRecord>,
+    index: [FreeIndex; 2],
+    live: FxHashMap<u64, LiveRecord>,
     /// Call sites of the sampled live allocations (`backtrace:N`); empty when off.
-    pub sites: FxHashMap<u64, u32>,
-    pub idle: Vec<u32>,
-    pub pending: Vec<PendingFree>,
+    sites: FxHashMap<u64, u32>,
+    idle: Vec<u32>,
+    pending: Vec<PendingFree>,
     /// Blocks freed while their stream was capturing a CUDA graph (or one
     /// `record_stream` named was): the graph may still use them, so they
     /// stay out of reuse until `empty_cache`, and then wait for the streams
     /// listed with them ([`ArenaInner::release_quarantine`]).
-    pub quarantined: Vec<(u32, Vec<Stream>)>,
+    quarantined: Vec<(u32, Vec<Stream>)>,
     /// Blocks freed during a capture (`pools.rs`) that wait on other
     /// streams (`record_stream`): their events are recorded when the
     /// capture ends ([`ArenaInner::record_deferred`]).
-    pub deferred: Vec<(u32, Vec<Stream>)>,
+    deferred: Vec<(u32, Vec<Stream>)>,
     pub counters: ArenaCounters,
     seq: u64,
     /// The private pool this arena serves, if any (see `pools.rs`).
@@ -529,6 +529,60 @@ impl ArenaInner {
                 .map(|(i, _)| i)
                 .map(|&i| self.blocks.get(i).size)
                 .sum::<u64>()
+    }
+
+    /// The largest free block of `pool` in the free index.
+    pub fn largest_free(&self, pool: Pool) -> u64 {
+        self.index[pool as usize].largest(&self.blocks)
+    }
+
+    /// Free bytes of `pool`: its free index, and for the small pool the
+    /// stash's blocks too.
+    pub fn pool_free_bytes(&self, pool: Pool) -> u64 {
+        let stash = if pool == Pool::Small {
+            self.stash.bytes
+        } else {
+            0
+        };
+        self.index[pool as usize].free_bytes + stash
+    }
+
+    /// The idle segments, oldest position first.
+    pub fn idle_segments(&self) -> &[u32] {
+        &self.idle
+    }
+
+    /// Whether frees wait for other streams' events (`record_stream`).
+    #[inline]
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Whether frees wait for a pool's capture to end.
+    pub fn has_deferred(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
+    /// The rounded size of live allocation `ptr`.
+    pub fn live_size(&self, ptr: u64) -> Option<u64> {
+        self.live.get(&ptr).map(|r| self.blocks.get(r.block).size)
+    }
+
+    /// Make the free of live `ptr` also wait for `stream` (`record_stream`);
+    /// `own` is the arena's stream. `None` when `ptr` is not live here.
+    pub fn record_stream(&mut self, ptr: u64, stream: Stream, own: Stream) -> Option<()> {
+        let rec = self.live.get_mut(&ptr)?;
+        if stream != own && !rec.streams.contains(&stream) {
+            rec.streams.push(stream);
+        }
+        Some(())
+    }
+
+    /// Stamp live `ptr` with call site `site`. `None` when not live here.
+    pub fn stamp_site(&mut self, ptr: u64, site: u32) -> Option<()> {
+        self.live.contains_key(&ptr).then(|| {
+            self.sites.insert(ptr, site);
+        })
     }
 
     /// The segment whose range holds `addr`, if any.
