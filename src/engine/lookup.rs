@@ -50,14 +50,7 @@ impl Engine {
         stream: Stream,
     ) -> Result<()> {
         let freed = self.find_live(None, stream, |dev, a, inner| {
-            let f = inner.free(ptr, &dev.core, || {
-                !a.pooled && dev.core.captures_now(a.stream)
-            })?;
-            dev.note_free(a, inner, f.size);
-            if let Some(j) = &self.journal {
-                j.freed(ptr, f.requested, a.stream);
-            }
-            Some(())
+            self.free_from(dev, a, inner, ptr)
         });
         if freed.is_some() {
             return Ok(());

@@ -83,7 +83,7 @@ use crate::driver::{Driver, Stream};
 use crate::error::{Error, Result};
 use crate::live::LiveInfo;
 use crate::size_class::{round_size, Policy};
-use arena::Arena;
+use arena::{Arena, ArenaInner};
 use device::Device;
 use parking_lot::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -260,18 +260,28 @@ impl Engine {
         if let Some(dev) = device.and_then(|d| self.devices.get(d)) {
             if let Some(a) = dev.find_arena(self.id, stream) {
                 let mut inner = a.inner.lock();
-                if let Some(f) = inner.free(ptr, &dev.core, || {
-                    !a.pooled && dev.core.captures_now(a.stream)
-                }) {
-                    dev.note_free(a, &mut inner, f.size);
-                    if let Some(j) = &self.journal {
-                        j.freed(ptr, f.requested, a.stream);
-                    }
+                if self.free_from(dev, a, &mut inner, ptr).is_some() {
                     return Ok(());
                 }
             }
         }
         self.free_search(ptr, device, stream)
+    }
+
+    /// Free `ptr` if `a` (of `dev`, locked as `inner`) holds it live: the
+    /// block goes back (or into quarantine, when its stream captures), the
+    /// bytes are accounted and the journal is told. `None` when `a` does
+    /// not hold it.
+    #[inline(always)]
+    fn free_from(&self, dev: &Device, a: &Arena, inner: &mut ArenaInner, ptr: u64) -> Option<()> {
+        let f = inner.free(ptr, &dev.core, || {
+            !a.pooled && dev.core.captures_now(a.stream)
+        })?;
+        dev.note_free(a, inner, f.size);
+        if let Some(j) = &self.journal {
+            j.freed(ptr, f.requested, a.stream);
+        }
+        Some(())
     }
 
     /// Release every idle cached segment on every device to the driver.

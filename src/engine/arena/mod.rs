@@ -401,6 +401,7 @@ impl ArenaInner {
     /// false: its block goes back to the pool even during a capture, where
     /// only the pool's later allocations, ordered by the graph or by the
     /// captures sharing the pool, can reuse it.)
+    #[inline(always)]
     pub fn free(
         &mut self,
         ptr: u64,
