@@ -2,7 +2,7 @@
 //! (`cudalloc_malloc_torch`), `cudalloc_free`, `cudalloc_record_stream`
 //! and `cudalloc_empty_cache`.
 
-use super::{cxx_function, cxx_throw, device_index, non_null};
+use super::{cxx_function, cxx_throw, device_index, device_of, non_null};
 use crate::error::ErrorCode;
 use crate::ffi::boundary;
 use crate::global;
@@ -29,9 +29,7 @@ fn export_malloc(
 ) -> *mut c_void {
     crate::export!(cudalloc_malloc, -> *mut c_void {
         let a = global::serving()?;
-        let d = device_index(device).ok_or_else(|| {
-            crate::error::Error::invalid_device(device as i64, a.device_count())
-        })?;
+        let d = device_of(a, device, false)?;
         let p = match pool {
             None => a.malloc(size as u64, d, stream as u64),
             Some(id) => a.malloc_pool(size as u64, d, stream as u64, id),

@@ -70,16 +70,24 @@ fn device_index(device: c_int) -> Option<usize> {
     usize::try_from(device).ok()
 }
 
-/// `f` on the process-wide allocator with `device` as an index: a negative
-/// one is `CUDALLOC_ERR_INVALID_DEVICE` (the engine checks the upper bound).
+/// `device` as an index of `a`'s devices: a negative one is
+/// `CUDALLOC_ERR_INVALID_DEVICE`; with `checked`, one past the last too
+/// (otherwise the engine checks the upper bound).
+#[inline(always)]
+fn device_of(a: &Allocator, device: c_int, checked: bool) -> Result<usize> {
+    device_index(device)
+        .filter(|&d| !checked || d < a.device_count())
+        .ok_or_else(|| Error::invalid_device(device as i64, a.device_count()))
+}
+
+/// `f` on the process-wide allocator with `device` as an index (see
+/// [`device_of`]).
 fn on_device<T>(
     device: c_int,
     f: impl FnOnce(&'static Allocator, usize) -> Result<T>,
 ) -> Result<T> {
-    global::get().and_then(|a| match device_index(device) {
-        Some(d) => f(a, d),
-        None => Err(Error::invalid_device(device as i64, a.device_count())),
-    })
+    let a = global::get()?;
+    f(a, device_of(a, device, false)?)
 }
 
 /// `p`, unless it is NULL: then `CUDALLOC_ERR_INVALID_ARGUMENT` naming

@@ -3,7 +3,7 @@
 //! `engine/pools.rs` for what a private pool is).
 
 use super::boundary::{set_error, set_ok};
-use super::{cxx_function, cxx_throw, device_index, on_device};
+use super::{cxx_function, cxx_throw, device_of, on_device};
 use crate::error::{Error, ErrorCode};
 use crate::global;
 use libc::{c_int, c_void};
@@ -54,10 +54,7 @@ pub unsafe extern "C-unwind" fn cudalloc_begin_allocate_to_pool(
         cudalloc_begin_allocate_to_pool,
         raw || {
             let a = global::get().ok()?;
-            let bad = match device_index(device) {
-                Some(d) if d < a.device_count() => None,
-                _ => Some(Error::invalid_device(device as i64, a.device_count())),
-            };
+            let bad = device_of(a, device, true).err();
             Some((a.config().graph_pools, bad))
         }
     )
