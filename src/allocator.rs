@@ -46,16 +46,18 @@ impl Allocator {
     #[inline]
     pub fn malloc(&self, size: u64, device: usize, stream: Stream) -> Result<u64> {
         let r = self.engine.malloc(size, device, stream);
-        if self.observe.on {
-            self.observe
-                .after_malloc(&self.engine, &r, size, device, stream);
-        }
-        r
+        self.observed(r, size, device, stream)
     }
 
     /// [`Allocator::malloc`] from private pool `id` (see [`Engine::malloc_pool`]).
     pub fn malloc_pool(&self, size: u64, device: usize, stream: Stream, id: PoolId) -> Result<u64> {
         let r = self.engine.malloc_pool(size, device, stream, id);
+        self.observed(r, size, device, stream)
+    }
+
+    /// An allocation's result `r`, after the adaptors' per-call work.
+    #[inline(always)]
+    fn observed(&self, r: Result<u64>, size: u64, device: usize, stream: Stream) -> Result<u64> {
         if self.observe.on {
             self.observe
                 .after_malloc(&self.engine, &r, size, device, stream);
