@@ -210,8 +210,9 @@ mod tests {
         a.free(p, Some(0), s).unwrap();
         let before = d.counters();
         assert_eq!(a.empty_cache(), 0);
-        let r = a.malloc(100 << 20, 0, t).unwrap(); // s's idle 30 MiB is too small
-                                                    // What periodic work does (observe/): trim, and sample device memory.
+        // s's idle 30 MiB is too small for this.
+        let r = a.malloc(100 << 20, 0, t).unwrap();
+        // What periodic work does (observe/): trim, and sample device memory.
         a.trim(0, u64::MAX);
         let _ = a.mem_info_outside_capture(0, false);
         let after = d.counters();

@@ -122,7 +122,7 @@ struct Shared {
 /// An open trace log.
 pub struct TraceLog {
     shared: Arc<Shared>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl TraceLog {
@@ -165,10 +165,7 @@ impl TraceLog {
                 tracing::warn!("log_file: no writer thread ({e}); lines are written at exit")
             })
             .ok();
-        Ok(TraceLog {
-            shared,
-            thread: Mutex::new(thread),
-        })
+        Ok(TraceLog { shared, thread })
     }
 
     /// Log one event. Call it where the engine decides the block's fate
@@ -252,7 +249,7 @@ impl Drop for TraceLog {
     fn drop(&mut self) {
         self.shared.queue.lock().closed = true;
         self.shared.wake.notify_one();
-        if let Some(t) = self.thread.lock().take() {
+        if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
         self.flush();
