@@ -253,6 +253,37 @@ typedef struct {
    * device.
    */
   uint64_t log_records_dropped;
+  /**
+   * `expandable_segments:on`: bytes of device memory mapped into
+   * virtual segments now (part of `reserved_bytes`; the rest of it is
+   * classic segments and physical pages cached unmapped).
+   */
+  uint64_t mapped_bytes;
+  /**
+   * `expandable_segments:on`: bytes of virtual address space reserved now.
+   */
+  uint64_t virtual_bytes;
+  /**
+   * Physical memory handles created (`cuMemCreate`) since start.
+   */
+  uint64_t num_vmm_creates;
+  /**
+   * Physical memory handles released (`cuMemRelease`) since start.
+   */
+  uint64_t num_vmm_releases;
+  /**
+   * Mappings made (`cuMemMap`) since start.
+   */
+  uint64_t num_vmm_maps;
+  /**
+   * Mappings undone (`cuMemUnmap`) since start: pages moved where a
+   * request needed them, or released.
+   */
+  uint64_t num_vmm_unmaps;
+  /**
+   * Access grants (`cuMemSetAccess`) since start.
+   */
+  uint64_t num_vmm_set_access;
 } cudalloc_stats;
 
 #ifdef __cplusplus

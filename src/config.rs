@@ -60,6 +60,9 @@ pub struct Config {
     /// handed out whole, only to requests within one `large_segment` of its
     /// size, and released before growing when it fits no request.
     pub huge_split: bool,
+    /// Segments are virtual ranges whose physical pages are mapped on
+    /// demand and move where they are needed (CUDA virtual memory).
+    pub expandable_segments: bool,
     /// Serve PyTorch's private memory pools (CUDA graph capture) instead of
     /// refusing them.
     pub graph_pools: bool,
@@ -273,6 +276,21 @@ pub static OPTIONS: &[OptionSpec] = &[
         get: |c| on_off(c.huge_split),
     },
     OptionSpec {
+        key: "expandable_segments",
+        accepted: "on | off (True | False, as PyTorch spells it)",
+        default: "off",
+        doc: "on: each stream's pools are virtual ranges whose 2 MiB pages are mapped as blocks need them, and a page whose frees are proven complete moves to wherever a request needs it before new memory is asked for (CUDA virtual memory; falls back to classic segments, with one warning, where the driver or GPU lacks it)",
+        set: |c, v| {
+            c.expandable_segments = match v {
+                "True" | "true" => true,
+                "False" | "false" => false,
+                _ => parse_on_off(v)?,
+            };
+            Ok(())
+        },
+        get: |c| on_off(c.expandable_segments),
+    },
+    OptionSpec {
         key: "graph_pools",
         accepted: "on | off",
         default: "off",
@@ -435,6 +453,7 @@ impl Default for Config {
             huge_threshold: 0,
             huge_round: 0,
             huge_split: true,
+            expandable_segments: false,
             graph_pools: false,
             backtrace: 0,
             backtrace_sample: 1,

@@ -81,6 +81,23 @@ pub struct cudalloc_stats {
     /// behind, went away or never came. Process-wide: the same on every
     /// device.
     pub log_records_dropped: u64,
+    /// `expandable_segments:on`: bytes of device memory mapped into
+    /// virtual segments now (part of `reserved_bytes`; the rest of it is
+    /// classic segments and physical pages cached unmapped).
+    pub mapped_bytes: u64,
+    /// `expandable_segments:on`: bytes of virtual address space reserved now.
+    pub virtual_bytes: u64,
+    /// Physical memory handles created (`cuMemCreate`) since start.
+    pub num_vmm_creates: u64,
+    /// Physical memory handles released (`cuMemRelease`) since start.
+    pub num_vmm_releases: u64,
+    /// Mappings made (`cuMemMap`) since start.
+    pub num_vmm_maps: u64,
+    /// Mappings undone (`cuMemUnmap`) since start: pages moved where a
+    /// request needed them, or released.
+    pub num_vmm_unmaps: u64,
+    /// Access grants (`cuMemSetAccess`) since start.
+    pub num_vmm_set_access: u64,
 }
 
 /// A gauge with a peak, updated lock-free.
@@ -153,6 +170,11 @@ pub struct DeviceCounters {
     pub alloc_retries: Counter,
     pub invalid_frees: Counter,
     pub adopted: Counter,
+    pub vmm_creates: Counter,
+    pub vmm_releases: Counter,
+    pub vmm_maps: Counter,
+    pub vmm_unmaps: Counter,
+    pub vmm_set_access: Counter,
 }
 
 /// Per-arena counters, kept under the arena's lock.

@@ -59,3 +59,10 @@ fn huge_split_off() {
 fn huge_device_16gib() {
     suite("sim_memory:16GiB");
 }
+
+#[test]
+fn expandable_segments() {
+    suite("sim_memory:1GiB,expandable_segments:on");
+    suite("sim_devices:2,sim_memory:256MiB,max_memory:200MiB,expandable_segments:True");
+    suite("sim_memory:512MiB,small_max:64KiB,small_segment:256KiB,large_segment:4MiB,huge_threshold:2MiB,huge_round:512KiB,huge_split:off,expandable_segments:on");
+}

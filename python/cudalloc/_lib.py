@@ -83,6 +83,13 @@ STATS_FIELDS = (
     "num_leak_age_alarms",
     "num_leak_growth_alarms",
     "log_records_dropped",
+    "mapped_bytes",
+    "virtual_bytes",
+    "num_vmm_creates",
+    "num_vmm_releases",
+    "num_vmm_maps",
+    "num_vmm_unmaps",
+    "num_vmm_set_access",
 )
 _STATS_SLOTS = 512  # uint64 slots handed to cudalloc_get_stats: 4 KiB of headroom
 

@@ -3,7 +3,7 @@
 //! nothing that runs while the process exits (leak report, stats file, late
 //! frees, a pressure sample) can reach the device.
 
-use super::{Driver, DriverError, DriverResult, Event, Stream};
+use super::{Driver, DriverError, DriverResult, Event, PhysHandle, Stream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -69,6 +69,37 @@ impl Driver for ExitGuard {
     }
     fn stream_destroy(&self, device: usize, stream: Stream) -> DriverResult<()> {
         self.check()?.stream_destroy(device, stream)
+    }
+    fn vmm_granularity(&self, device: usize) -> DriverResult<u64> {
+        self.check()?.vmm_granularity(device)
+    }
+    fn va_reserve(&self, device: usize, size: u64) -> DriverResult<u64> {
+        self.check()?.va_reserve(device, size)
+    }
+    fn va_free(&self, device: usize, base: u64, size: u64) -> DriverResult<()> {
+        self.check()?.va_free(device, base, size)
+    }
+    fn phys_create(&self, device: usize, size: u64) -> DriverResult<PhysHandle> {
+        self.check()?.phys_create(device, size)
+    }
+    fn phys_release(&self, device: usize, handle: PhysHandle) -> DriverResult<()> {
+        self.check()?.phys_release(device, handle)
+    }
+    fn map(
+        &self,
+        device: usize,
+        va: u64,
+        size: u64,
+        handle: PhysHandle,
+        offset: u64,
+    ) -> DriverResult<()> {
+        self.check()?.map(device, va, size, handle, offset)
+    }
+    fn unmap(&self, device: usize, va: u64, size: u64) -> DriverResult<()> {
+        self.check()?.unmap(device, va, size)
+    }
+    fn set_access(&self, device: usize, va: u64, size: u64) -> DriverResult<()> {
+        self.check()?.set_access(device, va, size)
     }
 }
 

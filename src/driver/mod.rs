@@ -41,6 +41,26 @@
 //!    on a capturing stream. [`Driver::stream_is_capturing`] is required, not
 //!    defaulted: a wrapping driver that forgot to forward it would switch
 //!    that safety off silently.
+//! 9. **Virtual memory** (`expandable_segments:on`; optional: the defaults
+//!    answer "not supported", and the engine then keeps classic segments).
+//!    [`Driver::vmm_granularity`] is the page size every other VMM call
+//!    works in: sizes, offsets and addresses are multiples of it.
+//!    [`Driver::va_reserve`] gives a virtual range with no memory behind
+//!    it (it is not device memory and counts against no capacity);
+//!    [`Driver::phys_create`] makes physical memory (a handle; counted
+//!    against capacity, [`DriverError::OutOfMemory`] when there is no
+//!    room). [`Driver::map`] maps `size` bytes of a handle, from `offset`,
+//!    at a virtual address of a reserved range where nothing is mapped;
+//!    the mapping is not accessible until [`Driver::set_access`] grants
+//!    the device access to a range of whole mappings. [`Driver::unmap`]
+//!    takes exactly one earlier mapping, whole: part of one cannot be
+//!    unmapped. [`Driver::phys_release`] takes a handle none of whose
+//!    memory is mapped; [`Driver::va_free`] a range with nothing mapped.
+//!    Map, unmap and release are not stream-ordered: the engine unmaps
+//!    only memory whose frees are proven complete. During a capture
+//!    `phys_create`, `map` and `set_access` are legal (the CUDA backend
+//!    runs them in relaxed capture mode, as `mem_alloc`); `unmap`,
+//!    `phys_release` and `va_free` are not called.
 
 pub mod cuda;
 pub mod exit_guard;
@@ -53,6 +73,9 @@ pub type Stream = u64;
 
 /// A driver-side event handle. Opaque to the engine.
 pub type Event = u64;
+
+/// A physical-memory handle (`CUmemGenericAllocationHandle`). Opaque to the engine.
+pub type PhysHandle = u64;
 
 /// Why a driver call failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +106,16 @@ impl fmt::Display for DriverError {
 }
 
 impl std::error::Error for DriverError {}
+
+impl DriverError {
+    /// `CUDA_ERROR_NOT_SUPPORTED`: this driver or device cannot do `what`.
+    pub fn not_supported(what: &str) -> Self {
+        DriverError::Other {
+            code: 801,
+            message: format!("{what} not supported by this driver"),
+        }
+    }
+}
 
 pub type DriverResult<T> = Result<T, DriverError>;
 
@@ -126,13 +159,55 @@ pub trait Driver: Send + Sync {
     fn stream_is_capturing(&self, device: usize, stream: Stream) -> DriverResult<bool>;
     /// Create a stream (for self-tests and benchmarks; the engine never does).
     fn stream_create(&self, _device: usize) -> DriverResult<Stream> {
-        Err(DriverError::Other {
-            code: 801,
-            message: "stream creation not supported by this driver".into(),
-        })
+        Err(DriverError::not_supported("stream creation"))
     }
     /// Destroy a stream made by [`Driver::stream_create`].
     fn stream_destroy(&self, _device: usize, _stream: Stream) -> DriverResult<()> {
         Ok(())
+    }
+
+    /// The page size of virtual-memory mappings on `device`
+    /// (`cuMemGetAllocationGranularity`, 2 MiB on current GPUs), or an
+    /// error when the driver or device has no virtual memory management:
+    /// then the engine never calls the VMM methods below (contract, 9).
+    fn vmm_granularity(&self, _device: usize) -> DriverResult<u64> {
+        Err(DriverError::not_supported("virtual memory management"))
+    }
+    /// Reserve a virtual address range of `size` bytes (`cuMemAddressReserve`).
+    fn va_reserve(&self, _device: usize, _size: u64) -> DriverResult<u64> {
+        Err(DriverError::not_supported("cuMemAddressReserve"))
+    }
+    /// Give back a range from [`Driver::va_reserve`] with nothing mapped in it
+    /// (`cuMemAddressFree`).
+    fn va_free(&self, _device: usize, _base: u64, _size: u64) -> DriverResult<()> {
+        Err(DriverError::not_supported("cuMemAddressFree"))
+    }
+    /// Create `size` bytes of physical device memory (`cuMemCreate`, pinned
+    /// device memory).
+    fn phys_create(&self, _device: usize, _size: u64) -> DriverResult<PhysHandle> {
+        Err(DriverError::not_supported("cuMemCreate"))
+    }
+    /// Release a handle none of whose memory is mapped (`cuMemRelease`).
+    fn phys_release(&self, _device: usize, _handle: PhysHandle) -> DriverResult<()> {
+        Err(DriverError::not_supported("cuMemRelease"))
+    }
+    /// Map `size` bytes of `handle`, from `offset`, at `va` (`cuMemMap`).
+    fn map(
+        &self,
+        _device: usize,
+        _va: u64,
+        _size: u64,
+        _handle: PhysHandle,
+        _offset: u64,
+    ) -> DriverResult<()> {
+        Err(DriverError::not_supported("cuMemMap"))
+    }
+    /// Unmap exactly one earlier mapping (`cuMemUnmap`).
+    fn unmap(&self, _device: usize, _va: u64, _size: u64) -> DriverResult<()> {
+        Err(DriverError::not_supported("cuMemUnmap"))
+    }
+    /// Grant `device` read-write access to a mapped range (`cuMemSetAccess`).
+    fn set_access(&self, _device: usize, _va: u64, _size: u64) -> DriverResult<()> {
+        Err(DriverError::not_supported("cuMemSetAccess"))
     }
 }

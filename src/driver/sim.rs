@@ -24,9 +24,20 @@
 //!   capacity can shrink mid-run, event calls and frees can fail, the driver can report
 //!   itself deinitialised, and a stream can be marked as capturing (the
 //!   calls a GPU would take as invalidating the capture are counted).
+//! - **Virtual memory** (contract, 9): 2 MiB pages. Physical capacity counts
+//!   the handles created; reserved virtual ranges count against nothing but
+//!   share the device's address window (so they never overlap a
+//!   `mem_alloc` segment). Every rule is checked, and a call that breaks one
+//!   fails and is counted in `vmm_violations`: a double map, a map outside
+//!   a reserved range or past its handle's end, an unmap of anything but
+//!   one whole mapping, access asked for an unmapped range, a release of a
+//!   handle still mapped, a reserved range freed with mappings in it.
+//!   Unmap, release and range frees while a stream captures count as
+//!   capture violations. [`SimDriver::accessible`] tells whether a range
+//!   is mapped with access granted, for tests that check every live block.
 //! - **Counters** of every call are kept for tests ([`SimDriver::counters`]).
 
-use super::{Driver, DriverError, DriverResult, Event, Stream};
+use super::{Driver, DriverError, DriverResult, Event, PhysHandle, Stream};
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 use std::collections::BTreeMap;
@@ -36,6 +47,8 @@ const WINDOW: u64 = 1 << 44; // 16 TiB of fake address space per device
 const BASE: u64 = 0x1000_0000_0000;
 const ALIGN: u64 = 2 << 20; // 2 MiB, like cuMemAlloc for large requests
 const GUARD: u64 = 2 << 20;
+/// The page of virtual-memory mappings, as on current GPUs.
+pub const SIM_PAGE: u64 = 2 << 20;
 
 /// Call counters, read back by tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +70,16 @@ pub struct SimCounters {
     /// `stream_synchronize` or `stream_query` on a capturing stream. They
     /// still succeed here; tests assert there are none.
     pub capture_violations: u64,
+    /// Virtual-memory calls (contract, 9).
+    pub va_reserves: u64,
+    pub va_frees: u64,
+    pub phys_creates: u64,
+    pub phys_releases: u64,
+    pub maps: u64,
+    pub unmaps: u64,
+    pub set_accesses: u64,
+    /// Virtual-memory calls that broke a rule (and failed).
+    pub vmm_violations: u64,
 }
 
 #[derive(Debug)]
@@ -67,6 +90,58 @@ struct SimDevice {
     free_ranges: BTreeMap<u64, u64>,
     /// Live allocations: start -> (size asked, range length taken).
     live: FxHashMap<u64, (u64, u64)>,
+    /// Reserved virtual ranges: start -> (size, range length taken).
+    ranges: BTreeMap<u64, (u64, u64)>,
+    /// Physical handles: handle -> (size, bytes of it mapped).
+    handles: FxHashMap<PhysHandle, (u64, u64)>,
+    /// Mappings: virtual start -> (size, handle, offset, access granted).
+    maps: BTreeMap<u64, (u64, PhysHandle, u64, bool)>,
+}
+
+impl SimDevice {
+    /// Take `size` bytes of address window (plus the guard gap).
+    fn take_range(&mut self, size: u64) -> Option<(u64, u64)> {
+        let take = round_up(size, ALIGN) + GUARD;
+        let (&start, &len) = self.free_ranges.iter().find(|(_, &len)| len >= take)?;
+        self.free_ranges.remove(&start);
+        if len > take {
+            self.free_ranges.insert(start + take, len - take);
+        }
+        Some((start, take))
+    }
+
+    /// Give back a window range, merging with free neighbours.
+    fn give_range(&mut self, start: u64, take: u64) {
+        let (mut start, mut len) = (start, take);
+        if let Some((&ps, &pl)) = self.free_ranges.range(..start).next_back() {
+            if ps + pl == start {
+                self.free_ranges.remove(&ps);
+                start = ps;
+                len += pl;
+            }
+        }
+        if let Some(&nl) = self.free_ranges.get(&(start + len)) {
+            self.free_ranges.remove(&(start + len));
+            len += nl;
+        }
+        self.free_ranges.insert(start, len);
+    }
+
+    /// The reserved range holding `[va, va + size)`, if one does.
+    fn range_holding(&self, va: u64, size: u64) -> Option<u64> {
+        let (&start, &(rsize, _)) = self.ranges.range(..=va).next_back()?;
+        (va + size <= start + rsize).then_some(start)
+    }
+
+    /// Whether any mapping overlaps `[va, va + size)`.
+    fn mapped_within(&self, va: u64, size: u64) -> bool {
+        if let Some((&m, &(ms, ..))) = self.maps.range(..va).next_back() {
+            if m + ms > va {
+                return true;
+            }
+        }
+        self.maps.range(va..va + size).next().is_some()
+    }
 }
 
 impl SimDevice {
@@ -78,6 +153,9 @@ impl SimDevice {
             used: 0,
             free_ranges,
             live: FxHashMap::default(),
+            ranges: BTreeMap::new(),
+            handles: FxHashMap::default(),
+            maps: BTreeMap::new(),
         }
     }
 }
@@ -113,6 +191,9 @@ pub struct SimDriver {
     /// Capturing streams: (device, stream), or (`None`, stream) on every device.
     capturing: Mutex<Vec<(Option<usize>, Stream)>>,
     counters: Mutex<SimCounters>,
+    /// Whether the device has virtual memory management (on by default).
+    vmm: AtomicBool,
+    next_handle: AtomicU64,
 }
 
 impl SimDriver {
@@ -135,6 +216,8 @@ impl SimDriver {
             deinitialized: AtomicBool::new(false),
             capturing: Mutex::new(Vec::new()),
             counters: Mutex::new(SimCounters::default()),
+            vmm: AtomicBool::new(true),
+            next_handle: AtomicU64::new(1),
         }
     }
 
@@ -275,6 +358,66 @@ impl SimDriver {
         }
     }
 
+    /// Say the device has no virtual memory management (a driver or GPU
+    /// without it): `vmm_granularity` fails, as on such a device.
+    pub fn set_vmm_supported(&self, supported: bool) {
+        self.vmm.store(supported, Ordering::Relaxed);
+    }
+
+    /// Whether `[va, va + size)` is wholly mapped with access granted.
+    pub fn accessible(&self, device: usize, va: u64, size: u64) -> bool {
+        let d = self.devices[device].lock();
+        let mut at = va;
+        while at < va + size {
+            match d.maps.range(..=at).next_back() {
+                Some((&m, &(ms, _, _, true))) if m + ms > at => at = m + ms,
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// Physical bytes created and not released, and bytes mapped.
+    pub fn vmm_bytes(&self, device: usize) -> (u64, u64) {
+        let d = self.devices[device].lock();
+        (
+            d.handles.values().map(|h| h.0).sum(),
+            d.maps.values().map(|m| m.0).sum(),
+        )
+    }
+
+    /// A broken VMM rule: counted, and the call fails.
+    fn vmm_violation(&self, message: String) -> DriverError {
+        self.counters.lock().vmm_violations += 1;
+        DriverError::Other { code: 1, message }
+    }
+
+    /// Count a call that would invalidate a capture under way on `device`.
+    fn note_if_any_capturing(&self, device: usize) {
+        if self
+            .capturing
+            .lock()
+            .iter()
+            .any(|&(d, _)| d.is_none_or(|d| d == device))
+        {
+            self.counters.lock().capture_violations += 1;
+        }
+    }
+
+    /// Checks common to the VMM calls: the device, support, page alignment.
+    fn check_vmm(&self, device: usize, values: &[u64]) -> DriverResult<()> {
+        self.check(device)?;
+        if !self.vmm.load(Ordering::Relaxed) {
+            return Err(DriverError::not_supported("virtual memory management"));
+        }
+        if values.iter().any(|v| v % SIM_PAGE != 0) {
+            return Err(self.vmm_violation(format!(
+                "sim: VMM sizes, offsets and addresses must be multiples of the page ({values:x?})"
+            )));
+        }
+        Ok(())
+    }
+
     fn check_events(&self, device: usize) -> DriverResult<()> {
         self.check(device)?;
         if self.fail_events.load(Ordering::Relaxed) {
@@ -309,15 +452,10 @@ impl Driver for SimDriver {
             self.counters.lock().mem_alloc_failures += 1;
             return Err(DriverError::OutOfMemory);
         }
-        let take = round_up(size, ALIGN) + GUARD;
-        let Some((&start, &len)) = d.free_ranges.iter().find(|(_, &len)| len >= take) else {
+        let Some((start, take)) = d.take_range(size) else {
             self.counters.lock().mem_alloc_failures += 1;
             return Err(DriverError::OutOfMemory);
         };
-        d.free_ranges.remove(&start);
-        if len > take {
-            d.free_ranges.insert(start + take, len - take);
-        }
         d.live.insert(start, (size, take));
         d.used += size;
         self.counters.lock().mem_allocs += 1;
@@ -353,20 +491,7 @@ impl Driver for SimDriver {
             "sim: segment freed with a size other than its own"
         );
         d.used -= asked;
-        // Give the range back, merging with free neighbours.
-        let (mut start, mut len) = (ptr, take);
-        if let Some((&ps, &pl)) = d.free_ranges.range(..start).next_back() {
-            if ps + pl == start {
-                d.free_ranges.remove(&ps);
-                start = ps;
-                len += pl;
-            }
-        }
-        if let Some(&nl) = d.free_ranges.get(&(start + len)) {
-            d.free_ranges.remove(&(start + len));
-            len += nl;
-        }
-        d.free_ranges.insert(start, len);
+        d.give_range(ptr, take);
         self.counters.lock().mem_frees += 1;
         Ok(())
     }
@@ -479,6 +604,152 @@ impl Driver for SimDriver {
     fn stream_create(&self, device: usize) -> DriverResult<Stream> {
         self.check(device)?;
         Ok(0x5000_0000 + self.next_event.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn vmm_granularity(&self, device: usize) -> DriverResult<u64> {
+        self.check_vmm(device, &[])?;
+        Ok(SIM_PAGE)
+    }
+
+    fn va_reserve(&self, device: usize, size: u64) -> DriverResult<u64> {
+        self.check_vmm(device, &[size])?;
+        let mut d = self.devices[device].lock();
+        let Some((start, take)) = d.take_range(size.max(1)) else {
+            return Err(DriverError::OutOfMemory);
+        };
+        d.ranges.insert(start, (size, take));
+        self.counters.lock().va_reserves += 1;
+        Ok(start)
+    }
+
+    fn va_free(&self, device: usize, base: u64, size: u64) -> DriverResult<()> {
+        self.check_vmm(device, &[base, size])?;
+        self.note_if_any_capturing(device);
+        let mut d = self.devices[device].lock();
+        match d.ranges.get(&base) {
+            Some(&(s, _)) if s == size => {}
+            _ => {
+                return Err(
+                    self.vmm_violation(format!("sim: {base:#x}+{size:#x} is not a reserved range"))
+                )
+            }
+        }
+        if d.mapped_within(base, size) {
+            return Err(self.vmm_violation(format!(
+                "sim: range {base:#x} freed with memory mapped in it"
+            )));
+        }
+        let (_, take) = d.ranges.remove(&base).expect("checked");
+        d.give_range(base, take);
+        self.counters.lock().va_frees += 1;
+        Ok(())
+    }
+
+    fn phys_create(&self, device: usize, size: u64) -> DriverResult<PhysHandle> {
+        self.check_vmm(device, &[size])?;
+        let ordinal = self.alloc_ordinal.fetch_add(1, Ordering::SeqCst) + 1;
+        let fail = self.fail_alloc_at.load(Ordering::SeqCst) == ordinal;
+        let mut d = self.devices[device].lock();
+        if fail || size == 0 || d.used.checked_add(size).is_none_or(|u| u > d.capacity) {
+            self.counters.lock().mem_alloc_failures += 1;
+            return Err(DriverError::OutOfMemory);
+        }
+        d.used += size;
+        let h = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        d.handles.insert(h, (size, 0));
+        self.counters.lock().phys_creates += 1;
+        Ok(h)
+    }
+
+    fn phys_release(&self, device: usize, handle: PhysHandle) -> DriverResult<()> {
+        self.check_vmm(device, &[])?;
+        self.note_if_any_capturing(device);
+        let mut d = self.devices[device].lock();
+        match d.handles.get(&handle) {
+            None => return Err(self.vmm_violation(format!("sim: unknown handle {handle}"))),
+            Some(&(_, mapped)) if mapped > 0 => {
+                return Err(self.vmm_violation(format!(
+                    "sim: handle {handle} released with {mapped} bytes still mapped"
+                )))
+            }
+            Some(_) => {}
+        }
+        let (size, _) = d.handles.remove(&handle).expect("checked");
+        d.used -= size;
+        self.counters.lock().phys_releases += 1;
+        Ok(())
+    }
+
+    fn map(
+        &self,
+        device: usize,
+        va: u64,
+        size: u64,
+        handle: PhysHandle,
+        offset: u64,
+    ) -> DriverResult<()> {
+        self.check_vmm(device, &[va, size, offset])?;
+        let mut d = self.devices[device].lock();
+        if size == 0 || d.range_holding(va, size).is_none() {
+            return Err(self.vmm_violation(format!(
+                "sim: map of {va:#x}+{size:#x} outside every reserved range"
+            )));
+        }
+        match d.handles.get(&handle) {
+            Some(&(hs, _)) if offset + size <= hs => {}
+            _ => {
+                return Err(self.vmm_violation(format!(
+                    "sim: map of {size:#x} bytes from {offset:#x} of handle {handle}: past its end or unknown"
+                )))
+            }
+        }
+        if d.mapped_within(va, size) {
+            return Err(self.vmm_violation(format!("sim: {va:#x}+{size:#x} is already mapped")));
+        }
+        d.maps.insert(va, (size, handle, offset, false));
+        d.handles.get_mut(&handle).expect("checked").1 += size;
+        self.counters.lock().maps += 1;
+        Ok(())
+    }
+
+    fn unmap(&self, device: usize, va: u64, size: u64) -> DriverResult<()> {
+        self.check_vmm(device, &[va, size])?;
+        self.note_if_any_capturing(device);
+        let mut d = self.devices[device].lock();
+        let Some(&(ms, h, _, _)) = d.maps.get(&va).filter(|m| m.0 == size) else {
+            return Err(self.vmm_violation(format!(
+                "sim: unmap of {va:#x}+{size:#x}, which is not one whole mapping"
+            )));
+        };
+        d.maps.remove(&va);
+        d.handles.get_mut(&h).expect("a mapping's handle exists").1 -= ms;
+        self.counters.lock().unmaps += 1;
+        Ok(())
+    }
+
+    fn set_access(&self, device: usize, va: u64, size: u64) -> DriverResult<()> {
+        self.check_vmm(device, &[va, size])?;
+        let mut d = self.devices[device].lock();
+        // Whole mappings, back to back, covering the range exactly.
+        let covered: Vec<u64> = d.maps.range(va..va + size).map(|(&m, _)| m).collect();
+        let mut at = va;
+        for &m in &covered {
+            let ms = d.maps[&m].0;
+            if m != at {
+                break;
+            }
+            at = m + ms;
+        }
+        if size == 0 || at != va + size {
+            return Err(self.vmm_violation(format!(
+                "sim: access asked for {va:#x}+{size:#x}, which is not whole mappings"
+            )));
+        }
+        for m in covered {
+            d.maps.get_mut(&m).expect("listed").3 = true;
+        }
+        self.counters.lock().set_accesses += 1;
+        Ok(())
     }
 }
 

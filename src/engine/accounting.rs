@@ -32,7 +32,12 @@ fn accumulated(s: &mut cudalloc_stats, base: &cudalloc_stats) {
         trimmed_bytes,
         num_leak_age_alarms,
         num_leak_growth_alarms,
-        log_records_dropped
+        log_records_dropped,
+        num_vmm_creates,
+        num_vmm_releases,
+        num_vmm_maps,
+        num_vmm_unmaps,
+        num_vmm_set_access
     );
 }
 
@@ -101,6 +106,11 @@ impl Engine {
             num_alloc_retries: c.alloc_retries.get(),
             num_invalid_frees: c.invalid_frees.get(),
             num_segments_adopted: c.adopted.get(),
+            num_vmm_creates: c.vmm_creates.get(),
+            num_vmm_releases: c.vmm_releases.get(),
+            num_vmm_maps: c.vmm_maps.get(),
+            num_vmm_unmaps: c.vmm_unmaps.get(),
+            num_vmm_set_access: c.vmm_set_access.get(),
             limit_bytes: match if dev.used() {
                 dev.limit()
             } else {
@@ -121,11 +131,15 @@ impl Engine {
             s.segments += inner.segment_count();
             s.cached_free_bytes += inner.free_bytes();
             s.pending_free_bytes += inner.pending_bytes();
+            let (mapped, virt) = inner.vm_bytes();
+            s.mapped_bytes += mapped;
+            s.virtual_bytes += virt;
             s.largest_free_block = s
                 .largest_free_block
                 .max(inner.largest_free(Pool::Small))
                 .max(inner.largest_free(Pool::Large));
         }
+        s.cached_free_bytes += dev.vmm_idle_bytes();
         s
     }
 

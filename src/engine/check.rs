@@ -32,13 +32,15 @@ impl Engine {
                 }
             }
             let c = &dev.core.counters;
-            if seg_bytes != c.reserved.current() {
+            let idle = dev.vmm_idle_bytes();
+            if seg_bytes + idle != c.reserved.current() {
                 return Err(format!(
-                    "device {}: segments hold {seg_bytes} bytes, reserved says {}",
+                    "device {}: segments hold {seg_bytes} bytes and {idle} are cached unmapped, reserved says {}",
                     dev.core.index,
                     c.reserved.current()
                 ));
             }
+            dev.check_vmm()?;
             if live_bytes != dev.allocated() {
                 return Err(format!(
                     "device {}: live blocks hold {live_bytes} bytes, allocated says {}",

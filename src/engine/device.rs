@@ -35,6 +35,11 @@ pub(super) struct Device {
     pub(super) accumulated_base: Box<Mutex<cudalloc_stats>>,
     /// Private pools (PyTorch's graph pools; `pools.rs`).
     pub(super) pools: Box<Mutex<Pools>>,
+    /// `expandable_segments:on` was asked for.
+    pub(super) expandable: bool,
+    /// The physical memory of virtual segments, once the first slow path
+    /// found virtual memory available (`vmm.rs`); `None` inside: classic.
+    pub(super) vmm: OnceCell<Option<Box<Mutex<super::vmm::Vmm>>>>,
 }
 
 impl Device {
@@ -49,6 +54,8 @@ impl Device {
             peak: Mutex::new(0),
             accumulated_base: Box::new(Mutex::new(cudalloc_stats::default())),
             pools: Box::new(Mutex::new(Pools::default())),
+            expandable: config.expandable_segments,
+            vmm: OnceCell::new(),
         }
     }
 
@@ -152,7 +159,7 @@ impl Device {
     /// other threads allocate and free).
     /// Whether cudalloc ever took memory from the driver on this device.
     pub(super) fn used(&self) -> bool {
-        self.core.counters.driver_allocs.get() > 0
+        self.core.counters.driver_allocs.get() > 0 || self.core.counters.vmm_creates.get() > 0
     }
 
     pub(super) fn allocated_peak_with(&self, allocated: u64) -> u64 {

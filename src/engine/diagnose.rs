@@ -58,6 +58,17 @@ impl Engine {
             fs(st.cached_free_bytes),
             fs(st.pending_free_bytes)
         );
+        if st.virtual_bytes > 0 {
+            let physical = dev.vmm_physical_bytes();
+            let _ = writeln!(
+                s,
+                "  expandable segments: mapped {}, physical {} ({} cached unmapped), virtual range {}",
+                fs(st.mapped_bytes),
+                fs(physical),
+                fs(dev.vmm_idle_bytes()),
+                fs(st.virtual_bytes)
+            );
+        }
         let frag = if st.cached_free_bytes == 0 {
             0.0
         } else {

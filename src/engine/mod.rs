@@ -23,6 +23,9 @@
 //! arena.rs     a stream's arena: segments, blocks, stash, epoch proofs
 //! core.rs      what a device shares with its arenas: driver, events, clock
 //! capture.rs   CaptureWatch: what the device knows of graph captures
+//! vmm.rs       expandable segments: the device's physical memory, moved
+//!              between virtual segments where requests need it
+//! arena/vseg.rs a virtual segment's mappings, holes and placement
 //! tlsf.rs      the free index (two-level segregated fit)
 //! ```
 //!
@@ -74,6 +77,7 @@ mod slow;
 #[cfg(test)]
 mod testing;
 pub mod tlsf;
+mod vmm;
 
 pub use arena::PoolId;
 pub use diagnose::OOM_DIAGNOSES_LOGGED;

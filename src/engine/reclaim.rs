@@ -206,6 +206,9 @@ impl Device {
         if mode == Release::All {
             self.retire_drained_pools();
         }
+        if matches!(mode, Release::All | Release::Completed) {
+            released += self.vmm_release(mode == Release::All);
+        }
         released
     }
 
@@ -319,6 +322,9 @@ impl Engine {
                 take_proven(&mut inner, a.stream, &dev.core, found, false, 1)
             };
             released += dev.give_back(a, detached);
+        }
+        if released < want {
+            released += dev.vmm_trim(want - released);
         }
         released
     }

@@ -40,12 +40,12 @@ impl Drop for CallbackScope {
 /// A slow path's request, as `try_serve` is asked it again and again.
 #[derive(Clone, Copy)]
 pub(super) struct Want {
-    pool: Pool,
-    rounded: u64,
-    size: u64,
+    pub(super) pool: Pool,
+    pub(super) rounded: u64,
+    pub(super) size: u64,
     /// A capture is under way (the stream asking captures, or
     /// `Device::capture_underway`): adopt nothing, release nothing.
-    capture_underway: bool,
+    pub(super) capture_underway: bool,
 }
 
 impl Engine {
@@ -157,6 +157,13 @@ impl Engine {
                 dev.note_alloc(arena, block);
                 self.journal_allocated(p, size, arena);
                 return Ok(p);
+            }
+        }
+        // Virtual segments (expandable_segments:on) for a stream's own
+        // arena; a private pool keeps classic segments.
+        if !arena.pooled {
+            if let Some(vmm) = dev.vmm() {
+                return self.serve_virtual(dev, arena, vmm, want);
             }
         }
         // A pool's memory comes only from the driver, and proving another

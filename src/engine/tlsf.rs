@@ -26,6 +26,10 @@ pub enum BlockState {
     /// Freed by the user and kept whole in the arena's stash for exact-size
     /// reuse on the same stream (coalescing deferred).
     Stashed,
+    /// Virtual address space with no memory mapped behind it, in a virtual
+    /// segment (`expandable_segments:on`): page-aligned, outside the free
+    /// index, mapped when a request needs it.
+    Hole,
     /// Slot in the slab is unused.
     Vacant,
 }
@@ -200,6 +204,26 @@ impl FreeIndex {
         let head = self.heads[Self::slot(fl, sl)];
         debug_assert!(head != NIL && blocks.get(head).size >= size);
         Some(head)
+    }
+
+    /// The best fit among the first blocks of the request's own size bin
+    /// (blocks within a few percent of the request; the lowest address
+    /// among equals), or `None`: no larger bin is looked at.
+    pub fn find_own_bin(&self, blocks: &Blocks, size: u64) -> Option<u32> {
+        let (fl, sl) = bin_of(size);
+        let mut i = self.heads[Self::slot(fl, sl)];
+        let mut best: Option<(u64, u64, u32)> = None;
+        for _ in 0..OWN_BIN_PROBES * 4 {
+            if i == NIL {
+                break;
+            }
+            let b = blocks.get(i);
+            if b.size >= size && best.is_none_or(|x| (b.size, b.addr) < (x.0, x.1)) {
+                best = Some((b.size, b.addr, i));
+            }
+            i = b.free_next;
+        }
+        best.map(|x| x.2)
     }
 
     /// The largest free block's size (a scan of the top non-empty bin).

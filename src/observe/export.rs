@@ -37,6 +37,13 @@ pub fn stats_fields(s: &cudalloc_stats) -> Vec<(&'static str, u64)> {
         ("num_leak_age_alarms", s.num_leak_age_alarms),
         ("num_leak_growth_alarms", s.num_leak_growth_alarms),
         ("log_records_dropped", s.log_records_dropped),
+        ("mapped_bytes", s.mapped_bytes),
+        ("virtual_bytes", s.virtual_bytes),
+        ("num_vmm_creates", s.num_vmm_creates),
+        ("num_vmm_releases", s.num_vmm_releases),
+        ("num_vmm_maps", s.num_vmm_maps),
+        ("num_vmm_unmaps", s.num_vmm_unmaps),
+        ("num_vmm_set_access", s.num_vmm_set_access),
     ]
 }
 

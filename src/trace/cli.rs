@@ -238,6 +238,7 @@ fn replay_cmd(m: &ArgMatches) -> Result<(), String> {
     // less only because its allocations failed).
     let mut peaks: Vec<Option<u64>> = Vec::new();
     let mut calls: Vec<u64> = Vec::new();
+    let mut vmm: Vec<[u64; 6]> = Vec::new();
     for conf in &confs {
         let c = replay_config(conf, memory).map_err(|e| e.to_string())?;
         let r = replay(&ev, &c, false, lag);
@@ -265,6 +266,27 @@ fn replay_cmd(m: &ArgMatches) -> Result<(), String> {
             }
         }
         table.push(t);
+        vmm.push(r.vmm_calls);
+    }
+    if vmm.iter().any(|v| v.iter().any(|&n| n > 0)) {
+        // Where the driver calls went, for the expandable runs.
+        let at = table[0]
+            .iter()
+            .position(|r| r.0 == "driver calls")
+            .expect("a driver calls row")
+            + 1;
+        for (t, v) in table.iter_mut().zip(&vmm) {
+            t.insert(
+                at,
+                (
+                    "  create/release/map/unmap/access/range",
+                    v.iter()
+                        .map(|n| n.to_string())
+                        .collect::<Vec<_>>()
+                        .join("/"),
+                ),
+            );
+        }
     }
     let head: Vec<String> = confs
         .iter()

@@ -45,7 +45,13 @@ pub struct ReplayResult {
     pub peak_live: u64,
     pub peak_reserved: u64,
     pub hit_rate: f64,
+    /// Every call that takes or gives back device memory or address space:
+    /// `cuMemAlloc`/`cuMemFree`, and with `expandable_segments:on` the
+    /// virtual-memory calls ([`ReplayResult::vmm_calls`]).
     pub driver_calls: u64,
+    /// The virtual-memory calls among them:
+    /// `[create, release, map, unmap, set access, reserve and free a range]`.
+    pub vmm_calls: [u64; 6],
     /// Events recorded and queried on the simulated device (the engine's
     /// proofs that freed memory is no longer in use: on a GPU each costs a
     /// driver call of about a microsecond).
@@ -159,8 +165,16 @@ pub fn replay(events: &[Event], config: &Config, timeline: bool, gpu_lag: u64) -
     r.peak_live = s.allocated_bytes_peak;
     r.peak_reserved = s.reserved_bytes_peak;
     r.hit_rate = s.num_cache_hits as f64 / s.num_allocs.max(1) as f64;
-    r.driver_calls = s.num_driver_allocs + s.num_driver_frees;
     let c = driver.counters();
+    r.vmm_calls = [
+        c.phys_creates,
+        c.phys_releases,
+        c.maps,
+        c.unmaps,
+        c.set_accesses,
+        c.va_reserves + c.va_frees,
+    ];
+    r.driver_calls = s.num_driver_allocs + s.num_driver_frees + r.vmm_calls.iter().sum::<u64>();
     r.event_records = c.event_records;
     r.event_queries = c.event_queries;
     r

@@ -22,11 +22,13 @@
 //! another stream or the driver.
 
 mod proof;
+mod vseg;
 mod waits;
 
 pub(crate) use proof::ProofPass;
 #[cfg(test)]
 pub(crate) use proof::EPOCH_SPACING;
+pub(crate) use vseg::{Mapping, Plan, VSeg};
 pub(crate) use waits::PendingFree;
 
 use super::core::DeviceCore;
@@ -88,6 +90,10 @@ pub(crate) struct Segment {
     /// again and again (a large block alone in its segment, in a loop)
     /// counts once per epoch, so it alone never triggers a record.
     counted: u64,
+    /// A virtual segment (`expandable_segments:on`; `vseg.rs`): `size` is
+    /// its virtual range, its pages are mapped as blocks need them, and it
+    /// is never idle (it never changes hands whole).
+    pub virt: bool,
 }
 
 /// A segment detached from an arena, in transit to another arena or the driver.
@@ -144,8 +150,15 @@ pub(crate) struct ArenaInner {
     epoch: u64,
     /// Segments stamped with an epoch below this are proven free.
     epoch_proven: u64,
-    /// Distinct segments frees made idle since the last epoch event.
+    /// Distinct segments frees made idle since the last epoch event (and
+    /// mappings of virtual segments made wholly free).
     epoch_open: u32,
+    /// The mappings of each virtual segment, by segment slot (`vseg.rs`).
+    vsegs: FxHashMap<u32, VSeg>,
+    /// The arena's large pool lives in virtual segments: the hot path
+    /// serves only near-exact fits (the request's own bin), and the slow
+    /// path places the rest by best fit (`vseg.rs`).
+    pub best_fit: bool,
 }
 
 /// One stream's arena on one device.
@@ -218,11 +231,18 @@ impl ArenaInner {
                 return Some(self.hand_out(i, requested));
             }
         }
-        let i = self.index[pool as usize].find(&self.blocks, rounded)?;
+        let i = if self.best_fit && pool == Pool::Large {
+            // Virtual segments: a near-exact fit, else the slow path's best
+            // fit over free and unmapped space (vseg.rs).
+            self.index[pool as usize].find_own_bin(&self.blocks, rounded)?
+        } else {
+            self.index[pool as usize].find(&self.blocks, rounded)?
+        };
         // (`huge_split` first: the default path loads no segment.)
         if !policy.huge_split && pool == Pool::Large && {
             let b = self.blocks.get(i);
-            !policy.may_serve(pool, self.seg(b.seg).size, b.size, rounded)
+            let seg = self.seg(b.seg);
+            !seg.virt && !policy.may_serve(pool, seg.size, b.size, rounded)
         } {
             // A whole-handed block far too big (`huge_split:off`): a miss;
             // the slow path releases it if idle and grows.
@@ -244,8 +264,17 @@ impl ArenaInner {
     ) -> (u64, u64) {
         self.index[pool as usize].remove(&mut self.blocks, i);
         let b = *self.blocks.get(i);
-        let whole = !policy.huge_split && policy.whole(pool, self.seg(b.seg).size);
-        if !whole && policy.should_split(pool, b.size, rounded) {
+        let whole = !policy.huge_split && {
+            let seg = self.seg(b.seg);
+            !seg.virt && policy.whole(pool, seg.size)
+        };
+        // In a virtual segment a large block splits whatever the rest: a
+        // sliver there coalesces on the next free, and the pages under it
+        // can move (torch's rule keeps slivers out of classic segments).
+        if !whole
+            && (policy.should_split(pool, b.size, rounded)
+                || (pool == Pool::Large && b.size > rounded && self.seg(b.seg).virt))
+        {
             let rest = Block {
                 addr: b.addr + rounded,
                 size: b.size - rounded,
@@ -314,6 +343,9 @@ impl ArenaInner {
     }
 
     fn make_idle(&mut self, s: u32) {
+        if self.seg(s).virt {
+            return;
+        }
         let pos = self.idle.len() as u32;
         self.idle.push(s);
         let (epoch, now) = (self.epoch, self.now_ms());
@@ -354,6 +386,7 @@ impl ArenaInner {
             idle_since_ms: 0,
             idle_epoch: 0,
             counted: 0,
+            virt: false,
         });
         self.index[d.pool as usize].insert(&mut self.blocks, b);
         self.make_idle(s);
@@ -468,7 +501,11 @@ impl ArenaInner {
     /// Return block `i` to the free index, coalescing with free neighbours.
     fn release_block(&mut self, mut i: u32) {
         let b = *self.blocks.get(i);
-        let pool = self.seg(b.seg).pool as usize;
+        let seg = self.seg(b.seg);
+        let pool = seg.pool as usize;
+        if seg.virt {
+            self.vm_note_free(b.seg, b.addr, b.size);
+        }
         let prev = b.prev;
         if prev != NIL && self.blocks.get(prev).state == BlockState::Free {
             self.index[pool].remove(&mut self.blocks, prev);
@@ -498,7 +535,7 @@ impl ArenaInner {
         let s = b.seg;
         let seg = self.seg_mut(s);
         seg.used -= 1;
-        if seg.used == 0 {
+        if seg.used == 0 && !seg.virt {
             self.make_idle(s);
             let epoch = self.epoch + 1;
             let seg = self.seg_mut(s);
@@ -597,8 +634,21 @@ impl ArenaInner {
             .map(|i| i as u32)
     }
 
+    /// Bytes of device memory the segments hold: a classic segment's size,
+    /// a virtual segment's mapped bytes.
     pub fn segment_bytes(&self) -> u64 {
-        self.segs.iter().flatten().map(|s| s.size).sum()
+        self.segs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| Some((i, s.as_ref()?)))
+            .map(|(i, s)| {
+                if s.virt {
+                    self.vsegs.get(&(i as u32)).map_or(0, |v| v.mapped)
+                } else {
+                    s.size
+                }
+            })
+            .sum()
     }
 
     /// Segments held (every vacant slot is in `seg_vacant`).
@@ -681,6 +731,13 @@ impl ArenaInner {
                             return Err(format!("stashed block {:#x} is not in the stash", b.addr));
                         }
                     }
+                    BlockState::Hole if !seg.virt => {
+                        return Err(format!(
+                            "segment {:#x}: a hole in a classic segment",
+                            seg.base
+                        ))
+                    }
+                    BlockState::Hole => {}
                     BlockState::Vacant => return Err("vacant block in a segment chain".into()),
                 }
                 prev_free = b.state == BlockState::Free;
@@ -696,7 +753,10 @@ impl ArenaInner {
                     seg.size
                 ));
             }
-            if used != seg.used || (used == 0) != (seg.idle_pos != NIL) {
+            if seg.virt {
+                self.vm_check(s as u32)?;
+            }
+            if used != seg.used || (used == 0 && !seg.virt) != (seg.idle_pos != NIL) {
                 return Err(format!(
                     "segment {:#x}: used count {} vs {used}, idle {}",
                     seg.base, seg.used, seg.idle_pos

@@ -141,23 +141,7 @@ impl ArenaInner {
         dev: &DeviceCore,
         pass: &mut ProofPass,
     ) -> bool {
-        let st = *pass.stream.get_or_insert_with(|| {
-            match dev.driver.stream_is_capturing(dev.index, stream) {
-                Ok(false) => {
-                    if matches!(dev.driver.stream_query(dev.index, stream), Ok(true)) {
-                        StreamState::Idle
-                    } else {
-                        StreamState::Busy
-                    }
-                }
-                Ok(true) => {
-                    dev.capture.mark_seen();
-                    StreamState::Capturing
-                }
-                Err(_) => StreamState::Capturing,
-            }
-        });
-        match st {
+        match stream_state(stream, dev, pass) {
             StreamState::Idle => return true,
             StreamState::Capturing => return false,
             StreamState::Busy => {}
@@ -178,6 +162,25 @@ impl ArenaInner {
         matches!(dev.driver.event_query(dev.index, ev), Ok(true))
     }
 
+    /// Whether the frees in a mapping of a virtual segment, last stamped
+    /// with idle epoch `epoch`, are proven complete, so that its memory may
+    /// be unmapped: the stream, then the epoch events, as for an idle
+    /// segment ([`Self::idle_free_complete`]), without an event of its own
+    /// (what is not proven yet stays; the OOM ladder synchronises).
+    pub fn mapping_free_complete(
+        &mut self,
+        epoch: u64,
+        stream: Stream,
+        dev: &DeviceCore,
+        pass: &mut ProofPass,
+    ) -> bool {
+        match stream_state(stream, dev, pass) {
+            StreamState::Idle => true,
+            StreamState::Capturing => false,
+            StreamState::Busy => self.epoch_proves(epoch, dev, &mut pass.epoch_pending),
+        }
+    }
+
     /// Give every event this arena holds for proofs (its epoch events) back
     /// to the device's pool: the allocator is going away.
     pub fn return_events(&mut self, dev: &DeviceCore) {
@@ -185,4 +188,24 @@ impl ArenaInner {
             dev.put_event(e);
         }
     }
+}
+
+/// What `stream` is, asked once per pass (see [`ArenaInner::idle_free_complete`]).
+fn stream_state(stream: Stream, dev: &DeviceCore, pass: &mut ProofPass) -> StreamState {
+    *pass
+        .stream
+        .get_or_insert_with(|| match dev.driver.stream_is_capturing(dev.index, stream) {
+            Ok(false) => {
+                if matches!(dev.driver.stream_query(dev.index, stream), Ok(true)) {
+                    StreamState::Idle
+                } else {
+                    StreamState::Busy
+                }
+            }
+            Ok(true) => {
+                dev.capture.mark_seen();
+                StreamState::Capturing
+            }
+            Err(_) => StreamState::Capturing,
+        })
 }

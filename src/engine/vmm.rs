@@ -1,0 +1,611 @@
+//! Expandable segments (`expandable_segments:on`): the device's side.
+//!
+//! Each stream's arena keeps one virtual segment per pool (a reserved
+//! virtual range; more when one fills), and maps pages into it only where
+//! blocks need them (`arena/vseg.rs`). The device owns the physical memory:
+//! handles from `cuMemCreate`, each mapped in one or more places, and the
+//! *idle pieces* of handles mapped nowhere, cached for the next mapping.
+//!
+//! A request the free index cannot serve (the slow path,
+//! [`Engine::serve_virtual`]) is placed by best fit over the runs of free
+//! and unmapped space, as on one contiguous heap, and the unmapped pages
+//! under it are mapped with memory found in this order:
+//! 1. idle pieces;
+//! 2. **moved pages**: mappings that lie wholly inside free blocks whose
+//!    frees are proven complete (the stream, or the arena's epoch events:
+//!    never a synchronisation), in this arena or another stream's, are
+//!    unmapped and their memory mapped here;
+//! 3. a new handle from the driver, one for the whole shortfall (within
+//!    the limits).
+//!
+//! So the device asks for new memory only when no free page anywhere is
+//! proven free: what an allocator that unmapped every empty page at once
+//! would hold, give or take the chunks growth maps at the top of a
+//! segment and the mappings shared with live blocks. One growth costs one
+//! `cuMemCreate`, one `cuMemMap` per piece and one `cuMemSetAccess` per
+//! hole mapped.
+//!
+//! Nothing is unmapped or released while a capture may be under way; new
+//! pages are still created and mapped then (the CUDA backend runs those
+//! calls in relaxed capture mode, as `cuMemAlloc`). The OOM ladder and
+//! `empty_cache` unmap every free mapping (after synchronising, for the
+//! ladder's second step) and release handles mapped nowhere; trim releases
+//! what is proven free without waiting.
+
+use super::arena::{Arena, ArenaInner, Mapping, Plan};
+use super::device::Device;
+use super::slow::Want;
+use super::Engine;
+use crate::config::format_size as fs;
+use crate::driver::{DriverError, PhysHandle, Stream};
+use crate::error::{Error, ErrorCode, Result};
+use crate::size_class::Pool;
+use parking_lot::Mutex;
+use rustc_hash::FxHashMap;
+
+/// A request's pages are mapped in at most about this many mappings (of
+/// at least a page each). On the committed traces (docs/BENCHMARKS.md),
+/// one mapping per request pins free pages under any live block that
+/// reuses part of it (up to 1.05 reserved/requested against 1.006 on the
+/// training trace), one per page makes 5× the calls in a training step of
+/// classic segments; a quarter of the request keeps both near their best.
+const MAP_PARTS: u64 = 4;
+
+/// Part of a handle mapped nowhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Piece {
+    handle: PhysHandle,
+    offset: u64,
+    len: u64,
+}
+
+/// A device's physical memory for virtual segments.
+#[derive(Debug)]
+pub(super) struct Vmm {
+    /// The mapping granularity (2 MiB on current GPUs).
+    pub page: u64,
+    /// Every handle held: its size and the bytes of it mapped.
+    handles: FxHashMap<PhysHandle, (u64, u64)>,
+    /// Pieces mapped nowhere, by (handle, offset), adjacent ones merged.
+    idle: Vec<Piece>,
+}
+
+impl Vmm {
+    fn new(page: u64) -> Self {
+        Vmm {
+            page,
+            handles: FxHashMap::default(),
+            idle: Vec::new(),
+        }
+    }
+
+    /// Bytes of the idle pieces.
+    pub fn idle_bytes(&self) -> u64 {
+        self.idle.iter().map(|p| p.len).sum()
+    }
+
+    /// Bytes of every handle held.
+    pub fn physical_bytes(&self) -> u64 {
+        self.handles.values().map(|h| h.0).sum()
+    }
+
+    /// A piece is mapped nowhere now.
+    fn put(&mut self, p: Piece) {
+        if let Some(h) = self.handles.get_mut(&p.handle) {
+            h.1 -= p.len;
+        }
+        self.give(p);
+    }
+
+    /// Add `p` to the idle pieces, merged with its neighbours of the same handle.
+    fn give(&mut self, p: Piece) {
+        self.idle.push(p);
+        self.idle.sort_unstable_by_key(|p| (p.handle, p.offset));
+        let mut merged: Vec<Piece> = Vec::with_capacity(self.idle.len());
+        for p in self.idle.drain(..) {
+            match merged.last_mut() {
+                Some(l) if l.handle == p.handle && l.offset + l.len == p.offset => l.len += p.len,
+                _ => merged.push(p),
+            }
+        }
+        self.idle = merged;
+    }
+
+    /// Take idle pieces worth up to `want` bytes (the last one cut to fit).
+    fn take(&mut self, want: u64) -> Vec<Piece> {
+        let mut out = Vec::new();
+        let mut got = 0;
+        while got < want {
+            let Some(mut p) = self.idle.pop() else { break };
+            if p.len > want - got {
+                let rest = Piece {
+                    handle: p.handle,
+                    offset: p.offset + (want - got),
+                    len: p.len - (want - got),
+                };
+                self.idle.push(rest);
+                self.idle.sort_unstable_by_key(|p| (p.handle, p.offset));
+                p.len = want - got;
+            }
+            got += p.len;
+            out.push(p);
+        }
+        out
+    }
+
+    /// Handles mapped nowhere: out of the table, with their sizes.
+    fn unmapped_handles(&mut self) -> Vec<(PhysHandle, u64)> {
+        let gone: Vec<(PhysHandle, u64)> = self
+            .handles
+            .iter()
+            .filter(|(_, h)| h.1 == 0)
+            .map(|(&k, h)| (k, h.0))
+            .collect();
+        for (h, _) in &gone {
+            self.handles.remove(h);
+        }
+        self.idle.retain(|p| self.handles.contains_key(&p.handle));
+        gone
+    }
+}
+
+/// The virtual range reserved for a pool's segment: the device's memory
+/// (virtual space is cheap; one range then serves a stream's whole pool),
+/// an eighth of it for the small pool, and at least the request.
+fn virtual_size(total: u64, rounded: u64, page: u64, pool: Pool) -> u64 {
+    // Capped so that a simulated device of terabytes still has room for many.
+    let total = total.min(1 << 40);
+    let base = match pool {
+        Pool::Small => total / 8,
+        Pool::Large => total,
+    };
+    base.max(rounded).max(page).next_multiple_of(page)
+}
+
+impl Device {
+    /// The device's physical-memory state when expandable segments are on
+    /// and the driver and device support virtual memory; decided at the
+    /// first slow path (asking the driver then, never at start-up). Where
+    /// they do not, classic segments serve, after one warning.
+    pub(super) fn vmm(&self) -> Option<&Mutex<Vmm>> {
+        if !self.expandable {
+            return None;
+        }
+        self.vmm
+            .get_or_init(|| match self.core.driver.vmm_granularity(self.core.index) {
+                Ok(g) if g > 0 && g % 512 == 0 => Some(Box::new(Mutex::new(Vmm::new(g)))),
+                Ok(g) => {
+                    tracing::warn!(
+                        device = self.core.index,
+                        "expandable_segments:on, but the driver's page size ({g} bytes) is not a multiple of 512; classic segments serve"
+                    );
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        device = self.core.index,
+                        "expandable_segments:on, but virtual memory is not available ({e}); classic segments serve"
+                    );
+                    None
+                }
+            })
+            .as_deref()
+    }
+
+    /// Bytes of physical memory cached unmapped (counted as reserved and free).
+    pub(super) fn vmm_idle_bytes(&self) -> u64 {
+        self.vmm
+            .get()
+            .and_then(|v| v.as_deref())
+            .map_or(0, |v| v.lock().idle_bytes())
+    }
+
+    /// Check the physical memory against the mappings: each handle's mapped
+    /// bytes are its mappings', and its mappings and idle pieces never
+    /// overlap and never pass its end. Call with `slow` held.
+    pub(super) fn check_vmm(&self) -> std::result::Result<(), String> {
+        let Some(vmm) = self.vmm.get().and_then(|v| v.as_deref()) else {
+            return Ok(());
+        };
+        let mut parts: FxHashMap<PhysHandle, Vec<(u64, u64)>> = FxHashMap::default();
+        for a in self.arena_list() {
+            for (_, m) in a.inner.lock().vm_mappings() {
+                parts.entry(m.handle).or_default().push((m.offset, m.len));
+            }
+        }
+        let v = vmm.lock();
+        for (h, list) in &parts {
+            let Some(&(_, mapped)) = v.handles.get(h) else {
+                return Err(format!(
+                    "device {}: a mapping of unknown handle {h}",
+                    self.core.index
+                ));
+            };
+            if list.iter().map(|p| p.1).sum::<u64>() != mapped {
+                return Err(format!(
+                    "device {}: handle {h}: mapped bytes drifted",
+                    self.core.index
+                ));
+            }
+        }
+        for p in &v.idle {
+            parts.entry(p.handle).or_default().push((p.offset, p.len));
+        }
+        for (h, &(size, _)) in &v.handles {
+            let mut list = parts.remove(h).unwrap_or_default();
+            list.sort_unstable();
+            let mut at = 0;
+            for (off, len) in list {
+                if off != at {
+                    return Err(format!(
+                        "device {}: handle {h}: its mappings and idle pieces overlap or leave a gap",
+                        self.core.index
+                    ));
+                }
+                at = off + len;
+            }
+            if at != size {
+                return Err(format!(
+                    "device {}: handle {h}: its mappings and idle pieces cover {at} of {size} bytes",
+                    self.core.index
+                ));
+            }
+        }
+        if !parts.is_empty() {
+            return Err(format!(
+                "device {}: idle pieces of unknown handles",
+                self.core.index
+            ));
+        }
+        Ok(())
+    }
+
+    /// Bytes of physical memory held for virtual segments.
+    pub(super) fn vmm_physical_bytes(&self) -> u64 {
+        self.vmm
+            .get()
+            .and_then(|v| v.as_deref())
+            .map_or(0, |v| v.lock().physical_bytes())
+    }
+
+    /// Unmap mappings of `a` (the locked arena of `stream`) that lie in
+    /// free blocks proven free (every one with `all_proven`: its stream was
+    /// synchronised), outside `exclude`, until `want` bytes are unmapped.
+    /// Their memory becomes idle pieces. Returns the bytes unmapped.
+    fn vmm_unmap_free(
+        &self,
+        vmm: &Mutex<Vmm>,
+        a: &mut ArenaInner,
+        stream: Stream,
+        exclude: Option<(u32, u64, u64)>,
+        want: u64,
+        all_proven: bool,
+    ) -> u64 {
+        let mut done = 0;
+        for (s, va, len) in a.vm_movable(stream, &self.core, exclude, want, all_proven) {
+            match self.core.driver.unmap(self.core.index, va, len) {
+                Ok(()) => {
+                    self.core.counters.vmm_unmaps.inc();
+                    let m = a.vm_unmapped(s, va);
+                    vmm.lock().put(Piece {
+                        handle: m.handle,
+                        offset: m.offset,
+                        len: m.len,
+                    });
+                    done += len;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        device = self.core.index,
+                        "unmapping {} at {va:#x} failed: {e}; it stays mapped",
+                        fs(len)
+                    );
+                    break;
+                }
+            }
+        }
+        done
+    }
+
+    /// Release every handle mapped nowhere. Returns the bytes released.
+    fn vmm_release_unmapped(&self, vmm: &Mutex<Vmm>) -> u64 {
+        let gone = vmm.lock().unmapped_handles();
+        let mut released = 0;
+        for (h, size) in gone {
+            match self.core.driver.phys_release(self.core.index, h) {
+                Ok(()) | Err(DriverError::Deinitialized) => {
+                    self.core.counters.reserved.sub(size);
+                    self.core.counters.vmm_releases.inc();
+                    released += size;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        device = self.core.index,
+                        "releasing {} of physical memory failed: {e}; it stays cached",
+                        fs(size)
+                    );
+                    let mut v = vmm.lock();
+                    v.handles.insert(h, (size, 0));
+                    v.give(Piece {
+                        handle: h,
+                        offset: 0,
+                        len: size,
+                    });
+                }
+            }
+        }
+        released
+    }
+
+    /// The OOM ladder's and `empty_cache`'s release for virtual segments:
+    /// unmap the free mappings (proven ones; with `all`, every one, after
+    /// synchronising each stream), release the handles mapped nowhere, and
+    /// with `all` give back the virtual ranges with nothing mapped. Returns
+    /// the bytes of physical memory released. Call with `slow` held and no
+    /// capture under way.
+    pub(super) fn vmm_release(&self, all: bool) -> u64 {
+        let Some(vmm) = self.vmm.get().and_then(|v| v.as_deref()) else {
+            return 0;
+        };
+        for arena in self.arena_list().iter().filter(|a| !a.pooled) {
+            let mut a = arena.inner.lock();
+            if a.vm_bytes().1 == 0 {
+                continue;
+            }
+            a.flush_stash();
+            if all {
+                let _ = self
+                    .core
+                    .driver
+                    .stream_synchronize(self.core.index, arena.stream);
+            }
+            self.vmm_unmap_free(vmm, &mut a, arena.stream, None, u64::MAX, all);
+            if all {
+                for (s, base, size) in a.vm_empty() {
+                    match self.core.driver.va_free(self.core.index, base, size) {
+                        Ok(()) | Err(DriverError::Deinitialized) => a.vm_detach(s),
+                        Err(e) => tracing::warn!(
+                            device = self.core.index,
+                            "freeing a virtual range of {} failed: {e}",
+                            fs(size)
+                        ),
+                    }
+                }
+            }
+        }
+        self.vmm_release_unmapped(vmm)
+    }
+
+    /// Trim for virtual segments: unmap what is proven free, without
+    /// waiting, and release the handles mapped nowhere, until `want` bytes
+    /// are released. Call with `slow` held and no capture under way.
+    pub(super) fn vmm_trim(&self, want: u64) -> u64 {
+        let Some(vmm) = self.vmm.get().and_then(|v| v.as_deref()) else {
+            return 0;
+        };
+        let mut released = self.vmm_release_unmapped(vmm);
+        for arena in self.arena_list().iter().filter(|a| !a.pooled) {
+            if released >= want {
+                break;
+            }
+            {
+                let mut a = arena.inner.lock();
+                a.flush_stash();
+                self.vmm_unmap_free(vmm, &mut a, arena.stream, None, u64::MAX, false);
+            }
+            released += self.vmm_release_unmapped(vmm);
+        }
+        released
+    }
+
+    /// Physical memory for `need` bytes of the plan's holes: idle pieces,
+    /// then memory moved from free mappings proven free (this arena's
+    /// outside the plan, then other streams'), then one new handle. Call
+    /// with `slow` held; `a` is `arena`'s lock.
+    #[allow(clippy::too_many_arguments)]
+    fn vmm_pages(
+        &self,
+        vmm: &Mutex<Vmm>,
+        arena: &Arena,
+        a: &mut ArenaInner,
+        plan: &Plan,
+        need: u64,
+        capture_underway: bool,
+    ) -> Result<Vec<Piece>> {
+        let idle = vmm.lock().idle_bytes();
+        if idle < need && !capture_underway {
+            let mut short = need - idle;
+            let exclude = Some((plan.seg, plan.span.0, plan.span.1));
+            short = short.saturating_sub(self.vmm_unmap_free(
+                vmm,
+                a,
+                arena.stream,
+                exclude,
+                short,
+                false,
+            ));
+            for other in self.arena_list() {
+                if short == 0 {
+                    break;
+                }
+                if std::ptr::eq(std::sync::Arc::as_ptr(&other), arena) || other.pooled {
+                    continue;
+                }
+                let mut o = other.inner.lock();
+                if o.vm_bytes().0 == 0 {
+                    continue;
+                }
+                o.flush_stash();
+                let moved = self.vmm_unmap_free(vmm, &mut o, other.stream, None, short, false);
+                short = short.saturating_sub(moved);
+            }
+        }
+        let mut pieces = vmm.lock().take(need);
+        let got: u64 = pieces.iter().map(|p| p.len).sum();
+        if got < need {
+            let n = need - got;
+            let (reserved, limit) = (self.core.counters.reserved.current(), self.limit());
+            let fail = |why: String, pieces: Vec<Piece>| {
+                let mut v = vmm.lock();
+                for p in pieces {
+                    v.give(p);
+                }
+                Error::new(ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY, why)
+            };
+            if reserved.saturating_add(n) > limit {
+                return Err(fail(
+                    format!(
+                        "reserved {} plus {} of new pages would pass the limit of {}",
+                        fs(reserved),
+                        fs(n),
+                        fs(limit)
+                    ),
+                    pieces,
+                ));
+            }
+            match self.core.driver.phys_create(self.core.index, n) {
+                Ok(h) => {
+                    self.core.counters.reserved.add(n);
+                    self.core.counters.vmm_creates.inc();
+                    vmm.lock().handles.insert(h, (n, 0));
+                    pieces.push(Piece {
+                        handle: h,
+                        offset: 0,
+                        len: n,
+                    });
+                }
+                Err(DriverError::OutOfMemory) => {
+                    return Err(fail(
+                        format!("the driver has no {} of physical memory to give", fs(n)),
+                        pieces,
+                    ))
+                }
+                Err(e) => return Err(fail(e.to_string(), pieces)),
+            }
+        }
+        Ok(pieces)
+    }
+
+    /// Map `pieces` (worth exactly the plan's holes) into the holes, grant
+    /// access, and make them free blocks. On a driver failure, the hole
+    /// being mapped is undone and every unused piece goes back.
+    fn vmm_map(
+        &self,
+        vmm: &Mutex<Vmm>,
+        a: &mut ArenaInner,
+        plan: &Plan,
+        pieces: Vec<Piece>,
+    ) -> Result<()> {
+        let dev = self.core.index;
+        let driver = &self.core.driver;
+        let mut pieces: std::collections::VecDeque<Piece> = pieces.into();
+        // Each mapping is unmapped whole or not at all: smaller ones let free
+        // pages move sooner, bigger ones cost fewer calls (see MAP_PARTS).
+        let page = vmm.lock().page;
+        let unit = ((plan.span.1 - plan.span.0) / MAP_PARTS)
+            .max(page)
+            .next_multiple_of(page);
+        for &(va, len) in &plan.holes {
+            let mut maps: Vec<(u64, Mapping)> = Vec::new();
+            let mut at = va;
+            let mut failed = None;
+            while at < va + len {
+                let p = *pieces.front().expect("pieces cover the holes");
+                let n = (va + len - at).min(p.len).min(unit);
+                if let Err(e) = driver.map(dev, at, n, p.handle, p.offset) {
+                    failed = Some(e);
+                    break;
+                }
+                self.core.counters.vmm_maps.inc();
+                if let Some(h) = vmm.lock().handles.get_mut(&p.handle) {
+                    h.1 += n;
+                }
+                maps.push((at, Mapping::new(n, p.handle, p.offset)));
+                let f = pieces.front_mut().expect("just read");
+                f.offset += n;
+                f.len -= n;
+                if f.len == 0 {
+                    pieces.pop_front();
+                }
+                at += n;
+            }
+            if failed.is_none() {
+                match driver.set_access(dev, va, len) {
+                    Ok(()) => self.core.counters.vmm_set_access.inc(),
+                    Err(e) => failed = Some(e),
+                }
+            }
+            if let Some(e) = failed {
+                let mut v = vmm.lock();
+                for (m_at, m) in maps {
+                    if driver.unmap(dev, m_at, m.len).is_ok() {
+                        self.core.counters.vmm_unmaps.inc();
+                        v.put(Piece {
+                            handle: m.handle,
+                            offset: m.offset,
+                            len: m.len,
+                        });
+                    } else {
+                        tracing::warn!(device = dev, "undoing a mapping at {m_at:#x} failed");
+                    }
+                }
+                for p in pieces {
+                    v.give(p);
+                }
+                return Err(e.into());
+            }
+            a.vm_fill(plan.seg, va, len, maps);
+        }
+        debug_assert!(pieces.is_empty());
+        Ok(())
+    }
+}
+
+impl Engine {
+    /// A request the free index could not serve, in a virtual segment: plan
+    /// it (reserving a new range when none holds it), map what it needs,
+    /// and carve it. Call with `slow` held.
+    pub(super) fn serve_virtual(
+        &self,
+        dev: &Device,
+        arena: &Arena,
+        vmm: &Mutex<Vmm>,
+        want: &Want,
+    ) -> Result<u64> {
+        let (pool, rounded, size) = (want.pool, want.rounded, want.size);
+        let page = vmm.lock().page;
+        let mut a = arena.inner.lock();
+        a.best_fit = true;
+        let plan = match a.vm_plan(pool, rounded) {
+            Some(p) => p,
+            None => {
+                let vsize = virtual_size(dev.total(), rounded, page, pool);
+                let base = self
+                    .driver
+                    .va_reserve(dev.core.index, vsize)
+                    .map_err(|e| match e {
+                        DriverError::OutOfMemory => Error::new(
+                            ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY,
+                            format!("no virtual address range of {} is left", fs(vsize)),
+                        ),
+                        e => e.into(),
+                    })?;
+                a.attach_virtual(base, vsize, pool, page);
+                a.vm_plan(pool, rounded)
+                    .expect("a fresh virtual range holds the request")
+            }
+        };
+        let need = plan.bytes();
+        if need > 0 {
+            let pieces = dev.vmm_pages(vmm, arena, &mut a, &plan, need, want.capture_underway)?;
+            dev.vmm_map(vmm, &mut a, &plan, pieces)?;
+        } else {
+            a.counters.cache_hits += 1;
+        }
+        let (p, block) =
+            a.vm_alloc_at(plan.seg, plan.start, rounded, size, &self.policy, &dev.core);
+        dev.note_alloc(arena, block);
+        self.journal_allocated(p, size, arena);
+        Ok(p)
+    }
+}
