@@ -165,7 +165,7 @@ class NativeModel:
         self.peak_reserved = self.peak_allocated = 0
         self.calls = Counter()  # driver calls that succeeded, by name
         self.failed_driver_allocs = 0  # cudaMalloc / cuMemCreate out of memory
-        self.cache_flushes = 0  # release_cached_blocks from the OOM path (num_alloc_retries)
+        self.cache_flushes = 0  # release_cached_blocks calls (the OOM path, or empty_cache)
         self.ooms = 0  # allocations that failed after the retry (num_ooms)
 
     # -- the sorted sets (BlockPool::blocks and BlockPool::unmapped) --
