@@ -16,6 +16,10 @@ ratios over the trace's peak requested live bytes, the same denominator as
   block touches it (what CUDA VMM / torch's expandable_segments could reach
   by unmapping every empty page at once). The peak count of touched pages.
 
+The trace is read as `cudalloc replay` reads it (scripts/rmm_trace.py: times
+in numeric order, streams and pointers as integers; an allocation of 0 bytes
+makes no block).
+
 Neither is a strict lower bound for every policy (best fit is a heuristic),
 but both are what cudalloc's segment-based design is measured against in
 docs/BENCHMARKS.md. Pure Python with an O(free blocks) scan per allocation:
@@ -23,30 +27,14 @@ fine for traces of tens of thousands of events, slow beyond.
 """
 
 import bisect
-import csv
-import gzip
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rmm_trace import TraceError, read_events  # noqa: E402
 
 GRANULE = 512
 PAGE = 2 << 20
-
-
-def open_trace(path):
-    """A trace file as text: plain or gzip-compressed (told by its first
-    bytes), with or without a byte-order mark."""
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    if gz:
-        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
-    return open(path, encoding="utf-8-sig", newline="")
-
-
-def read_events(path):
-    """The trace's events as (action, pointer, size, stream), in time order
-    (stable: events with one time stamp keep the file's order)."""
-    with open_trace(path) as f:
-        rows = sorted(csv.DictReader(f), key=lambda r: r["Time"])
-    return [(r["Action"], r["Pointer"], int(r["Size"]), r.get("Stream", "0")) for r in rows]
 
 
 def bounds(path):
@@ -71,7 +59,9 @@ def bounds(path):
                 req -= n
                 touch(addr, size, -1)
                 free_block(free, addr, size)
-            size = (max(asked, 1) + GRANULE - 1) // GRANULE * GRANULE
+            if asked == 0:  # no block, as in `cudalloc replay`
+                continue
+            size = (asked + GRANULE - 1) // GRANULE * GRANULE
             best = None
             for i, (_, fs) in enumerate(free):
                 if fs >= size and (best is None or fs < free[best][1]):
@@ -117,10 +107,16 @@ def main(argv):
         print(__doc__.strip().splitlines()[2], file=sys.stderr)
         return 2
     print(f"{'trace':<40} {'contiguous':>10} {'vmm-2MiB':>10}")
+    rc = 0
     for p in argv[1:]:
-        c, v = bounds(p)
+        try:
+            c, v = bounds(p)
+        except (OSError, TraceError) as e:
+            print(f"{p}: {e}", file=sys.stderr)
+            rc = 1
+            continue
         print(f"{p:<40} {c:>10.4f} {v:>10.4f}")
-    return 0
+    return rc
 
 
 if __name__ == "__main__":
