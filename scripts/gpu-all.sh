@@ -3,8 +3,11 @@
 # on a GPU machine (NVIDIA H100/H200 with the driver, torch, pytest; no Rust
 # toolchain, no network needed): the Rust GPU check (scripts/gpu-check.sh:
 # config, selftest, bench, GPU suite), the PyTorch end-to-end tests
-# (tests/gpu/test_torch.py) and the PyTorch benchmark (bench/torch_bench.py,
-# run on a copy of docs/BENCHMARKS.md).
+# (tests/gpu/test_torch.py), the PyTorch benchmark (bench/torch_bench.py,
+# run on a copy of docs/BENCHMARKS.md), and the CuPy and Numba plugins with
+# several frameworks in one process (tests/gpu/test_frameworks.py,
+# test_cupy.py, test_numba.py; CuPy's and Numba's tests are skipped where
+# those packages are not installed).
 #
 # 1. On the build machine:
 #      bash scripts/gpu-all.sh --prep
@@ -22,7 +25,8 @@
 #    (the last line of summary.txt names the phases to rerun).
 # Results in OUTDIR: summary.txt (each phase's result, appended as the phase
 # ends, so a command cut short still leaves it), one log per phase
-# (gpu-check.log, torch-tests.log, torch-bench.log) and BENCHMARKS.md (the
+# (gpu-check.log, torch-tests.log, torch-bench.log, frameworks-tests.log)
+# and BENCHMARKS.md (the
 # doc with the "PyTorch (GPU)" section rewritten: review it, then copy it over
 # docs/BENCHMARKS.md).
 #
@@ -32,18 +36,19 @@
 #                 nothing (and refuse settings that overrun, as a run would)
 #   --skip-ready  skip the readiness check (for tests; also GPU_ALL_SKIP_READY=1)
 #   --only        run these phases only: gpu-check, torch-tests, torch-bench,
-#                 torch-trace, trace-replay (always in that order)
+#                 frameworks-tests, torch-trace, trace-replay (always in
+#                 that order)
 #
 # Readiness, before any phase: the binaries the chosen phases use exist and
 # are executable (CUDALLOC_BIN, CUDALLOC_GPU_TEST, CUDALLOC_LIBRARY; by default
 # the bundle's, see scripts/gpu-bins.sh); for the PyTorch phases,
 #   $PYTHON -c 'import torch, pytest; assert torch.cuda.is_available()'
-# passes; `nvidia-smi -L` answers. If not, one line says what is wrong,
+# passes (for frameworks-tests without them, `import pytest`); `nvidia-smi -L` answers. If not, one line says what is wrong,
 # summary.txt gets it too, and the exit code is 3.
 #
 # Time. One deadline for the whole command, GPU_ALL_DEADLINE_S (default 480),
 # counted from the start. Phase limits in seconds: GPU_CHECK_S (90),
-# TORCH_TESTS_S (150), TORCH_BENCH_S (120); with TORCH_TRACE=1 also
+# TORCH_TESTS_S (150), TORCH_BENCH_S (120), FRAMEWORKS_TESTS_S (60); with TORCH_TRACE=1 also
 # TORCH_TRACE_S (60) and TRACE_REPLAY_S (60). A phase that overruns its
 # limit gets SIGTERM, and SIGKILL GPU_ALL_KILL_AFTER_S (10) later, sent to its
 # whole process group; whatever the phase started is killed when it ends,
@@ -58,11 +63,16 @@
 #   values that are not whole numbers from 1 up (no leading zero), unknown
 #   phase names.
 # Worst case with the defaults: 60 + (90 + 10) + (150 + 10) + (120 + 10) =
-# 450 s, which leaves time for a second command (a rerun) when the GPU
-# machine is had for 15 minutes, its start-up included. The
-# limits are a few times what the phases should need: on the simulated
-# device `cudalloc bench` takes 1.6 s, `selftest` 0.02 s and `config` at once;
-# each torch test starts a fresh Python with torch (seconds), the bench three.
+# 450 s for the first three phases, which run unshrunk; frameworks-tests
+# comes last and gets what is left: 15 s when every phase before it uses its
+# whole limit (--plan shows it shrunk), its full 60 s whenever they end 45 s
+# inside their limits, as they should. 475 s in all leaves time for a second
+# command (a rerun) when the GPU machine is had for 15 minutes, its start-up
+# included. The limits are a few times what the phases should need: on the
+# simulated device `cudalloc bench` takes 1.6 s, `selftest` 0.02 s and
+# `config` at once; each torch test starts a fresh Python with torch
+# (seconds), the bench three; each frameworks test one Python with CuPy,
+# Numba or both (seconds; Numba's kernel test compiles one kernel).
 # With TORCH_TRACE=1 the trace phases get only what is left of the 480 s
 # (nothing, at worst): record the trace in a command of its own,
 #   bash scripts/gpu-all.sh --only torch-trace,trace-replay OUTDIR
@@ -122,17 +132,18 @@ print(exes[-1])')
 fi
 
 # ------------------------------------------------------------ the plan
-all_phases=(gpu-check torch-tests torch-bench torch-trace trace-replay)
+all_phases=(gpu-check torch-tests torch-bench frameworks-tests torch-trace trace-replay)
 declare -A limit=(
     [gpu-check]=${GPU_CHECK_S:-90}
     [torch-tests]=${TORCH_TESTS_S:-150}
     [torch-bench]=${TORCH_BENCH_S:-120}
+    [frameworks-tests]=${FRAMEWORKS_TESTS_S:-60}
     [torch-trace]=${TORCH_TRACE_S:-60}
     [trace-replay]=${TRACE_REPLAY_S:-60}
 )
 declare -A limit_var=(
     [gpu-check]=GPU_CHECK_S [torch-tests]=TORCH_TESTS_S [torch-bench]=TORCH_BENCH_S
-    [torch-trace]=TORCH_TRACE_S [trace-replay]=TRACE_REPLAY_S
+    [frameworks-tests]=FRAMEWORKS_TESTS_S [torch-trace]=TORCH_TRACE_S [trace-replay]=TRACE_REPLAY_S
 )
 max_command_s=600 # the most one command may run on the GPU machine
 margin_s=5        # after the last phase: reaping, the summary
@@ -182,7 +193,7 @@ if [ -n "$only" ]; then
         [[ ",$only," == *",$p,"* ]] && phases+=("$p")
     done
 else
-    phases=(gpu-check torch-tests torch-bench)
+    phases=(gpu-check torch-tests torch-bench frameworks-tests)
     [ "${TORCH_TRACE:-0}" = 1 ] && phases+=(torch-trace trace-replay)
 fi
 [ ${#phases[@]} -gt 0 ] || [ ${#refuse[@]} -gt 0 ] || refuse+=("no phase chosen")
@@ -241,7 +252,7 @@ if [ "$plan_only" = 1 ]; then
             note=
             t=$((t + eff + kill_after))
         fi
-        printf '%-13s limit %4ss  effective %4ss  worst end %4ss%s\n' \
+        printf '%-16s limit %4ss  effective %4ss  worst end %4ss%s\n' \
             "$p" "${limit[$p]}" "$eff" "$t" "${note:+  ($note)}"
     done
     echo "worst case: ${t}s of the ${deadline}s deadline"
@@ -295,7 +306,7 @@ if [ "$skip_ready" != 1 ]; then
     problems=()
     need=()
     uses gpu-check && need+=("$CUDALLOC_BIN" "$CUDALLOC_GPU_TEST")
-    uses torch-tests torch-bench torch-trace && need+=("$CUDALLOC_LIBRARY")
+    uses torch-tests torch-bench torch-trace frameworks-tests && need+=("$CUDALLOC_LIBRARY")
     uses trace-replay && need+=("$CUDALLOC_BIN")
     missing=()
     for f in "${need[@]}"; do
@@ -307,6 +318,11 @@ if [ "$skip_ready" != 1 ]; then
         # The first import of torch on a fresh machine reads a few GB.
         msg=$(timeout -k 2 "$py_s" "$py" -c \
             'import torch, pytest; assert torch.cuda.is_available(), "torch.cuda.is_available() is False"' 2>&1)
+        r=$?
+        [ "$r" -eq 0 ] || problems+=("$py: $(why "$r" "$py_s" "$msg")")
+    elif uses frameworks-tests; then
+        # CuPy and Numba are optional (their tests skip without them); pytest is not.
+        msg=$(timeout -k 2 "$py_s" "$py" -c 'import pytest' 2>&1)
         r=$?
         [ "$r" -eq 0 ] || problems+=("$py: $(why "$r" "$py_s" "$msg")")
     fi
@@ -430,6 +446,10 @@ if uses torch-bench; then
     cp docs/BENCHMARKS.md "$out/BENCHMARKS.md"
     phase torch-bench "$out/torch-bench.log" "$py" bench/torch_bench.py --doc "$out/BENCHMARKS.md"
 fi
+# CuPy's and Numba's plugins, and torch, CuPy and Numba in one process; the
+# first test fails (not skips) where cudalloc cannot use the GPU.
+uses frameworks-tests && phase frameworks-tests "$out/frameworks-tests.log" \
+    "$py" -m pytest tests/gpu/test_frameworks.py tests/gpu/test_cupy.py tests/gpu/test_numba.py -v -rs
 trace=$out/train-gpu.csv
 if uses torch-trace; then
     rm -f "$trace"

@@ -8,6 +8,9 @@
 or, with no code change: ``CUDALLOC=1 python train.py`` / ``python -m cudalloc train.py``.
 Configuration: ``CUDALLOC_CONF`` (``key:value,...``) or ``enable(conf=...)``.
 
+CuPy: ``cudalloc.cupy.enable()``. Numba: ``NUMBA_CUDA_MEMORY_MANAGER=cudalloc.numba``.
+Frameworks in one process share one cudalloc (one cache, one set of statistics).
+
 Importing this package loads neither torch nor the library; the library is
 loaded on first use (``$CUDALLOC_LIBRARY`` overrides the bundled copy).
 """

@@ -10,11 +10,11 @@ import sys
 import threading
 import warnings
 
-from . import _lib, _stats
+from . import _frameworks, _lib, _stats
+from ._frameworks import effective_conf
 
 PATCH_ENV = "CUDALLOC_PATCH_TORCH"
 ALLOC_FN = "cudalloc_malloc_torch"
-CONF_ENV = "CUDALLOC_CONF"
 
 _TOO_LATE = (
     "cudalloc.enable() was called after CUDA was initialised in this process; "
@@ -55,22 +55,6 @@ _originals = {}  # (module, name) -> original function, while patched
 
 def _falsy(value):
     return value.strip().lower() in ("", "0", "false", "no", "off")
-
-
-def effective_conf(conf=None):
-    """The configuration string enable() hands to cudalloc_init: the
-    program's, which ``$CUDALLOC_CONF`` overrides key by key in the library.
-
-    ``conf`` (default: none). Under PyTorch the memory must be real device
-    memory, so when it names no ``backend`` this asks for ``cuda`` rather
-    than ``auto`` (which falls back to the simulated device); a backend in
-    ``$CUDALLOC_CONF`` still wins.
-    """
-    text = _lib.conf_text(conf) if conf is not None else ""
-    keys = {item.split(":", 1)[0].strip() for item in text.split(",") if item.strip()}
-    if "backend" not in keys:
-        text = "backend:cuda," + text if text.strip() else "backend:cuda"
-    return text
 
 
 def is_enabled():
@@ -120,30 +104,10 @@ def enable(conf=None, *, patch_torch=None):
             )
         if torch.cuda.is_initialized():
             raise _lib.CudallocError(_TOO_LATE)
-        try:
-            _lib.init(eff)  # ConfigError names the key
-        except _lib.CudallocError as e:
-            if e.code != _lib.ERR_ALREADY_INITIALIZED:
-                raise
-            env = os.environ.get(CONF_ENV)
-            raise _lib.CudallocError(
-                "cudalloc was already started, with a configuration other than "
-                f"enable()'s {eff!r}: by cudalloc.configure(), or by another cudalloc "
-                f"call (memory_stats(), device_count(), ...), which starts it from "
-                f"{CONF_ENV} ({env!r}; naming no backend there means backend:auto). "
-                "Call cudalloc.enable() before any other cudalloc call, or give both "
-                f"the same configuration (name the backend in {CONF_ENV}: backend:cuda)",
-                e.code,
-            ) from None
-        # The values in force: the program's, under CUDALLOC_CONF's.
-        in_force = _lib.config_in_force()
+        # Starts cudalloc, or joins the one CuPy's or Numba's start began
+        # (cudalloc/_frameworks.py says when that is allowed).
+        in_force = _frameworks.start(conf, "cudalloc.enable()", "PyTorch")
         graph_pools = in_force.get("graph_pools") == "on"
-        if in_force.get("backend") == "sim":
-            warnings.warn(
-                "cudalloc: backend:sim hands PyTorch simulated addresses that no "
-                "kernel may touch; use it only for tests",
-                stacklevel=2,
-            )
         # cudalloc_malloc_torch throws a C++ exception where plain malloc
         # would return NULL: PyTorch does not check its allocator's NULL,
         # but it turns the exception into RuntimeError ("CUDA out of

@@ -13,7 +13,10 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PYTHON_SRC = os.path.join(REPO, "python")
-FAKE_TORCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_torch")
+HERE = os.path.dirname(os.path.abspath(__file__))
+FAKE_TORCH = os.path.join(HERE, "fake_torch")
+FAKE_CUPY = os.path.join(HERE, "fake_cupy")
+FAKE_NUMBA = os.path.join(HERE, "fake_numba")
 PTH = os.path.join(PYTHON_SRC, "cudalloc-autoenable.pth")
 # The configuration every in-process test shares (the library is process-global).
 SIM_CONF = "backend:sim,sim_devices:2,sim_memory:1GiB"
@@ -37,14 +40,18 @@ for var in ("CUDALLOC", "CUDALLOC_PATCH_TORCH", "CUDALLOC_LOG"):
 
 
 def child_env(**extra):
-    """The environment for a child Python: this package, optionally fake torch."""
+    """The environment for a child Python: this package, optionally the fake
+    torch, CuPy and Numba (fake_torch=True, fake_cupy=True, fake_numba=True)."""
     env = dict(os.environ)
-    fake = extra.pop("fake_torch", False)
+    fakes = [
+        path
+        for flag, path in (("fake_torch", FAKE_TORCH), ("fake_cupy", FAKE_CUPY), ("fake_numba", FAKE_NUMBA))
+        if extra.pop(flag, False)
+    ]
     paths = list(extra.pop("extra_path", []))
     if os.environ.get("CUDALLOC_TEST_INSTALLED") != "1":
         paths.append(PYTHON_SRC)
-    if fake:
-        paths.append(FAKE_TORCH)
+    paths.extend(fakes)
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)

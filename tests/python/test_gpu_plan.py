@@ -16,7 +16,8 @@ import pytest
 from conftest import REPO
 
 SCRIPT = os.path.join(REPO, "scripts", "gpu-all.sh")
-DEFAULTS = {"gpu-check": 90, "torch-tests": 150, "torch-bench": 120, "torch-trace": 60, "trace-replay": 60}
+DEFAULTS = {"gpu-check": 90, "torch-tests": 150, "torch-bench": 120, "frameworks-tests": 60,
+            "torch-trace": 60, "trace-replay": 60}
 SETTINGS = ("GPU_", "TORCH_", "TRACE_", "CUDALLOC", "PYTHON", "OUT", "PYTEST")
 ROW = re.compile(r"^(\S+)\s+limit\s+(\d+)s\s+effective\s+(\d+)s\s+worst end\s+(\d+)s")
 
@@ -52,13 +53,15 @@ def rule(limits, deadline, ready=60, kill=10, margin=5, minimum=10):
     return effs, t
 
 
-def test_default_plan_fits_the_deadline_unshrunk():
+def test_default_plan_runs_the_first_three_unshrunk_and_the_frameworks_tests_in_what_is_left():
     rows, worst = plan()
-    assert [r[0] for r in rows] == ["gpu-check", "torch-tests", "torch-bench"]
-    assert all(lim == eff == DEFAULTS[name] for name, lim, eff, _ in rows), rows
+    assert [r[0] for r in rows] == ["gpu-check", "torch-tests", "torch-bench", "frameworks-tests"]
+    assert all(lim == eff == DEFAULTS[name] for name, lim, eff, _ in rows[:3]), rows
     # 60 s readiness + each phase's limit and 10 s kill-after.
-    assert worst == 60 + (90 + 10) + (150 + 10) + (120 + 10) == 450
-    assert worst + 5 <= 480
+    assert rows[2][3] == 60 + (90 + 10) + (150 + 10) + (120 + 10) == 450
+    # The last phase gets the rest: 480 - 450 - 10 kill-after - 5 margin.
+    assert rows[3][:3] == ("frameworks-tests", 60, 15)
+    assert worst == 475 and worst + 5 <= 480
 
 
 @pytest.mark.parametrize(
@@ -86,8 +89,9 @@ def test_a_shorter_deadline_shrinks_the_later_phases(env):
 
 def test_shrinking_by_hand():
     rows, worst = plan(GPU_ALL_DEADLINE_S="300")
-    # 60 + 100 = 160 s in; 300 - 160 - 15 = 125 s left for torch-tests; none for the bench.
-    assert [(n, e) for n, _, e, _ in rows] == [("gpu-check", 90), ("torch-tests", 125), ("torch-bench", 0)]
+    # 60 + 100 = 160 s in; 300 - 160 - 15 = 125 s left for torch-tests; none for the rest.
+    assert [(n, e) for n, _, e, _ in rows] == [
+        ("gpu-check", 90), ("torch-tests", 125), ("torch-bench", 0), ("frameworks-tests", 0)]
     assert worst == 295
 
 
@@ -95,11 +99,13 @@ def test_only_runs_the_named_phases_with_their_full_limits():
     # Where the whole plan has no time left for the bench, a second command
     # running it alone gives it its full limit, in the script's order.
     rows, _ = plan(GPU_ALL_DEADLINE_S="300")
-    assert rows[-1][:3] == ("torch-bench", 120, 0)
+    assert rows[2][:3] == ("torch-bench", 120, 0)
     rows, worst = plan("--only", "torch-bench,gpu-check", GPU_ALL_DEADLINE_S="300")
     assert [(n, e) for n, _, e, _ in rows] == [("gpu-check", 90), ("torch-bench", 120)]
     rows, worst = plan("--only=torch-tests")
     assert rows == [("torch-tests", 150, 150, 220)] and worst == 220
+    rows, worst = plan("--only", "frameworks-tests")
+    assert rows == [("frameworks-tests", 60, 60, 130)] and worst == 130
 
 
 @pytest.mark.parametrize(
@@ -169,15 +175,19 @@ def test_bypassed_readiness_every_phase_fails_fast_and_is_summarised(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
     assert took < 30, took
     lines = (out / "summary.txt").read_text().splitlines()
-    phases = ["gpu-check", "torch-tests", "torch-bench", "torch-trace", "trace-replay"]
+    phases = ["gpu-check", "torch-tests", "torch-bench", "frameworks-tests", "torch-trace", "trace-replay"]
     for p in phases:
         assert any(l.startswith(f"{p}: FAILED (exit ") for l in lines), (p, lines)
-    assert lines[-1].startswith("result: 5 of 5 phases did not pass")
+    assert lines[-1].startswith("result: 6 of 6 phases did not pass")
     assert lines[-1].endswith("rerun: bash scripts/gpu-all.sh --only " + ",".join(phases) + " OUTDIR")
     assert not any(l.startswith("ready:") for l in lines)
     # The torch tests fail at collection (CUDALLOC_REQUIRE_GPU=1), not pass skipped.
     assert "torch hidden by the test" in (out / "torch-tests.log").read_text()
     assert "missing" in (out / "gpu-check.log").read_text()
+    # The frameworks tests fail where cudalloc cannot use a GPU, even with
+    # CuPy and Numba absent (their own tests skipped).
+    log = (out / "frameworks-tests.log").read_text()
+    assert "test_frameworks.py::test_cudalloc_serves_the_gpu FAILED" in log, log
 
 
 def test_a_phase_over_its_limit_is_killed_with_all_it_started(tmp_path):

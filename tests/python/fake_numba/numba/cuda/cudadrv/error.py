@@ -1,0 +1,6 @@
+class CudaDriverError(Exception):
+    pass
+
+
+class CudaSupportError(ImportError):
+    pass
