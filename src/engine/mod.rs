@@ -71,12 +71,14 @@ mod pool_state;
 mod pools;
 mod reclaim;
 mod slow;
+pub mod snapshot;
 #[cfg(test)]
 mod testing;
 pub mod tlsf;
 
 pub use arena::PoolId;
 pub use diagnose::OOM_DIAGNOSES_LOGGED;
+pub use snapshot::Snapshot;
 
 use crate::config::Config;
 use crate::driver::{Driver, Stream};
@@ -233,19 +235,23 @@ impl Engine {
             if let Some((p, block)) = a.try_alloc(rounded, size, &self.policy, &dev.core) {
                 a.counters.cache_hits += 1;
                 dev.note_alloc(arena, block);
-                self.journal_allocated(p, size, arena);
+                self.journal_allocated(dev, p, size, arena);
                 return Ok(p);
             }
         }
         self.malloc_slow(dev, arena, rounded, size)
     }
 
-    /// Tell the journal, if any, of an allocation from `arena`. Call under
-    /// the arena's lock (see [`Journal`]).
+    /// Tell the journal, if any, and `dev`'s history, where on, of an
+    /// allocation from `arena`. Call under the arena's lock (see [`Journal`]).
     #[inline(always)]
-    fn journal_allocated(&self, ptr: u64, requested: u64, arena: &Arena) {
+    fn journal_allocated(&self, dev: &Device, ptr: u64, requested: u64, arena: &Arena) {
         if let Some(j) = &self.journal {
             j.allocated(ptr, requested, arena.stream);
+        }
+        if dev.core.history.on() {
+            let h = &dev.core.history;
+            h.record(snapshot::TraceAction::Alloc, ptr, requested, arena.stream);
         }
     }
 
@@ -280,6 +286,9 @@ impl Engine {
         dev.note_free(a, inner, f.size);
         if let Some(j) = &self.journal {
             j.freed(ptr, f.requested, a.stream);
+        }
+        if dev.core.history.on() {
+            dev.core.history.freed(ptr, f.requested, a.stream, f.waits);
         }
         Some(())
     }
