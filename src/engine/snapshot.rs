@@ -40,7 +40,9 @@
 //!   never change streams; the snapshot shows the current one).
 //! - `oom`: an allocation failed; `device_free` is the driver's free memory
 //!   then (0 when it could not be asked, as during a graph capture).
-//! - `snapshot`: a snapshot was taken (size: the active bytes), as torch.
+//! - `snapshot`: a snapshot was handed out (size: the active bytes); unlike
+//!   torch's, a snapshot's own mark is in the next one's history
+//!   ([`Engine::mark_snapshot`]).
 
 use super::arena::PoolTag;
 use super::device::Device;
@@ -290,7 +292,7 @@ fn now_us() -> u64 {
 
 impl Engine {
     /// Every segment and block of every device, and each device's history
-    /// (see the module docs). Records a `snapshot` action where history is on.
+    /// (see the module docs). Records nothing ([`Engine::mark_snapshot`] does).
     pub fn snapshot(&self) -> Snapshot {
         let mut out = Snapshot::default();
         for dev in &self.devices {
@@ -336,14 +338,29 @@ impl Engine {
                 }
             }
             out.segments[first..].sort_unstable_by_key(|s| s.address);
-            let h = &dev.core.history;
-            if h.on() {
-                let active = out.segments[first..].iter().map(|s| s.active_size()).sum();
-                h.record(TraceAction::Snapshot, 0, active, 0);
-            }
-            out.device_traces.push(h.entries());
+            out.device_traces.push(dev.core.history.entries());
         }
         out
+    }
+
+    /// Record a `snapshot` action (size: the active bytes) where history is
+    /// on, for snapshot `s` just handed to a user: later snapshots' histories
+    /// show when it was taken. (Torch's own snapshot holds its own mark; this
+    /// one's is in the next, so that a size query followed by the real read
+    /// sees the same text.)
+    pub fn mark_snapshot(&self, s: &Snapshot) {
+        for dev in &self.devices {
+            let h = &dev.core.history;
+            if h.on() {
+                let active = s
+                    .segments
+                    .iter()
+                    .filter(|x| x.device == dev.core.index)
+                    .map(SegmentInfo::active_size)
+                    .sum();
+                h.record(TraceAction::Snapshot, 0, active, 0);
+            }
+        }
     }
 
     /// Switch every device's history on (keeping at most `max_entries`
@@ -569,7 +586,6 @@ mod tests {
             oom.addr > 0 && oom.addr <= 128 * M,
             "device_free: the driver's free bytes"
         );
-        assert_eq!(t.last().unwrap().action, TraceAction::Snapshot);
         assert!(t.iter().all(|e| e.time_us > 0));
         // empty_cache waits for the pending free (free_completed on the
         // block's stream) and gives the idle segments back.
@@ -599,19 +615,25 @@ mod tests {
             let p = a.malloc(4096, 0, 0).unwrap();
             a.free(p, Some(0), 0).unwrap();
         }
-        let t = a.snapshot().device_traces[0].clone();
-        assert_eq!(t.len(), 5, "the newest 5 (the snapshot's own among them)");
+        let snap = a.snapshot();
+        a.mark_snapshot(&snap);
+        let t = &snap.device_traces[0];
         let names: Vec<&str> = t.iter().map(|e| e.action.name()).collect();
         assert_eq!(
             names,
             [
+                "free_requested",
                 "free_completed",
                 "alloc",
                 "free_requested",
-                "free_completed",
-                "snapshot"
-            ]
+                "free_completed"
+            ],
+            "the newest 5"
         );
+        let t = a.snapshot().device_traces[0].clone();
+        assert_eq!(t.last().unwrap().action, TraceAction::Snapshot, "the mark");
+        assert_eq!(t.last().unwrap().size, 0, "nothing active at the mark");
+        assert_eq!(t.len(), 5);
         a.record_history(true, 3, false);
         assert_eq!(
             a.snapshot().device_traces[0].len(),
@@ -619,11 +641,7 @@ mod tests {
             "shrunk to the newest"
         );
         a.record_history(true, 100, true);
-        assert_eq!(
-            a.snapshot().device_traces[0].len(),
-            1,
-            "cleared: the snapshot alone"
-        );
+        assert!(a.snapshot().device_traces[0].is_empty(), "cleared");
         a.record_history(false, 100, false);
         let p = a.malloc(4096, 0, 0).unwrap();
         a.free(p, Some(0), 0).unwrap();
