@@ -17,6 +17,8 @@
 //! reclaim.rs   idle segments proven free: release, adoption, trim
 //! pools.rs     PyTorch's private graph pools
 //! check.rs     the invariants, walked
+//! snapshot.rs  segments and blocks walked for PyTorch's snapshots; the
+//!              history of actions (off by default)
 //! device.rs    a device: its arenas and their thread-local cache, byte
 //!              accounting, whether a capture is under way
 //! pool_state.rs the pools' plain state
