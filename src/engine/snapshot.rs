@@ -648,6 +648,62 @@ mod tests {
         assert!(a.snapshot().device_traces[0].is_empty(), "off drops it all");
     }
 
+    /// Snapshots taken while four threads allocate and free on their own
+    /// streams (some frees waiting on another stream) each replay exactly:
+    /// the walk and the history are one state, whatever the interleaving.
+    #[test]
+    fn snapshots_under_concurrent_use_are_consistent() {
+        let (a, _) = sim("sim_memory:256MiB");
+        a.record_history(true, usize::MAX, false);
+        let a = Arc::new(a);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let workers: Vec<_> = (0..4u64)
+            .map(|t| {
+                let (a, stop) = (a.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let s = 0x100 + t;
+                    let mut live = Vec::new();
+                    let mut x = t + 1;
+                    while !stop.load(Ordering::Relaxed) {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        if live.len() < 24 && x % 3 != 0 {
+                            if let Ok(p) = a.malloc(x % (3 * M) + 1, 0, s) {
+                                live.push(p);
+                            }
+                        } else if let Some(p) = live.pop() {
+                            if x % 5 == 0 {
+                                a.record_stream(p, 0x900).unwrap();
+                            }
+                            a.free(p, Some(0), s).unwrap();
+                        }
+                    }
+                    free_all(&a, s, &live);
+                })
+            })
+            .collect();
+        // Until the workers have done a few thousand actions, 30 at least.
+        let mut taken = 0;
+        loop {
+            let snap = a.snapshot();
+            replay_matches(&snap, 0);
+            taken += 1;
+            if taken >= 30 && snap.device_traces[0].len() > 5000 {
+                break;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        for w in workers {
+            w.join().unwrap();
+        }
+        a.empty_cache();
+        let snap = a.snapshot();
+        check_walk(&a, &snap);
+        replay_matches(&snap, 0);
+        assert!(snap.segments.is_empty(), "all freed and released");
+    }
+
     #[test]
     fn private_pools_name_their_segments() {
         let (a, _) = sim("sim_memory:1GiB,graph_pools:on");
