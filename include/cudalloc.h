@@ -533,6 +533,35 @@ size_t cudalloc_leak_report(double min_age_s, int json, char *buf, size_t len);
  */
 size_t cudalloc_stats_json(char *buf, size_t len);
 
+/**
+ * Write a memory snapshot into `buf` as JSON, in the format of PyTorch's
+ * `torch.cuda.memory._snapshot()`: `{"segments":[...],"device_traces":[...]}`,
+ * every segment of every device with its blocks (`address`, `size`,
+ * `requested_size`, `state`), and per device the actions recorded while
+ * history is on (`cudalloc_record_memory_history`; empty lists otherwise).
+ * Pickled, it loads in torch's viewer (pytorch.org/memory_viz): the Python
+ * package's `cudalloc.dump_snapshot(path)` does that. Buffer convention
+ * and errors as for `cudalloc_leak_report`; a snapshot written (not a size
+ * query) is marked by a `snapshot` action in the history, which the next
+ * snapshot shows. Never calls the driver.
+ *
+ * # Safety
+ * 1. `buf` is NULL or points to `len` writable bytes.
+ */
+size_t cudalloc_snapshot_json(char *buf, size_t len);
+
+/**
+ * Switch the history of allocator actions that snapshots carry on
+ * (`enabled` != 0), keeping the newest `max_entries` actions per device,
+ * or off (`enabled` == 0), dropping what was recorded. `clear_history` !=
+ * 0 drops it when switching on. PyTorch's `_record_memory_history`
+ * (`enabled="all"`, `max_entries`, `clear_history`). Off by default; while
+ * off, allocations and frees pay one check. Returns `CUDALLOC_OK`, or
+ * `CUDALLOC_ERR_INVALID_ARGUMENT` (nothing changed) when switching on with
+ * `max_entries` 0.
+ */
+int cudalloc_record_memory_history(int enabled, size_t max_entries, int clear_history);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

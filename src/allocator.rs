@@ -93,6 +93,13 @@ impl Allocator {
         export::stats_json(&devices, self.config())
     }
 
+    /// Every segment, block and recorded action, as JSON in PyTorch's
+    /// `_snapshot()` format (`cudalloc_snapshot_json`; see
+    /// [`export::snapshot_json`]).
+    pub fn snapshot_json(&self) -> String {
+        export::snapshot_json(&self.engine.snapshot())
+    }
+
     /// Stamp allocations, idle segments and periodic work (pressure, trim,
     /// the leak alarms) by `clock`, coarse monotonic milliseconds, instead
     /// of the real clock: tests advance time by counts instead of waiting.
@@ -176,6 +183,10 @@ delegate! {
     fn live_allocations(&self, device: Option<usize>) -> Vec<LiveInfo>;
     /// See [`Engine::size_of`].
     fn size_of(&self, ptr: u64) -> Option<u64>;
+    /// See [`Engine::snapshot`].
+    fn snapshot(&self) -> crate::engine::Snapshot;
+    /// See [`Engine::record_history`].
+    fn record_history(&self, on: bool, max_entries: usize, clear: bool) -> ();
     /// See [`Engine::check_invariants`].
     fn check_invariants(&self) -> std::result::Result<(), String>;
     /// See [`Engine::diagnose`].

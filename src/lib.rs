@@ -17,12 +17,13 @@
 //! allocator  Allocator = the engine + the observability adaptors around it  allocator.rs
 //! observe    adaptors: call-site sampling, leak report and alarms,          observe/
 //!            pressure levels + trim, the RMM-CSV trace log (the engine's
-//!            Journal), JSON stats
+//!            Journal), JSON stats and snapshots (PyTorch's format)
 //! engine     per device: stream arenas -> segments -> blocks (TLSF); the    engine/
 //!            stash; stream-ordered reuse; adoption of idle segments proven
 //!            free (epoch events, stream queries, per-segment events); the
 //!            OOM ladder; limits; graph captures; private pools; reclaim;
-//!            diagnosis; check_invariants (engine/mod.rs maps its files)
+//!            diagnosis; snapshots and their history; check_invariants
+//!            (engine/mod.rs maps its files)
 //!   size_class  pure size -> granule, pool, segment, bin functions          size_class.rs
 //! live       live-allocation records and their stamps (time, thread)       live.rs
 //! stats      cudalloc_stats snapshot; device gauges and counters             stats.rs

@@ -818,6 +818,90 @@ fn row_every_export_with_a_bad_environment() {
     check();
 }
 
+/// The snapshot's text: a size query, then the text.
+fn snapshot_text() -> serde_json::Value {
+    // SAFETY (both calls): NULL with length 0 is the size query; `buf` holds `len` bytes.
+    let need = unsafe { cudalloc_snapshot_json(std::ptr::null_mut(), 0) };
+    assert_eq!(last(), ErrorCode::CUDALLOC_OK);
+    let mut buf = vec![0 as libc::c_char; need + 4096];
+    let n = unsafe { cudalloc_snapshot_json(buf.as_mut_ptr(), buf.len()) };
+    assert_eq!(last(), ErrorCode::CUDALLOC_OK, "{}", msg());
+    // SAFETY: the export wrote a NUL-terminated string of n - 1 bytes.
+    let text = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_str().unwrap();
+    assert_eq!(text.len() + 1, n);
+    serde_json::from_str(text).unwrap()
+}
+
+#[test]
+fn row_snapshot_exports_refuse_bad_buffers_and_an_empty_history() {
+    let _g = row();
+    let before = all_stats();
+    let mut buf = [0x55 as libc::c_char; 8];
+    // SAFETY: a NULL buffer with a nonzero length must be refused, not written.
+    assert_eq!(
+        unsafe { cudalloc_snapshot_json(std::ptr::null_mut(), 64) },
+        0
+    );
+    assert_eq!(last(), ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT);
+    // SAFETY: `buf` holds 8 writable bytes.
+    let need = unsafe { cudalloc_snapshot_json(buf.as_mut_ptr(), buf.len()) };
+    assert!(need > buf.len());
+    assert_eq!(last(), ErrorCode::CUDALLOC_ERR_BUFFER_TOO_SMALL);
+    assert!(
+        buf.iter().all(|&b| b == 0x55),
+        "a too-small buffer was written"
+    );
+    // Switching on with room for nothing is refused and changes nothing.
+    assert_eq!(
+        cudalloc_record_memory_history(1, 0, 0),
+        ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT as c_int
+    );
+    assert!(msg().contains("max_entries"), "{}", msg());
+    let p = malloc_ok(4096, 1, 0x10);
+    cudalloc_free(p, 0, 1, ptr(0x10));
+    let v = snapshot_text();
+    assert_eq!(v["device_traces"], serde_json::json!([[], []]), "still off");
+    // On, the same pair is recorded; off again drops it.
+    assert_eq!(cudalloc_record_memory_history(1, 16, 1), 0);
+    let p = malloc_ok(4096, 1, 0x10);
+    cudalloc_free(p, 0, 1, ptr(0x10));
+    let v = snapshot_text();
+    let actions: Vec<&str> = v["device_traces"][1]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["alloc", "free_requested", "free_completed"]);
+    let v = snapshot_text();
+    assert_eq!(
+        v["device_traces"][1][3]["action"], "snapshot",
+        "the last one's mark"
+    );
+    assert_eq!(
+        v["device_traces"][1].as_array().unwrap().len(),
+        4,
+        "a size query marks nothing"
+    );
+    assert_eq!(v["device_traces"][1][0]["addr"], p as u64);
+    assert_eq!(
+        cudalloc_record_memory_history(0, 0, 0),
+        0,
+        "off needs no size"
+    );
+    assert_eq!(
+        snapshot_text()["device_traces"],
+        serde_json::json!([[], []])
+    );
+    for (b, a) in before.iter().zip(&all_stats()) {
+        assert_eq!(
+            (a.allocated_bytes, a.active_allocations, a.num_invalid_frees),
+            (b.allocated_bytes, b.active_allocations, b.num_invalid_frees)
+        );
+    }
+    check();
+}
+
 /// Every function in the committed header has a row above: when an export
 /// is added, add it to a row and to this list.
 #[test]
@@ -919,6 +1003,8 @@ fn every_export_in_the_header_is_in_the_catalog() {
         "cudalloc_version",
         "cudalloc_leak_report",
         "cudalloc_stats_json",
+        "cudalloc_snapshot_json",
+        "cudalloc_record_memory_history",
         "cudalloc_register_oom_callback",
         "cudalloc_register_pressure_callback",
     ];

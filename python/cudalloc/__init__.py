@@ -4,6 +4,7 @@
     cudalloc.enable()            # before the first CUDA tensor
     ...
     cudalloc.memory_stats()      # torch.cuda.memory_stats() keys
+    cudalloc.dump_snapshot("s.pickle")  # for pytorch.org/memory_viz
 
 or, with no code change: ``CUDALLOC=1 python train.py`` / ``python -m cudalloc train.py``.
 Configuration: ``CUDALLOC_CONF`` (``key:value,...``) or ``enable(conf=...)``.
@@ -37,6 +38,7 @@ from ._stats import (
     reset_accumulated_memory_stats,
     reset_peak_memory_stats,
 )
+from ._snapshot import dump_snapshot, memory_snapshot, record_memory_history, snapshot
 from ._torch import enable, enabled_hooks, is_enabled, is_patched, patch_torch, unpatch_torch
 
 __version__ = "0.1.0"
@@ -49,6 +51,7 @@ __all__ = [
     "check_invariants",
     "configure",
     "device_count",
+    "dump_snapshot",
     "empty_cache",
     "enable",
     "enabled_hooks",
@@ -61,6 +64,7 @@ __all__ = [
     "max_memory_reserved",
     "memory_allocated",
     "memory_reserved",
+    "memory_snapshot",
     "memory_stats",
     "memory_stats_as_nested_dict",
     "memory_summary",
@@ -68,8 +72,10 @@ __all__ = [
     "on_pressure",
     "patch_torch",
     "raw_stats",
+    "record_memory_history",
     "reset_accumulated_memory_stats",
     "reset_peak_memory_stats",
+    "snapshot",
     "stats_json",
     "unpatch_torch",
 ]

@@ -123,6 +123,8 @@ _OPTIONAL_SIGNATURES = {
     "cudalloc_register_pressure_callback": (_c.c_int, [PRESSURE_CALLBACK, _c.c_void_p]),
     "cudalloc_reset_accumulated_stats": (None, [_c.c_int]),
     "cudalloc_get_memory_fraction": (_c.c_double, [_c.c_int]),
+    "cudalloc_snapshot_json": (_c.c_size_t, [_c.c_void_p, _c.c_size_t]),
+    "cudalloc_record_memory_history": (_c.c_int, [_c.c_int, _c.c_size_t, _c.c_int]),
 }
 
 _lock = threading.Lock()

@@ -10,7 +10,7 @@ import sys
 import threading
 import warnings
 
-from . import _frameworks, _lib, _stats
+from . import _frameworks, _lib, _snapshot, _stats
 from ._frameworks import effective_conf
 
 PATCH_ENV = "CUDALLOC_PATCH_TORCH"
@@ -174,6 +174,11 @@ def _replacements():
         "reset_accumulated_memory_stats": s.reset_accumulated_memory_stats,
         "get_per_process_memory_fraction": s.get_per_process_memory_fraction,
         "memory_summary": s.memory_summary,
+        # Memory snapshots (torch.cuda.memory; memory_snapshot in torch.cuda too).
+        "memory_snapshot": _snapshot.memory_snapshot,
+        "_snapshot": _snapshot.snapshot,
+        "_dump_snapshot": _snapshot.dump_snapshot,
+        "_record_memory_history": _snapshot.record_memory_history,
     }
 
 
@@ -235,7 +240,9 @@ def patch_torch():
     ``max_memory_allocated``, ``memory_reserved``, ``max_memory_reserved``,
     ``reset_peak_memory_stats``, ``reset_accumulated_memory_stats``,
     ``get_per_process_memory_fraction``, ``memory_summary`` (and aliases)
-    answer from cudalloc, and the same statistics in ``torch.accelerator`` (torch >= 2.9).
+    answer from cudalloc, and the same statistics in ``torch.accelerator`` (torch >= 2.9);
+    likewise the memory snapshots: ``torch.cuda.memory_snapshot`` and
+    ``torch.cuda.memory._snapshot``, ``_dump_snapshot``, ``_record_memory_history``.
     Under a pluggable allocator torch's own versions raise (or, in
     ``torch.accelerator``, describe the idle native allocator). Needs
     :func:`enable` first. Idempotent."""

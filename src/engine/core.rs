@@ -4,6 +4,7 @@
 //! record events and ask about captures; they never see the device above.
 
 use super::capture::CaptureWatch;
+use super::snapshot::History;
 use crate::driver::{Driver, DriverError, Event, Stream};
 use crate::stats::DeviceCounters;
 use once_cell::sync::OnceCell;
@@ -25,6 +26,8 @@ pub(crate) struct DeviceCore {
     /// The clock of new arenas' stamps, when a test set one
     /// (`Engine::set_clock`).
     clock: OnceCell<fn() -> u64>,
+    /// The history of actions for snapshots, when switched on (`snapshot.rs`).
+    pub history: History,
 }
 
 impl DeviceCore {
@@ -37,6 +40,7 @@ impl DeviceCore {
             small_max,
             capture: CaptureWatch::default(),
             clock: OnceCell::new(),
+            history: History::default(),
         }
     }
 

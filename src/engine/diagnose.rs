@@ -22,6 +22,7 @@ impl Engine {
     #[cold]
     pub(super) fn oom(&self, dev: &Device, size: u64, stream: Stream, why: &str) -> Error {
         dev.core.counters.ooms.inc();
+        self.history_oom(dev, size, stream);
         let n = dev.core.counters.ooms.get();
         let diag = self.diagnose(dev.core.index, size, stream, why);
         if n <= OOM_DIAGNOSES_LOGGED {

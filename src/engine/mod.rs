@@ -17,6 +17,8 @@
 //! reclaim.rs   idle segments proven free: release, adoption, trim
 //! pools.rs     PyTorch's private graph pools
 //! check.rs     the invariants, walked
+//! snapshot.rs  segments and blocks walked for PyTorch's snapshots; the
+//!              history of actions (off by default)
 //! device.rs    a device: its arenas and their thread-local cache, byte
 //!              accounting, whether a capture is under way
 //! pool_state.rs the pools' plain state
@@ -74,6 +76,7 @@ mod pool_state;
 mod pools;
 mod reclaim;
 mod slow;
+pub mod snapshot;
 #[cfg(test)]
 mod testing;
 pub mod tlsf;
@@ -81,6 +84,7 @@ mod vmm;
 
 pub use arena::PoolId;
 pub use diagnose::OOM_DIAGNOSES_LOGGED;
+pub use snapshot::Snapshot;
 
 use crate::config::Config;
 use crate::driver::{Driver, Stream};
@@ -237,19 +241,23 @@ impl Engine {
             if let Some((p, block)) = a.try_alloc(rounded, size, &self.policy, &dev.core) {
                 a.counters.cache_hits += 1;
                 dev.note_alloc(arena, block);
-                self.journal_allocated(p, size, arena);
+                self.journal_allocated(dev, p, size, arena);
                 return Ok(p);
             }
         }
         self.malloc_slow(dev, arena, rounded, size)
     }
 
-    /// Tell the journal, if any, of an allocation from `arena`. Call under
-    /// the arena's lock (see [`Journal`]).
+    /// Tell the journal, if any, and `dev`'s history, where on, of an
+    /// allocation from `arena`. Call under the arena's lock (see [`Journal`]).
     #[inline(always)]
-    fn journal_allocated(&self, ptr: u64, requested: u64, arena: &Arena) {
+    fn journal_allocated(&self, dev: &Device, ptr: u64, requested: u64, arena: &Arena) {
         if let Some(j) = &self.journal {
             j.allocated(ptr, requested, arena.stream);
+        }
+        if dev.core.history.on() {
+            let h = &dev.core.history;
+            h.record(snapshot::TraceAction::Alloc, ptr, requested, arena.stream);
         }
     }
 
@@ -284,6 +292,9 @@ impl Engine {
         dev.note_free(a, inner, f.size);
         if let Some(j) = &self.journal {
             j.freed(ptr, f.requested, a.stream);
+        }
+        if dev.core.history.on() {
+            dev.core.history.freed(ptr, f.requested, a.stream, f.waits);
         }
         Some(())
     }

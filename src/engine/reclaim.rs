@@ -6,6 +6,7 @@ use super::arena::{Arena, ArenaInner, Detached, PoolTag, ProofPass};
 use super::core::DeviceCore;
 use super::device::Device;
 use super::pool_state::Pools;
+use super::snapshot::TraceAction;
 use super::Engine;
 use crate::driver::{DriverError, Stream};
 use crate::size_class::{Policy, Pool};
@@ -222,6 +223,10 @@ impl Device {
             Ok(()) | Err(DriverError::Deinitialized) => {
                 self.core.counters.reserved.sub(d.size);
                 self.core.counters.driver_frees.inc();
+                if self.core.history.on() {
+                    let h = &self.core.history;
+                    h.record(TraceAction::SegmentFree, d.base, d.size, arena.stream);
+                }
                 true
             }
             Err(e) => {

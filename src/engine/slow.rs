@@ -5,6 +5,7 @@
 use super::arena::{Arena, Detached};
 use super::device::Device;
 use super::reclaim::Release;
+use super::snapshot::TraceAction;
 use super::Engine;
 use crate::driver::DriverError;
 use crate::error::{Error, ErrorCode, Result};
@@ -155,7 +156,7 @@ impl Engine {
             if let Some((p, block)) = a.try_alloc(rounded, size, &self.policy, &dev.core) {
                 a.counters.cache_hits += 1;
                 dev.note_alloc(arena, block);
-                self.journal_allocated(p, size, arena);
+                self.journal_allocated(dev, p, size, arena);
                 return Ok(p);
             }
         }
@@ -180,7 +181,7 @@ impl Engine {
             let s = a.attach(d);
             let (p, block) = a.alloc_from_segment(s, rounded, size, &self.policy, &dev.core);
             dev.note_alloc(arena, block);
-            self.journal_allocated(p, size, arena);
+            self.journal_allocated(dev, p, size, arena);
             return Ok(p);
         }
         // About to grow: first give back idle segments of this pool that cannot
@@ -194,6 +195,10 @@ impl Engine {
             });
         }
         let (base, seg_size) = self.grow(dev, rounded)?;
+        if dev.core.history.on() {
+            let h = &dev.core.history;
+            h.record(TraceAction::SegmentAlloc, base, seg_size, arena.stream);
+        }
         let mut a = arena.inner.lock();
         let s = a.attach(Detached {
             base,
@@ -202,7 +207,7 @@ impl Engine {
         });
         let (p, block) = a.alloc_from_segment(s, rounded, size, &self.policy, &dev.core);
         dev.note_alloc(arena, block);
-        self.journal_allocated(p, size, arena);
+        self.journal_allocated(dev, p, size, arena);
         Ok(p)
     }
 

@@ -605,7 +605,7 @@ impl Engine {
         let (p, block) =
             a.vm_alloc_at(plan.seg, plan.start, rounded, size, &self.policy, &dev.core);
         dev.note_alloc(arena, block);
-        self.journal_allocated(p, size, arena);
+        self.journal_allocated(dev, p, size, arena);
         Ok(p)
     }
 }

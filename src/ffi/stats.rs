@@ -1,6 +1,7 @@
 //! Statistics exports: `cudalloc_get_stats`, the peak and accumulated
-//! resets, `cudalloc_stats_json` and `cudalloc_leak_report` (with the
-//! buffer convention both share).
+//! resets, `cudalloc_stats_json`, `cudalloc_leak_report` and the memory
+//! snapshot (`cudalloc_snapshot_json`, `cudalloc_record_memory_history`),
+//! with the buffer convention the text exports share.
 
 use super::boundary::Written;
 use super::{non_null, on_device};
@@ -129,5 +130,58 @@ pub unsafe extern "C" fn cudalloc_stats_json(buf: *mut c_char, len: usize) -> us
     crate::export!(cudalloc_stats_json, -> Written {
         let text = global::get()?.stats_json();
         write_text("cudalloc_stats_json", &text, buf, len)
+    })
+}
+
+/// Write a memory snapshot into `buf` as JSON, in the format of PyTorch's
+/// `torch.cuda.memory._snapshot()`: `{"segments":[...],"device_traces":[...]}`,
+/// every segment of every device with its blocks (`address`, `size`,
+/// `requested_size`, `state`), and per device the actions recorded while
+/// history is on (`cudalloc_record_memory_history`; empty lists otherwise).
+/// Pickled, it loads in torch's viewer (pytorch.org/memory_viz): the Python
+/// package's `cudalloc.dump_snapshot(path)` does that. Buffer convention
+/// and errors as for `cudalloc_leak_report`; a snapshot written (not a size
+/// query) is marked by a `snapshot` action in the history, which the next
+/// snapshot shows. Never calls the driver.
+///
+/// # Safety
+/// 1. `buf` is NULL or points to `len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn cudalloc_snapshot_json(buf: *mut c_char, len: usize) -> usize {
+    crate::export!(cudalloc_snapshot_json, -> Written {
+        let a = global::get()?;
+        let snap = a.snapshot();
+        let text = crate::observe::export::snapshot_json(&snap);
+        let w = write_text("cudalloc_snapshot_json", &text, buf, len)?;
+        if !buf.is_null() && w.error.is_none() {
+            a.engine().mark_snapshot(&snap);
+        }
+        Ok(w)
+    })
+}
+
+/// Switch the history of allocator actions that snapshots carry on
+/// (`enabled` != 0), keeping the newest `max_entries` actions per device,
+/// or off (`enabled` == 0), dropping what was recorded. `clear_history` !=
+/// 0 drops it when switching on. PyTorch's `_record_memory_history`
+/// (`enabled="all"`, `max_entries`, `clear_history`). Off by default; while
+/// off, allocations and frees pay one check. Returns `CUDALLOC_OK`, or
+/// `CUDALLOC_ERR_INVALID_ARGUMENT` (nothing changed) when switching on with
+/// `max_entries` 0.
+#[no_mangle]
+pub extern "C" fn cudalloc_record_memory_history(
+    enabled: c_int,
+    max_entries: usize,
+    clear_history: c_int,
+) -> c_int {
+    crate::export!(cudalloc_record_memory_history, -> () {
+        if enabled != 0 && max_entries == 0 {
+            return Err(Error::new(
+                ErrorCode::CUDALLOC_ERR_INVALID_ARGUMENT,
+                "cudalloc_record_memory_history: max_entries is 0 (keep at least 1 action)",
+            ));
+        }
+        global::get()?.record_history(enabled != 0, max_entries, clear_history != 0);
+        Ok(())
     })
 }

@@ -6,7 +6,7 @@
 //! leak       leak report; old-allocation and growth alarms        leak_report, leak_age, leak_growth, leak_window
 //! pressure   pressure levels from the driver's mem_info; trim     pressure_interval, trim_threshold
 //! tracelog   RMM-format CSV of every allocate / free / failure    log_file
-//! export     JSON stats, on demand and at exit                    stats_file
+//! export     JSON stats, on demand and at exit; snapshots as JSON  stats_file
 //! ```
 //! They wrap the engine, in the manner of rmm's adaptors: `crate::Allocator`
 //! calls [`Observer::after_malloc`] after each allocation when

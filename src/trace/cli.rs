@@ -89,11 +89,11 @@ pub fn commands() -> Vec<Command> {
                     .help("also find the least capacity with no failure (usable capacity = peak requested live bytes / it)"),
             ),
         Command::new("trace-gen")
-            .about("Write a synthetic trace: random (RMM random_allocations), training (transformer), kv-cache (inference)")
+            .about("Write a synthetic trace: random (RMM random_allocations), training (transformer), kv-cache (inference), sawtooth (fragmenting cycles)")
             .arg(
                 Arg::new("kind")
                     .required(true)
-                    .value_parser(["random", "training", "kv-cache"]),
+                    .value_parser(["random", "training", "kv-cache", "sawtooth"]),
             )
             .arg(Arg::new("output").short('o').long("output").required(true).help("where to write the CSV"))
             .arg(Arg::new("seed").long("seed").value_parser(value_parser!(u64)).default_value("1"))
@@ -101,7 +101,7 @@ pub fn commands() -> Vec<Command> {
                 Arg::new("size")
                     .long("size")
                     .value_parser(value_parser!(u64).range(1..))
-                    .help("ops (random, default 2000), steps (training, default 6) or requests (kv-cache, default 24)"),
+                    .help("ops (random, default 2000), steps (training, default 6), requests (kv-cache, default 24) or cycles (sawtooth, default 20)"),
             )
             .arg(Arg::new("layers").long("layers").value_parser(value_parser!(u64).range(1..)).default_value("6"))
             .arg(Arg::new("random-max").long("random-max").default_value("8MiB").help("largest request of random"))
@@ -380,6 +380,7 @@ fn gen_cmd(m: &ArgMatches) -> Result<(), String> {
             size_arg(m, "random-usage")?,
         ),
         "training" => gen::training(seed, size.unwrap_or(6), model),
+        "sawtooth" => gen::sawtooth(seed, size.unwrap_or(20)),
         _ => gen::kv_cache(seed, size.unwrap_or(24), model),
     };
     let out = m.get_one::<String>("output").expect("required");

@@ -11,6 +11,9 @@
 //!   finishing, each with a per-layer K and V cache that grows by
 //!   reallocation (new bigger buffer, copy, free the old one, as `torch.cat`
 //!   does), plus per-token temporaries.
+//! - [`sawtooth`]: the fragmenting cycle: requests of 1 to 9.5 MiB, every
+//!   other one freed, then requests of 12 to 17 MiB that fit none of the
+//!   holes, then everything freed.
 
 use super::Event;
 use crate::observe::tracelog::Action;
@@ -292,6 +295,38 @@ pub fn kv_cache(seed: u64, requests: u64, m: Model) -> Vec<Event> {
     b.events
 }
 
+/// `cycles` sawtooth cycles: 32 requests of 1 to 9.5 MiB, every other one
+/// freed, then 12 requests of 12 to 17 MiB (none fits a hole left by the
+/// first phase), then everything freed. On one contiguous heap the holes
+/// are lost to the big requests; with pages unmapped under the holes they
+/// are not (`scripts/frag_bounds.py`).
+pub fn sawtooth(seed: u64, cycles: u64) -> Vec<Event> {
+    const MIB: u64 = 1 << 20;
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut b = Builder::new();
+    for _ in 0..cycles {
+        let small: Vec<(u64, u64)> = (0..32)
+            .map(|_| b.alloc(rng.random_range(MIB..=9 * MIB + MIB / 2)))
+            .collect();
+        let mut kept = Vec::new();
+        for (i, x) in small.into_iter().enumerate() {
+            if i % 2 == 0 {
+                b.free(x);
+            } else {
+                kept.push(x);
+            }
+        }
+        let big: Vec<(u64, u64)> = (0..12)
+            .map(|_| b.alloc(rng.random_range(12 * MIB..=17 * MIB)))
+            .collect();
+        for x in kept.into_iter().chain(big) {
+            b.free(x);
+        }
+        b.wait_us(rng.random_range(5_000..15_000));
+    }
+    b.events
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,6 +357,7 @@ mod tests {
             ),
             (training(2, 2, m), training(2, 2, m)),
             (kv_cache(3, 4, m), kv_cache(3, 4, m)),
+            (sawtooth(4, 3), sawtooth(4, 3)),
         ] {
             assert_eq!(a, b);
             balanced(&a);

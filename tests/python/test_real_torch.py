@@ -262,3 +262,80 @@ def test_graph_pools_route_by_torchs_own_filter():
         assert not torch.cuda.is_initialized()
         """
     )
+
+
+def test_snapshots_load_in_torchs_own_viewer(tmp_path):
+    # torch's snapshot functions answer from cudalloc (under a pluggable
+    # allocator torch's own raise), and what they give loads in torch's
+    # viewer: _memory_viz's segsum, trace, segment_plot, trace_plot and the
+    # flamegraph texts, in process and through its command line.
+    path = tmp_path / "snap.pickle"
+    run(
+        f"""
+        import base64, json, pickle, re, subprocess
+        import torch.cuda._memory_viz as mv
+        from memviz_check import check_pickle, check_viewer
+        cudalloc.enable({SIM_CONF!r})
+        from cudalloc import _lib
+        lib = _lib.lib()
+        MiB = 1 << 20
+        torch.cuda.memory._record_memory_history(max_entries=100000)
+        live = []
+        for dev, stream in ((0, 0), (0, 0x51), (1, 0x52)):
+            ps = [lib.cudalloc_malloc(n, dev, stream) for n in
+                  (700, 4096, 3 * MiB, 25 * MiB, 100_000, 512, 9 * MiB, 2 * MiB)]
+            assert all(ps)
+            for p in ps[::3]:
+                lib.cudalloc_free(p, 0, dev, stream)
+            live += [(p, dev, stream) for i, p in enumerate(ps) if i % 3]
+        # One free waits on another stream's work (record_stream).
+        p, dev, stream = live.pop()
+        lib.cudalloc_record_stream(p, 0x99)
+        lib.cudalloc_free(p, 0, dev, stream)
+        assert not lib.cudalloc_malloc(1 << 45, 0, 0)  # an OOM in the history
+        s = torch.cuda.memory._snapshot()
+        check_viewer(s)
+        states = {{b["state"] for seg in s["segments"] for b in seg["blocks"]}}
+        assert states == {{"active_allocated", "active_pending_free", "inactive"}}, states
+        actions = {{e["action"] for t in s["device_traces"] for e in t}}
+        assert {{"alloc", "free_requested", "free_completed", "segment_alloc", "oom"}} <= actions
+        # The viewer's text reports.
+        summary = mv.segsum(s)
+        reserved = sum(x["total_size"] for x in s["segments"])
+        assert f"segments: {{len(s['segments'])}}" in summary, summary
+        assert str(mv.Bytes(reserved)) in summary, summary
+        text = mv.trace(s)
+        assert "cudaMalloc(" in text and "raise OutOfMemoryError" in text, text
+        assert "Device 1" in text, text
+        assert "active_pending_free" in mv.segments(s, format_flamegraph=lambda t: t)
+        assert mv.memory(s, format_flamegraph=lambda t: t)
+        # The HTML plots embed the pickle for the page's own unpickler.
+        for html in (mv.segment_plot(s), mv.trace_plot(s), mv.trace_plot(s, plot_segments=True)):
+            blob = json.loads(re.search(r"const local_files = (.*)", html).group(1))
+            data = base64.b64decode(blob[0]["base64"]).rstrip(b"\\0")
+            assert pickle.loads(data) == s
+        mv.trace_plot(pickle.loads(pickle.dumps(s)), filter_freed=True)
+        # _dump_snapshot writes what pytorch.org/memory_viz reads.
+        torch.cuda.memory._dump_snapshot(sys.argv[1])
+        with open(sys.argv[1], "rb") as f:
+            data = f.read()
+        check_pickle(data)
+        check_viewer(pickle.loads(data))
+        for cmd in (["stats"], ["trace"], ["segment_plot", "-o", sys.argv[1] + ".html"],
+                    ["trace_plot", "-o", sys.argv[1] + ".t.html"]):
+            r = subprocess.run([sys.executable, "-m", "torch.cuda._memory_viz", cmd[0],
+                                sys.argv[1], *cmd[1:]], capture_output=True, text=True)
+            assert r.returncode == 0, (cmd, r.stderr)
+        # memory_snapshot gives the segments; history off drops the trace.
+        assert [x["address"] for x in torch.cuda.memory_snapshot()] == [
+            x["address"] for x in s["segments"]]
+        torch.cuda.memory._record_memory_history(enabled=None)
+        assert torch.cuda.memory._snapshot()["device_traces"] == [[], []]
+        for p, dev, stream in live:
+            lib.cudalloc_free(p, 0, dev, stream)
+        cudalloc.check_invariants()
+        assert not torch.cuda.is_initialized()
+        """,
+        args=[str(path)],
+        extra_path=[os.path.dirname(os.path.abspath(__file__))],
+    )

@@ -64,6 +64,8 @@ pub(crate) struct Freed {
     pub size: u64,
     /// What its allocation asked for.
     pub requested: u64,
+    /// Not reusable yet: it waits for other streams' work or a capture's end.
+    pub waits: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -454,9 +456,11 @@ impl ArenaInner {
             return Some(Freed {
                 size,
                 requested: rec.requested,
+                waits: true,
             });
         }
-        if rec.streams.is_empty() {
+        let waits = !rec.streams.is_empty();
+        if !waits {
             // Small pool (see `DeviceCore::small_max`), without loading the segment.
             debug_assert_eq!(
                 size <= dev.small_max,
@@ -481,6 +485,7 @@ impl ArenaInner {
         Some(Freed {
             size,
             requested: rec.requested,
+            waits,
         })
     }
 
@@ -621,6 +626,28 @@ impl ArenaInner {
         self.live.contains_key(&ptr).then(|| {
             self.sites.insert(ptr, site);
         })
+    }
+
+    /// Every segment (snapshots walk them).
+    pub fn segments(&self) -> impl Iterator<Item = &Segment> + '_ {
+        self.segs.iter().flatten()
+    }
+
+    /// The blocks of `seg` (one of this arena's), lowest address first.
+    pub fn blocks_of<'a>(&'a self, seg: &Segment) -> impl Iterator<Item = &'a Block> + 'a {
+        let mut i = seg.first;
+        std::iter::from_fn(move || {
+            (i != NIL).then(|| {
+                let b = self.blocks.get(i);
+                i = b.next;
+                b
+            })
+        })
+    }
+
+    /// What live `ptr` asked for.
+    pub fn live_requested(&self, ptr: u64) -> Option<u64> {
+        self.live.get(&ptr).map(|r| r.requested)
     }
 
     /// The segment whose range holds `addr`, if any.

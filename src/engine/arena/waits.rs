@@ -108,6 +108,7 @@ impl ArenaInner {
     pub fn release_quarantine(&mut self, dev: &DeviceCore) {
         for (i, streams) in std::mem::take(&mut self.quarantined) {
             if streams.is_empty() {
+                self.history_completed(i, dev);
                 self.release_block(i);
             } else {
                 self.wait_for_streams(i, &streams, dev);
@@ -139,10 +140,21 @@ impl ArenaInner {
                 for (e, _) in p.events {
                     dev.put_event(e);
                 }
+                self.history_completed(p.block, dev);
                 self.release_block(p.block);
             } else {
                 i += 1;
             }
+        }
+    }
+
+    /// Tell the history, where it is on, that the waiting free of `block`
+    /// completes (see `engine/snapshot.rs`).
+    #[inline]
+    fn history_completed(&self, block: u32, dev: &DeviceCore) {
+        if dev.history.on() {
+            let b = self.blocks.get(block);
+            dev.history.completed(b.addr, b.size);
         }
     }
 }
