@@ -311,6 +311,36 @@ void cudalloc_record_stream(void *ptr, void *stream);
 void cudalloc_empty_cache(void);
 
 /**
+ * Whether a request of `size` bytes on `device` for `stream` could be
+ * served now without running out of memory, counting cudalloc's cache (a
+ * free block of the stream's own, or idle segments it would adopt or
+ * release), the device's free memory and the limit (`max_memory`,
+ * `memory_fraction`). Returns 1 (yes), 0 (no) or -1 with the last error
+ * set (`CUDALLOC_ERR_INVALID_DEVICE` for a bad device). Size 0 is 1.
+ *
+ * The cache is per stream, so the answer is for `stream` (a raw
+ * `CUstream`; NULL is the legacy default stream), the stream the request
+ * would be made on. Allocates nothing and changes no statistic; it may ask
+ * the driver for the device's free memory. A snapshot, racing with other
+ * threads and processes: 1 is no promise that the allocation that follows
+ * succeeds. It counts neither what the OOM callbacks could free nor a
+ * private pool's memory; during a graph capture on the device, only the
+ * stream's own cached blocks.
+ */
+int cudalloc_can_allocate(size_t size, int device, void *stream);
+
+/**
+ * Whether `device`'s memory is low: its pressure level, sampled from the
+ * driver now, is HIGH or CRITICAL (80% or more of the device's memory in
+ * use, by any process). Returns 1 (yes), 0 (no) or -1 with the last error
+ * set (`CUDALLOC_ERR_INVALID_DEVICE` for a bad device). Records no
+ * pressure event and runs no pressure callback (the periodic sample
+ * does). During a graph capture on the device the driver is not asked:
+ * the last periodic sample answers.
+ */
+int cudalloc_is_low_memory(int device);
+
+/**
  * The fraction (0, 1] of `device`'s total memory cudalloc may reserve: 1.0
  * until `cudalloc_set_memory_fraction` (PyTorch's
  * `get_per_process_memory_fraction`). -1.0, with the error set, for a bad

@@ -59,3 +59,15 @@ fn huge_split_off() {
 fn huge_device_16gib() {
     suite("sim_memory:16GiB");
 }
+
+/// A warm-up reservation (`reserve:`) taken at each device's first use.
+#[test]
+fn warm_up_reservation() {
+    suite("sim_devices:2,sim_memory:1GiB,reserve:256MiB|64MiB");
+}
+
+/// A reservation under `huge_split:off` (taken as large segments).
+#[test]
+fn warm_up_reservation_huge_split_off() {
+    suite("sim_memory:1GiB,huge_split:off,reserve:100MiB");
+}

@@ -5,6 +5,7 @@
 use super::arena::{Arena, ArenaInner};
 use super::core::DeviceCore;
 use super::pool_state::{PoolState, Pools};
+use super::reserve::Reserve;
 use crate::config::Config;
 use crate::driver::{Driver, Stream};
 use crate::stats::cudalloc_stats;
@@ -35,6 +36,8 @@ pub(super) struct Device {
     pub(super) accumulated_base: Box<Mutex<cudalloc_stats>>,
     /// Private pools (PyTorch's graph pools; `pools.rs`).
     pub(super) pools: Box<Mutex<Pools>>,
+    /// The warm-up reservation (`reserve.rs`).
+    pub(super) reserve: Reserve,
 }
 
 impl Device {
@@ -49,6 +52,7 @@ impl Device {
             peak: Mutex::new(0),
             accumulated_base: Box::new(Mutex::new(cudalloc_stats::default())),
             pools: Box::new(Mutex::new(Pools::default())),
+            reserve: Reserve::new(config.reserve_for(index)),
         }
     }
 

@@ -15,6 +15,8 @@
 //! accounting.rs stats, accumulated counters and their reset, peaks
 //! limits.rs    max_memory and memory_fraction
 //! reclaim.rs   idle segments proven free: release, adoption, trim
+//! reserve.rs   the warm-up reservation (`reserve:`) and trim's floor
+//! capacity.rs  can_allocate: would a request be served now, read-only
 //! pools.rs     PyTorch's private graph pools
 //! check.rs     the invariants, walked
 //! device.rs    a device: its arenas and their thread-local cache, byte
@@ -60,6 +62,7 @@
 
 mod accounting;
 mod arena;
+mod capacity;
 mod capture;
 mod check;
 mod core;
@@ -70,6 +73,7 @@ mod lookup;
 mod pool_state;
 mod pools;
 mod reclaim;
+mod reserve;
 mod slow;
 #[cfg(test)]
 mod testing;

@@ -88,6 +88,10 @@ pub(crate) struct Segment {
     /// again and again (a large block alone in its segment, in a loop)
     /// counts once per epoch, so it alone never triggers a record.
     counted: u64,
+    /// Never handed out since the driver gave it (a warm-up reservation,
+    /// `reserve.rs`): no stream ever used it, so it has no free to prove
+    /// and any stream may adopt it at once.
+    pub fresh: bool,
 }
 
 /// A segment detached from an arena, in transit to another arena or the driver.
@@ -295,6 +299,7 @@ impl ArenaInner {
     fn seg_used_inc(&mut self, s: u32, dev: &DeviceCore) {
         let seg = self.seg_mut(s);
         seg.used += 1;
+        seg.fresh = false;
         if seg.used == 1 && seg.idle_pos != NIL {
             let pos = seg.idle_pos;
             let ev = seg.event.take();
@@ -354,10 +359,19 @@ impl ArenaInner {
             idle_since_ms: 0,
             idle_epoch: 0,
             counted: 0,
+            fresh: false,
         });
         self.index[d.pool as usize].insert(&mut self.blocks, b);
         self.make_idle(s);
         self.debug_check();
+        s
+    }
+
+    /// [`ArenaInner::attach`] a segment the driver just gave and nobody
+    /// used yet: marked fresh (see [`Segment::fresh`]).
+    pub fn attach_fresh(&mut self, d: Detached) -> u32 {
+        let s = self.attach(d);
+        self.seg_mut(s).fresh = true;
         s
     }
 
