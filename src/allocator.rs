@@ -94,7 +94,8 @@ impl Allocator {
 
     /// Whether `device`'s memory is low: its pressure level now
     /// ([`Allocator::pressure_level_now`]) is HIGH or CRITICAL (80% or more
-    /// of the device's memory in use, by any process).
+    /// of the device's memory in use, by any process, cudalloc's own idle
+    /// cache included: `empty_cache` lowers it).
     pub fn is_low_memory(&self, device: usize) -> Result<bool> {
         Ok(self.pressure_level_now(device)? >= Level::High)
     }

@@ -116,6 +116,8 @@ _OPTIONAL_SIGNATURES = {
     "cudalloc_register_pressure_callback": (_c.c_int, [PRESSURE_CALLBACK, _c.c_void_p]),
     "cudalloc_reset_accumulated_stats": (None, [_c.c_int]),
     "cudalloc_get_memory_fraction": (_c.c_double, [_c.c_int]),
+    "cudalloc_can_allocate": (_c.c_int, [_c.c_size_t, _c.c_int, _c.c_void_p]),
+    "cudalloc_is_low_memory": (_c.c_int, [_c.c_int]),
 }
 
 _lock = threading.Lock()

@@ -30,7 +30,8 @@ pub extern "C" fn cudalloc_can_allocate(size: usize, device: c_int, stream: *mut
 
 /// Whether `device`'s memory is low: its pressure level, sampled from the
 /// driver now, is HIGH or CRITICAL (80% or more of the device's memory in
-/// use, by any process). Returns 1 (yes), 0 (no) or -1 with the last error
+/// use, by any process, cudalloc's own idle cache included). Returns 1
+/// (yes), 0 (no) or -1 with the last error
 /// set (`CUDALLOC_ERR_INVALID_DEVICE` for a bad device). Records no
 /// pressure event and runs no pressure callback (the periodic sample
 /// does). During a graph capture on the device the driver is not asked:
