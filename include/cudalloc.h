@@ -271,11 +271,14 @@ void *cudalloc_malloc(size_t size, int device, void *stream);
 /**
  * PyTorch's `alloc_fn` (what the Python package's `enable()` installs):
  * [`cudalloc_malloc`], except that a failure with `size` > 0 throws a C++
- * `std::runtime_error` instead of returning NULL. PyTorch does not check
- * its pluggable allocator's NULL (a tensor with no memory behind it would
- * reach kernels); it does turn a C++ exception into a Python
- * `RuntimeError`. The message starts "CUDA out of memory." on an OOM (what
- * Lightning and accelerate look for), followed by cudalloc's diagnosis.
+ * exception instead of returning NULL. PyTorch does not check its
+ * pluggable allocator's NULL (a tensor with no memory behind it would
+ * reach kernels); it does turn a C++ exception into a Python exception.
+ * An out-of-memory throws `c10::OutOfMemoryError` when PyTorch's c10 is
+ * in the process (Python sees `torch.OutOfMemoryError`, a `RuntimeError`),
+ * else `std::runtime_error`; other failures throw `std::runtime_error`.
+ * The message starts "CUDA out of memory." on an OOM (what Lightning and
+ * accelerate look for), followed by cudalloc's diagnosis.
  * In a process without the C++ runtime (libstdc++), and while the process
  * exits (a C++ destructor may be the caller), it returns NULL as
  * `cudalloc_malloc` does. Not for C callers: wherever libstdc++ is loaded
