@@ -325,10 +325,12 @@ impl Engine {
                     .iter()
                     .copied()
                     .find(|&s| inner.seg(s).base == base)
-                    .filter(|&s| budget.spend(inner.seg(s).size));
+                    .filter(|&s| budget.fits(inner.seg(s).size));
                 take_proven(&mut inner, a.stream, &dev.core, found, false, 1)
             };
-            released += dev.give_back(a, detached);
+            let gone = dev.give_back(a, detached);
+            budget.spend(gone);
+            released += gone;
         }
         released
     }

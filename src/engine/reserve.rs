@@ -76,14 +76,20 @@ impl Reserve {
 pub(super) struct FloorBudget(u64);
 
 impl FloorBudget {
-    /// Whether a segment of `size` bytes may go; if so, it is spent.
+    /// Whether a segment of `size` bytes may go.
+    pub(super) fn fits(&self, size: u64) -> bool {
+        size <= self.0
+    }
+
+    /// Whether a segment of `size` bytes may go; if so, it is spent (a
+    /// candidate that then stays, its free unproven, keeps its share: the
+    /// release may keep a little more than the floor, never less).
     pub(super) fn spend(&mut self, size: u64) -> bool {
-        if size <= self.0 {
+        let fits = self.fits(size);
+        if fits {
             self.0 -= size;
-            true
-        } else {
-            false
         }
+        fits
     }
 }
 
