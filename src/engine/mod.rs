@@ -194,8 +194,9 @@ impl Engine {
     /// Allocate `size` bytes on `device` for use on `stream`. Size 0 gives
     /// `Ok(0)` (NULL, not an error). The address is 512-byte aligned.
     ///
-    /// On a miss, in order: adopt another stream's idle segment whose free is
-    /// proven complete; get a segment from the driver (within the limits);
+    /// On a miss, in order (the device's first miss takes its warm-up
+    /// reservation first, `reserve:`, in `reserve.rs`): adopt another
+    /// stream's idle segment whose free is proven complete; get a segment from the driver (within the limits);
     /// then the OOM ladder: (1) release idle segments whose events completed,
     /// retry; (2) synchronise and release every idle segment, retry; (3) run
     /// the OOM callbacks, retry; (4) fail with `CUDALLOC_ERR_OUT_OF_MEMORY`,
