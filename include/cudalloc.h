@@ -302,11 +302,14 @@ void *cudalloc_malloc(size_t size, int device, void *stream);
 /**
  * PyTorch's `alloc_fn` (what the Python package's `enable()` installs):
  * [`cudalloc_malloc`], except that a failure with `size` > 0 throws a C++
- * `std::runtime_error` instead of returning NULL. PyTorch does not check
- * its pluggable allocator's NULL (a tensor with no memory behind it would
- * reach kernels); it does turn a C++ exception into a Python
- * `RuntimeError`. The message starts "CUDA out of memory." on an OOM (what
- * Lightning and accelerate look for), followed by cudalloc's diagnosis.
+ * exception instead of returning NULL. PyTorch does not check its
+ * pluggable allocator's NULL (a tensor with no memory behind it would
+ * reach kernels); it does turn a C++ exception into a Python exception.
+ * An out-of-memory throws `c10::OutOfMemoryError` when PyTorch's c10 is
+ * in the process (Python sees `torch.OutOfMemoryError`, a `RuntimeError`),
+ * else `std::runtime_error`; other failures throw `std::runtime_error`.
+ * The message starts "CUDA out of memory." on an OOM (what Lightning and
+ * accelerate look for), followed by cudalloc's diagnosis.
  * In a process without the C++ runtime (libstdc++), and while the process
  * exits (a C++ destructor may be the caller), it returns NULL as
  * `cudalloc_malloc` does. Not for C callers: wherever libstdc++ is loaded
@@ -340,6 +343,37 @@ void cudalloc_record_stream(void *ptr, void *stream);
  * (PyTorch's `reset_fn`, called by `torch.cuda.empty_cache()`).
  */
 void cudalloc_empty_cache(void);
+
+/**
+ * Whether a request of `size` bytes on `device` for `stream` could be
+ * served now without running out of memory, counting cudalloc's cache (a
+ * free block of the stream's own, or idle segments it would adopt or
+ * release), the device's free memory and the limit (`max_memory`,
+ * `memory_fraction`). Returns 1 (yes), 0 (no) or -1 with the last error
+ * set (`CUDALLOC_ERR_INVALID_DEVICE` for a bad device). Size 0 is 1.
+ *
+ * The cache is per stream, so the answer is for `stream` (a raw
+ * `CUstream`; NULL is the legacy default stream), the stream the request
+ * would be made on. Allocates nothing and changes no statistic; it may ask
+ * the driver for the device's free memory. A snapshot, racing with other
+ * threads and processes: 1 is no promise that the allocation that follows
+ * succeeds. It counts neither what the OOM callbacks could free nor a
+ * private pool's memory; during a graph capture on the device, only the
+ * stream's own cached blocks.
+ */
+int cudalloc_can_allocate(size_t size, int device, void *stream);
+
+/**
+ * Whether `device`'s memory is low: its pressure level, sampled from the
+ * driver now, is HIGH or CRITICAL (80% or more of the device's memory in
+ * use, by any process, cudalloc's own idle cache included). Returns 1
+ * (yes), 0 (no) or -1 with the last error
+ * set (`CUDALLOC_ERR_INVALID_DEVICE` for a bad device). Records no
+ * pressure event and runs no pressure callback (the periodic sample
+ * does). During a graph capture on the device the driver is not asked:
+ * the last periodic sample answers.
+ */
+int cudalloc_is_low_memory(int device);
 
 /**
  * The fraction (0, 1] of `device`'s total memory cudalloc may reserve: 1.0

@@ -11,6 +11,7 @@ use crate::driver::{Driver, Stream};
 use crate::engine::{Engine, OomCallback, PoolId};
 use crate::error::Result;
 use crate::live::LiveInfo;
+use crate::observe::pressure::Level;
 use crate::observe::{export, leak, Observer};
 use crate::stats::cudalloc_stats;
 use std::sync::Arc;
@@ -75,6 +76,28 @@ impl Allocator {
     pub fn stats(&self, device: usize) -> Result<cudalloc_stats> {
         self.engine
             .stats_with(device, |s| self.observe.fill_stats(device, s))
+    }
+
+    /// The pressure level of `device` now, sampled from the driver at once
+    /// (the statistics' `pressure_level` is the last periodic sample, every
+    /// `pressure_interval` on allocation calls). Records nothing: the
+    /// periodic sample alone counts level changes and runs the pressure
+    /// callbacks. While a graph capture may be under way on the device,
+    /// the driver is not asked: the last periodic sample answers (LOW
+    /// before the first).
+    pub fn pressure_level_now(&self, device: usize) -> Result<Level> {
+        Ok(match self.engine.mem_info_now(device)? {
+            Some((free, total)) => Level::of(total.saturating_sub(free), total),
+            None => self.observe.level(device),
+        })
+    }
+
+    /// Whether `device`'s memory is low: its pressure level now
+    /// ([`Allocator::pressure_level_now`]) is HIGH or CRITICAL (80% or more
+    /// of the device's memory in use, by any process, cudalloc's own idle
+    /// cache included: `empty_cache` lowers it).
+    pub fn is_low_memory(&self, device: usize) -> Result<bool> {
+        Ok(self.pressure_level_now(device)? >= Level::High)
     }
 
     /// Restart the accumulated counters of `device` from zero, the
@@ -193,6 +216,8 @@ delegate! {
     fn diagnose(&self, device: usize, size: u64, stream: Stream, why: &str) -> String;
     /// See [`Engine::trim`].
     fn trim(&self, device: usize, want: u64) -> u64;
+    /// See [`Engine::can_allocate`].
+    fn can_allocate(&self, size: u64, device: usize, stream: Stream) -> Result<bool>;
     /// See [`Engine::mem_info_outside_capture`].
     fn mem_info_outside_capture(&self, device: usize, wait: bool) -> Option<crate::driver::DriverResult<(u64, u64)>>;
     /// See [`Engine::begin_pool`].
@@ -211,6 +236,41 @@ mod tests {
     use crate::driver::sim::SimDriver;
 
     const P: PoolId = (1, 0);
+
+    /// `is_low_memory` samples the device now (any process's use counts),
+    /// records nothing, and during a capture answers from the last sample.
+    #[test]
+    fn is_low_memory_samples_now_and_records_nothing() {
+        use crate::driver::Driver as _;
+        use crate::error::ErrorCode;
+        let c = Config::parse("sim_memory:1GiB,pressure_interval:off").unwrap();
+        let d = Arc::new(SimDriver::new(c.sim_devices, c.sim_memory));
+        let a = Allocator::new(c, d.clone());
+        assert!(!a.is_low_memory(0).unwrap());
+        let hog = d.mem_alloc(0, 700 << 20).unwrap(); // 68%: MODERATE
+        assert!(!a.is_low_memory(0).unwrap());
+        assert_eq!(a.pressure_level_now(0).unwrap(), Level::Moderate);
+        let p = a.malloc(150 << 20, 0, 0).unwrap(); // 83%: HIGH
+        assert!(a.is_low_memory(0).unwrap());
+        let s = a.stats(0).unwrap();
+        assert_eq!(
+            (s.pressure_level, s.num_pressure_high),
+            (0, 0),
+            "nothing recorded"
+        );
+        a.begin_pool(0, P).unwrap();
+        let before = d.counters().mem_info_calls;
+        assert!(!a.is_low_memory(0).unwrap(), "the last sample (none: LOW)");
+        assert_eq!(d.counters().mem_info_calls, before, "no cuMemGetInfo");
+        a.end_pool(0, P).unwrap();
+        assert_eq!(
+            a.is_low_memory(1).unwrap_err().code,
+            ErrorCode::CUDALLOC_ERR_INVALID_DEVICE
+        );
+        a.free(p, Some(0), 0).unwrap();
+        d.mem_free(0, hog, 700 << 20).unwrap();
+        assert!(!a.is_low_memory(0).unwrap());
+    }
 
     #[test]
     fn pressure_sampling_waits_for_the_capture() {

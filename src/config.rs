@@ -45,6 +45,10 @@ pub struct Config {
     pub max_memory: u64,
     /// Per-device fraction of total memory cudalloc may reserve.
     pub memory_fraction: f64,
+    /// Warm-up reservation in bytes, taken at a device's first use: one
+    /// value for every device, or one per device (devices past the list
+    /// take none). See [`Config::reserve_for`].
+    pub reserve: Vec<u64>,
     /// Largest request served from the small pool.
     pub small_max: u64,
     /// Segment size of the small pool.
@@ -208,6 +212,27 @@ pub static OPTIONS: &[OptionSpec] = &[
             Ok(())
         },
         get: |c| c.memory_fraction.to_string(),
+    },
+    OptionSpec {
+        key: "reserve",
+        accepted: "0 (none), a byte count with optional suffix K/M/G/T for every device, or one per device separated by '|', e.g. 4GiB or 4GiB|0|2GiB",
+        default: "0",
+        doc: "warm-up reservation taken from the driver at a device's first use and kept cached; trim never goes below it, empty_cache releases it",
+        set: |c, v| {
+            c.reserve = parse_reserve(v)?;
+            Ok(())
+        },
+        get: |c| {
+            if c.reserve.iter().all(|&n| n == 0) {
+                "0 (none)".into()
+            } else {
+                c.reserve
+                    .iter()
+                    .map(|&n| if n == 0 { "0".into() } else { format_size(n) })
+                    .collect::<Vec<_>>()
+                    .join("|")
+            }
+        },
     },
     OptionSpec {
         key: "small_max",
@@ -447,6 +472,7 @@ impl Default for Config {
             sim_fail_alloc: 0,
             max_memory: 0,
             memory_fraction: 1.0,
+            reserve: Vec::new(),
             small_max: 0,
             small_segment: 0,
             large_segment: 0,
@@ -643,7 +669,29 @@ impl Config {
         if self.huge_threshold <= self.small_max {
             return bad("huge_threshold", "must be > small_max");
         }
+        if self.max_memory > 0 {
+            if let Some(&r) = self.reserve.iter().find(|&&r| r > self.max_memory) {
+                return bad(
+                    "reserve",
+                    &format!(
+                        "{} is above max_memory ({}): the reservation counts against the limit",
+                        format_size(r),
+                        format_size(self.max_memory)
+                    ),
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// The warm-up reservation of `device` in bytes (0: none): the one
+    /// value of `reserve:SIZE` for every device, or the device's entry of
+    /// `reserve:A|B|...` (devices past the list take none).
+    pub fn reserve_for(&self, device: usize) -> u64 {
+        match self.reserve.as_slice() {
+            [all] => *all,
+            list => list.get(device).copied().unwrap_or(0),
+        }
     }
 
     /// The effective configuration as an aligned table, one option a line.
@@ -746,6 +794,28 @@ pub fn format_duration_ms(ms: u64) -> String {
         _ if ms % 1000 == 0 => format!("{}s", ms / 1000),
         _ => format!("{ms}ms"),
     }
+}
+
+/// `reserve`'s value: one size, or sizes separated by `|` (neither `,` nor
+/// `:`, which `CUDALLOC_CONF` itself uses). At most 64 entries, as devices.
+fn parse_reserve(v: &str) -> std::result::Result<Vec<u64>, String> {
+    let parts: Vec<&str> = v.split('|').map(str::trim).collect();
+    if parts.len() > 64 {
+        return Err(format!("{} entries; at most 64", parts.len()));
+    }
+    parts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            parse_size(p).ok_or_else(|| {
+                if parts.len() == 1 {
+                    String::new()
+                } else {
+                    format!("entry {i}, '{p}', is not a size")
+                }
+            })
+        })
+        .collect()
 }
 
 fn parse_granular(v: &str) -> std::result::Result<u64, String> {
@@ -937,6 +1007,40 @@ mod tests {
             (l.summary().as_str(), l.config),
             ("the defaults", Config::default())
         );
+    }
+
+    #[test]
+    fn reserve_takes_one_size_or_one_per_device() {
+        let c = Config::default();
+        assert_eq!(
+            (c.reserve_for(0), c.get("reserve").as_deref()),
+            (0, Some("0 (none)"))
+        );
+        let c = Config::parse("reserve:4GiB").unwrap();
+        assert_eq!((c.reserve_for(0), c.reserve_for(7)), (4 << 30, 4 << 30));
+        assert_eq!(c.get("reserve").as_deref(), Some("4GiB"));
+        let c = Config::parse("reserve: 4GiB | 0 | 512M ").unwrap();
+        let each: Vec<u64> = (0..4).map(|d| c.reserve_for(d)).collect();
+        assert_eq!(each, [4 << 30, 0, 512 << 20, 0], "past the list: none");
+        assert_eq!(c.get("reserve").as_deref(), Some("4GiB|0|512MiB"));
+        assert_eq!(
+            Config::parse(&format!("reserve:{}", c.get("reserve").unwrap())).unwrap(),
+            c
+        );
+        let e = Config::parse("reserve:4GiB|x").unwrap_err();
+        assert!(
+            e.message
+                .contains("key 'reserve' has bad value '4GiB|x' (entry 1, 'x', is not a size)")
+                && e.message.contains("separated by '|'"),
+            "{e}"
+        );
+        let e = Config::parse("reserve:2GiB,max_memory:1GiB").unwrap_err();
+        assert!(
+            e.message
+                .contains("key 'reserve': 2GiB is above max_memory (1GiB)"),
+            "{e}"
+        );
+        assert!(Config::parse("reserve:1GiB,max_memory:1GiB").is_ok());
     }
 
     #[test]

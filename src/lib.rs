@@ -22,8 +22,9 @@
 //!            stash; stream-ordered reuse; adoption of idle segments proven
 //!            free (epoch events, stream queries, per-segment events); the
 //!            OOM ladder; limits; graph captures; private pools; reclaim;
-//!            diagnosis; snapshots and their history; check_invariants
-//!            (engine/mod.rs maps its files)
+//!            the warm-up reservation; can_allocate; diagnosis; snapshots
+//!            and their history; check_invariants (engine/mod.rs maps its
+//!            files)
 //!   size_class  pure size -> granule, pool, segment, bin functions          size_class.rs
 //! live       live-allocation records and their stamps (time, thread)       live.rs
 //! stats      cudalloc_stats snapshot; device gauges and counters             stats.rs

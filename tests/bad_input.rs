@@ -358,6 +358,12 @@ fn row_negative_or_huge_device_index() {
         assert_eq!(last(), ErrorCode::CUDALLOC_ERR_INVALID_DEVICE);
         cudalloc_init_devices(dev); // a mismatch is only logged
         assert_eq!(last(), ErrorCode::CUDALLOC_OK);
+        assert_eq!(cudalloc_can_allocate(4096, dev, ptr(0)), -1);
+        assert_eq!(last(), ErrorCode::CUDALLOC_ERR_INVALID_DEVICE);
+        assert_eq!(cudalloc_can_allocate(0, dev, ptr(0)), -1, "size 0 too");
+        assert_eq!(last(), ErrorCode::CUDALLOC_ERR_INVALID_DEVICE);
+        assert_eq!(cudalloc_is_low_memory(dev), -1);
+        assert_eq!(last(), ErrorCode::CUDALLOC_ERR_INVALID_DEVICE);
     }
     assert_eq!(cudalloc_device_count(), NDEV);
     assert_unchanged(&before, |_, _| {});
@@ -369,6 +375,9 @@ fn row_size_max_and_overflowing_sizes() {
     let before = all_stats();
     let sizes = [usize::MAX, usize::MAX - 510, 1 << 50, (1 << 30) + 1];
     for size in sizes {
+        // Asked first: the answer is no, and asking changes nothing.
+        assert_eq!(cudalloc_can_allocate(size, 0, ptr(0x10)), 0, "size {size}");
+        assert_eq!(last(), ErrorCode::CUDALLOC_OK);
         let p = cudalloc_malloc(size, 0, ptr(0x10));
         assert!(p.is_null(), "size {size}");
         assert_eq!(last(), ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY, "size {size}");
@@ -442,6 +451,15 @@ fn row_bad_config_strings() {
         "sim_events:maybe",
         "sim_fail_alloc:-3",
         "max_memory:lots",
+        "reserve:lots",
+        "reserve:",
+        "reserve:-1GiB",
+        "reserve:1GiB|",
+        "reserve:1GiB||2GiB",
+        "reserve:1GiB|x",
+        "reserve:1GiB;2GiB",
+        "reserve:1GiB/2GiB",
+        "reserve:2GiB,max_memory:1GiB",
         "sim_memory:1GiB,,bogus",
         "sim_memory:1GiB;sim_devices:2",
         "sim_memory=1GiB",
@@ -797,6 +815,10 @@ fn row_every_export_with_a_bad_environment() {
     assert_eq!(last(), cfg);
     cudalloc_init_devices(1);
     assert_eq!(last(), cfg);
+    assert_eq!(cudalloc_can_allocate(4096, 0, ptr(0)), -1);
+    assert_eq!(last(), cfg);
+    assert_eq!(cudalloc_is_low_memory(0), -1);
+    assert_eq!(last(), cfg);
     assert_eq!(cudalloc_device_count(), -1);
     assert_eq!(cudalloc_check_invariants(), cfg as c_int);
     // SAFETY: NULL reads the (bad) environment.
@@ -1007,6 +1029,8 @@ fn every_export_in_the_header_is_in_the_catalog() {
         "cudalloc_record_memory_history",
         "cudalloc_register_oom_callback",
         "cudalloc_register_pressure_callback",
+        "cudalloc_can_allocate",
+        "cudalloc_is_low_memory",
     ];
     let header =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/include/cudalloc.h"))

@@ -66,3 +66,15 @@ fn expandable_segments() {
     suite("sim_devices:2,sim_memory:256MiB,max_memory:200MiB,expandable_segments:True");
     suite("sim_memory:512MiB,small_max:64KiB,small_segment:256KiB,large_segment:4MiB,huge_threshold:2MiB,huge_round:512KiB,huge_split:off,expandable_segments:on");
 }
+
+/// A warm-up reservation (`reserve:`) taken at each device's first use.
+#[test]
+fn warm_up_reservation() {
+    suite("sim_devices:2,sim_memory:1GiB,reserve:256MiB|64MiB");
+}
+
+/// A reservation under `huge_split:off` (taken as large segments).
+#[test]
+fn warm_up_reservation_huge_split_off() {
+    suite("sim_memory:1GiB,huge_split:off,reserve:100MiB");
+}

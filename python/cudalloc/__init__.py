@@ -16,6 +16,7 @@ Importing this package loads neither torch nor the library; the library is
 loaded on first use (``$CUDALLOC_LIBRARY`` overrides the bundled copy).
 """
 
+from ._capacity import can_allocate, is_low_memory
 from ._lib import (
     ConfigError,
     CudallocError,
@@ -48,6 +49,7 @@ __all__ = [
     "CudallocError",
     "InvalidArgumentError",
     "InvalidDeviceError",
+    "can_allocate",
     "check_invariants",
     "configure",
     "device_count",
@@ -57,6 +59,7 @@ __all__ = [
     "enabled_hooks",
     "get_per_process_memory_fraction",
     "is_enabled",
+    "is_low_memory",
     "is_patched",
     "leak_report",
     "library_path",

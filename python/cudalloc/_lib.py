@@ -125,6 +125,8 @@ _OPTIONAL_SIGNATURES = {
     "cudalloc_get_memory_fraction": (_c.c_double, [_c.c_int]),
     "cudalloc_snapshot_json": (_c.c_size_t, [_c.c_void_p, _c.c_size_t]),
     "cudalloc_record_memory_history": (_c.c_int, [_c.c_int, _c.c_size_t, _c.c_int]),
+    "cudalloc_can_allocate": (_c.c_int, [_c.c_size_t, _c.c_int, _c.c_void_p]),
+    "cudalloc_is_low_memory": (_c.c_int, [_c.c_int]),
 }
 
 _lock = threading.Lock()

@@ -5,6 +5,7 @@
 use super::arena::{Arena, ArenaInner};
 use super::core::DeviceCore;
 use super::pool_state::{PoolState, Pools};
+use super::reserve::Reserve;
 use crate::config::Config;
 use crate::driver::{Driver, Stream};
 use crate::stats::cudalloc_stats;
@@ -40,6 +41,8 @@ pub(super) struct Device {
     /// The physical memory of virtual segments, once the first slow path
     /// found virtual memory available (`vmm.rs`); `None` inside: classic.
     pub(super) vmm: OnceCell<Option<Box<Mutex<super::vmm::Vmm>>>>,
+    /// The warm-up reservation (`reserve.rs`).
+    pub(super) reserve: Reserve,
 }
 
 impl Device {
@@ -56,6 +59,7 @@ impl Device {
             pools: Box::new(Mutex::new(Pools::default())),
             expandable: config.expandable_segments,
             vmm: OnceCell::new(),
+            reserve: Reserve::new(config.reserve_for(index)),
         }
     }
 

@@ -15,6 +15,8 @@
 //! accounting.rs stats, accumulated counters and their reset, peaks
 //! limits.rs    max_memory and memory_fraction
 //! reclaim.rs   idle segments proven free: release, adoption, trim
+//! reserve.rs   the warm-up reservation (`reserve:`) and trim's floor
+//! capacity.rs  can_allocate: would a request be served now, read-only
 //! pools.rs     PyTorch's private graph pools
 //! check.rs     the invariants, walked
 //! snapshot.rs  segments and blocks walked for PyTorch's snapshots; the
@@ -65,6 +67,7 @@
 
 mod accounting;
 mod arena;
+mod capacity;
 mod capture;
 mod check;
 mod core;
@@ -75,6 +78,7 @@ mod lookup;
 mod pool_state;
 mod pools;
 mod reclaim;
+mod reserve;
 mod slow;
 pub mod snapshot;
 #[cfg(test)]
@@ -198,8 +202,9 @@ impl Engine {
     /// Allocate `size` bytes on `device` for use on `stream`. Size 0 gives
     /// `Ok(0)` (NULL, not an error). The address is 512-byte aligned.
     ///
-    /// On a miss, in order: adopt another stream's idle segment whose free is
-    /// proven complete; get a segment from the driver (within the limits);
+    /// On a miss, in order (the device's first miss takes its warm-up
+    /// reservation first, `reserve:`, in `reserve.rs`): adopt another
+    /// stream's idle segment whose free is proven complete; get a segment from the driver (within the limits);
     /// then the OOM ladder: (1) release idle segments whose events completed,
     /// retry; (2) synchronise and release every idle segment, retry; (3) run
     /// the OOM callbacks, retry; (4) fail with `CUDALLOC_ERR_OUT_OF_MEMORY`,

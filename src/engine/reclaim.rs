@@ -101,6 +101,7 @@ impl Device {
         self.release_quarantine();
         // The captures are over: a stream they named may be destroyed now.
         self.core.capture.forget_watched();
+        self.reserve.released();
         self.release_idle(Release::All)
     }
 
@@ -132,6 +133,8 @@ impl Device {
     /// capture is under way (`capture_underway`: that would invalidate it).
     pub(super) fn release_idle(&self, mode: Release) -> u64 {
         let mut released = 0;
+        // Only a release of everything goes below the reservation (reserve.rs).
+        let mut budget = self.floor_budget();
         for arena in self.arena_list() {
             let detached: Vec<Detached> = {
                 let mut a = arena.inner.lock();
@@ -180,7 +183,7 @@ impl Device {
                         .driver
                         .stream_synchronize(self.core.index, arena.stream);
                 }
-                let candidates: Vec<u32> = match mode {
+                let mut candidates: Vec<u32> = match mode {
                     Release::All | Release::Completed => a.idle_segments().to_vec(),
                     Release::Useless {
                         pool,
@@ -193,6 +196,9 @@ impl Device {
                         .filter(|&s| useless(a.seg(s).pool, a.seg(s).size, pool, rounded, &policy))
                         .collect(),
                 };
+                if mode != Release::All {
+                    candidates.retain(|&s| budget.spend(a.seg(s).size));
+                }
                 take_proven(
                     &mut a,
                     arena.stream,
@@ -286,7 +292,8 @@ impl Device {
 impl Engine {
     /// Release idle cached segments of `device`, the longest idle first,
     /// until at least `want` bytes are released or none is left. Never
-    /// blocks: a segment goes only once its free is proven complete.
+    /// blocks: a segment goes only once its free is proven complete. Never
+    /// takes the reserved bytes below the warm-up reservation (`reserve:`).
     /// Returns the bytes released.
     pub fn trim(&self, device: usize, want: u64) -> u64 {
         let Ok(dev) = self.device(device) else {
@@ -310,6 +317,8 @@ impl Engine {
         }
         cands.sort_unstable();
         let mut released = 0;
+        // Never below the warm-up reservation (reserve.rs).
+        let mut budget = dev.floor_budget();
         for (_, ai, base) in cands {
             if released >= want {
                 break;
@@ -323,10 +332,13 @@ impl Engine {
                     .idle_segments()
                     .iter()
                     .copied()
-                    .find(|&s| inner.seg(s).base == base);
+                    .find(|&s| inner.seg(s).base == base)
+                    .filter(|&s| budget.fits(inner.seg(s).size));
                 take_proven(&mut inner, a.stream, &dev.core, found, false, 1)
             };
-            released += dev.give_back(a, detached);
+            let gone = dev.give_back(a, detached);
+            budget.spend(gone);
+            released += gone;
         }
         if released < want {
             released += dev.vmm_trim(want - released);

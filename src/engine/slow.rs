@@ -96,6 +96,7 @@ impl Engine {
             size,
             capture_underway: capturing || dev.capture_underway(),
         };
+        self.warm_up(dev, arena, want.capture_underway);
         match self.try_serve(dev, arena, &want) {
             Ok(p) => return Ok(p),
             Err(e) if e.code != ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY => return Err(e),

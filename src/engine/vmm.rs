@@ -34,6 +34,7 @@
 
 use super::arena::{Arena, ArenaInner, Mapping, Plan};
 use super::device::Device;
+use super::reserve::FloorBudget;
 use super::slow::Want;
 use super::Engine;
 use crate::config::format_size as fs;
@@ -50,6 +51,8 @@ use rustc_hash::FxHashMap;
 /// training trace), one per page makes 5× the calls in a training step of
 /// classic segments; a quarter of the request keeps both near their best.
 const MAP_PARTS: u64 = 4;
+
+type DriverResultBytes = crate::driver::DriverResult<u64>;
 
 /// Part of a handle mapped nowhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,19 +136,22 @@ impl Vmm {
         out
     }
 
-    /// Handles mapped nowhere: out of the table, with their sizes.
-    fn unmapped_handles(&mut self) -> Vec<(PhysHandle, u64)> {
-        let gone: Vec<(PhysHandle, u64)> = self
+    /// Handles mapped nowhere, with their sizes.
+    fn unmapped_handles(&self) -> Vec<(PhysHandle, u64)> {
+        let mut v: Vec<(PhysHandle, u64)> = self
             .handles
             .iter()
             .filter(|(_, h)| h.1 == 0)
             .map(|(&k, h)| (k, h.0))
             .collect();
-        for (h, _) in &gone {
-            self.handles.remove(h);
-        }
-        self.idle.retain(|p| self.handles.contains_key(&p.handle));
-        gone
+        v.sort_unstable();
+        v
+    }
+
+    /// Forget handle `h` (released): its idle pieces go with it.
+    fn forget(&mut self, h: PhysHandle) {
+        self.handles.remove(&h);
+        self.idle.retain(|p| p.handle != h);
     }
 }
 
@@ -198,6 +204,28 @@ impl Device {
             .get()
             .and_then(|v| v.as_deref())
             .map_or(0, |v| v.lock().idle_bytes())
+    }
+
+    /// The warm-up reservation (`reserve:`) with virtual segments: `size`
+    /// bytes of physical memory, cached unmapped for any stream and either
+    /// pool. Returns the bytes taken. Call with `slow` held.
+    pub(super) fn vmm_reserve(&self, vmm: &Mutex<Vmm>, size: u64) -> DriverResultBytes {
+        let page = vmm.lock().page;
+        let size = size / page * page;
+        if size == 0 {
+            return Ok(0);
+        }
+        let h = self.core.driver.phys_create(self.core.index, size)?;
+        self.core.counters.reserved.add(size);
+        self.core.counters.vmm_creates.inc();
+        let mut v = vmm.lock();
+        v.handles.insert(h, (size, 0));
+        v.give(Piece {
+            handle: h,
+            offset: 0,
+            len: size,
+        });
+        Ok(size)
     }
 
     /// Check the physical memory against the mappings: each handle's mapped
@@ -307,31 +335,27 @@ impl Device {
         done
     }
 
-    /// Release every handle mapped nowhere. Returns the bytes released.
-    fn vmm_release_unmapped(&self, vmm: &Mutex<Vmm>) -> u64 {
-        let gone = vmm.lock().unmapped_handles();
+    /// Release the handles mapped nowhere, within `budget` (the
+    /// reservation's floor) when given. Returns the bytes released.
+    fn vmm_release_unmapped(&self, vmm: &Mutex<Vmm>, mut budget: Option<FloorBudget>) -> u64 {
+        let idle = vmm.lock().unmapped_handles();
         let mut released = 0;
-        for (h, size) in gone {
+        for (h, size) in idle {
+            if budget.as_mut().is_some_and(|b| !b.spend(size)) {
+                continue;
+            }
             match self.core.driver.phys_release(self.core.index, h) {
                 Ok(()) | Err(DriverError::Deinitialized) => {
+                    vmm.lock().forget(h);
                     self.core.counters.reserved.sub(size);
                     self.core.counters.vmm_releases.inc();
                     released += size;
                 }
-                Err(e) => {
-                    tracing::warn!(
-                        device = self.core.index,
-                        "releasing {} of physical memory failed: {e}; it stays cached",
-                        fs(size)
-                    );
-                    let mut v = vmm.lock();
-                    v.handles.insert(h, (size, 0));
-                    v.give(Piece {
-                        handle: h,
-                        offset: 0,
-                        len: size,
-                    });
-                }
+                Err(e) => tracing::warn!(
+                    device = self.core.index,
+                    "releasing {} of physical memory failed: {e}; it stays cached",
+                    fs(size)
+                ),
             }
         }
         released
@@ -373,7 +397,10 @@ impl Device {
                 }
             }
         }
-        self.vmm_release_unmapped(vmm)
+        // The ladder's first step keeps to the reservation; its second and
+        // `empty_cache` do not (reserve.rs).
+        let budget = (!all).then(|| self.floor_budget());
+        self.vmm_release_unmapped(vmm, budget)
     }
 
     /// Trim for virtual segments: unmap what is proven free, without
@@ -383,7 +410,7 @@ impl Device {
         let Some(vmm) = self.vmm.get().and_then(|v| v.as_deref()) else {
             return 0;
         };
-        let mut released = self.vmm_release_unmapped(vmm);
+        let mut released = self.vmm_release_unmapped(vmm, Some(self.floor_budget()));
         for arena in self.arena_list().iter().filter(|a| !a.pooled) {
             if released >= want {
                 break;
@@ -393,7 +420,7 @@ impl Device {
                 a.flush_stash();
                 self.vmm_unmap_free(vmm, &mut a, arena.stream, None, u64::MAX, false);
             }
-            released += self.vmm_release_unmapped(vmm);
+            released += self.vmm_release_unmapped(vmm, Some(self.floor_budget()));
         }
         released
     }

@@ -40,11 +40,14 @@ fn export_malloc(
 
 /// PyTorch's `alloc_fn` (what the Python package's `enable()` installs):
 /// [`cudalloc_malloc`], except that a failure with `size` > 0 throws a C++
-/// `std::runtime_error` instead of returning NULL. PyTorch does not check
-/// its pluggable allocator's NULL (a tensor with no memory behind it would
-/// reach kernels); it does turn a C++ exception into a Python
-/// `RuntimeError`. The message starts "CUDA out of memory." on an OOM (what
-/// Lightning and accelerate look for), followed by cudalloc's diagnosis.
+/// exception instead of returning NULL. PyTorch does not check its
+/// pluggable allocator's NULL (a tensor with no memory behind it would
+/// reach kernels); it does turn a C++ exception into a Python exception.
+/// An out-of-memory throws `c10::OutOfMemoryError` when PyTorch's c10 is
+/// in the process (Python sees `torch.OutOfMemoryError`, a `RuntimeError`),
+/// else `std::runtime_error`; other failures throw `std::runtime_error`.
+/// The message starts "CUDA out of memory." on an OOM (what Lightning and
+/// accelerate look for), followed by cudalloc's diagnosis.
 /// In a process without the C++ runtime (libstdc++), and while the process
 /// exits (a C++ destructor may be the caller), it returns NULL as
 /// `cudalloc_malloc` does. Not for C callers: wherever libstdc++ is loaded
@@ -65,18 +68,23 @@ pub extern "C-unwind" fn cudalloc_malloc_torch(
     let pool = cxx_function::route(device, stream);
     let p = export_malloc(size, device, stream, pool);
     if p.is_null() && size > 0 {
-        if let Some(message) = torch_failure(size, device) {
+        if let Some((message, oom)) = torch_failure(size, device) {
             // Outside the panic boundary, on purpose, and with nothing of
             // ours left to drop in this frame (see cxx_throw).
-            cxx_throw::throw_runtime_error(message);
+            if oom {
+                cxx_throw::throw_out_of_memory(message);
+            } else {
+                cxx_throw::throw_runtime_error(message);
+            }
         }
     }
     p
 }
 
 /// The exception text for a failed `cudalloc_malloc_torch`, from the
-/// thread's last error; `None` when there is no error (size 0).
-fn torch_failure(size: usize, device: c_int) -> Option<String> {
+/// thread's last error, and whether it is an out-of-memory; `None` when
+/// there is no error (size 0).
+fn torch_failure(size: usize, device: c_int) -> Option<(String, bool)> {
     let code = boundary::last_code();
     if code == ErrorCode::CUDALLOC_OK || (global::exiting() && !global::forked()) {
         // No error; or the process is exiting, where the caller may be a
@@ -85,9 +93,12 @@ fn torch_failure(size: usize, device: c_int) -> Option<String> {
     }
     let detail = boundary::last_message();
     Some(if code == ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY {
-        format!("CUDA out of memory. Tried to allocate {size} bytes on device {device} (cudalloc).\n{detail}")
+        (format!("CUDA out of memory. Tried to allocate {size} bytes on device {device} (cudalloc).\n{detail}"), true)
     } else {
-        format!("cudalloc: allocation of {size} bytes on device {device} failed: {detail}")
+        (
+            format!("cudalloc: allocation of {size} bytes on device {device} failed: {detail}"),
+            false,
+        )
     })
 }
 

@@ -3,6 +3,7 @@
 //! ```text
 //! alloc.rs    malloc, PyTorch's throwing alloc_fn, free, record_stream, empty_cache
 //! pools.rs    PyTorch's graph-pool hooks (begin/end allocate to pool, release)
+//! capacity.rs capacity queries: can_allocate, is_low_memory
 //! stats.rs    statistics, their resets, the JSON stats and the leak report
 //! control.rs  init, devices, memory fraction, invariants, callbacks, the last
 //!             error and the version
@@ -49,6 +50,7 @@ macro_rules! export {
 
 pub mod alloc;
 pub mod boundary;
+pub mod capacity;
 pub mod control;
 pub mod cxx_function;
 pub mod cxx_throw;
@@ -56,6 +58,7 @@ pub mod pools;
 pub mod stats;
 
 pub use alloc::*;
+pub use capacity::*;
 pub use control::*;
 pub use pools::*;
 pub use stats::*;

@@ -167,6 +167,30 @@ int main(void) {
           (unsigned long long)st.num_alloc_retries);
     invariants();
 
+    /* Capacity queries on device 1, whose 1 GiB is all idle cache or free. */
+    CHECK(cudalloc_can_allocate(512 * MiB, 1, STREAM_B) == 1, "512 MiB fits");
+    CHECK(cudalloc_can_allocate((size_t)2 << 30, 1, STREAM_B) == 0 && cudalloc_last_error() == CUDALLOC_OK,
+          "2 GiB does not, and that is no error");
+    CHECK(cudalloc_can_allocate(0, 1, NULL) == 1, "size 0 is served (as NULL)");
+    CHECK(cudalloc_is_low_memory(1) == 1, "cudalloc's own idle cache counts as in use");
+    cudalloc_empty_cache();
+    CHECK(cudalloc_is_low_memory(1) == 0, "an emptied device is not low");
+    void *big = cudalloc_malloc(900 * MiB, 1, STREAM_A);
+    CHECK(big != NULL, "900 MiB");
+    CHECK(cudalloc_is_low_memory(1) == 1, "88%% in use is HIGH");
+    CHECK(cudalloc_get_stats(1, &st) == CUDALLOC_OK, "stats");
+    uint64_t ooms = st.num_ooms, driver_allocs = st.num_driver_allocs;
+    CHECK(cudalloc_can_allocate(200 * MiB, 1, STREAM_B) == 0, "200 MiB more does not fit");
+    CHECK(cudalloc_get_stats(1, &st) == CUDALLOC_OK && st.num_ooms == ooms &&
+              st.num_driver_allocs == driver_allocs && st.reserved_bytes == 900 * MiB,
+          "asking changed nothing");
+    cudalloc_free(big, 0, 1, STREAM_A);
+    CHECK(cudalloc_can_allocate(200 * MiB, 1, STREAM_B) == 1, "the idle segment would serve it");
+    CHECK(cudalloc_can_allocate(MiB, 5, NULL) == -1 && cudalloc_last_error() == CUDALLOC_ERR_INVALID_DEVICE,
+          "can_allocate on device 5 refused");
+    CHECK(cudalloc_is_low_memory(-1) == -1 && cudalloc_last_error() == CUDALLOC_ERR_INVALID_DEVICE,
+          "is_low_memory on device -1 refused");
+
     /* Bad devices are refused with a code. */
     CHECK(cudalloc_malloc(512, 5, NULL) == NULL && cudalloc_last_error() == CUDALLOC_ERR_INVALID_DEVICE, "device 5 refused");
     CHECK(cudalloc_malloc(512, -1, NULL) == NULL && cudalloc_last_error() == CUDALLOC_ERR_INVALID_DEVICE, "device -1 refused");

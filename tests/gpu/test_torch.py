@@ -198,6 +198,8 @@ def test_oom_is_diagnosed_and_process_continues():
         except RuntimeError as e:
             sys.stderr.flush()
             print("TORCH-ERROR:", str(e).splitlines()[0], file=sys.stderr)
+            # cudalloc throws c10::OutOfMemoryError: torch's typed OOM.
+            assert isinstance(e, torch.cuda.OutOfMemoryError), type(e)
         n = len(held)
         assert n > 1, n
         assert torch.cuda.memory_stats()["num_ooms"] >= 1

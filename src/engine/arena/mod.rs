@@ -96,6 +96,10 @@ pub(crate) struct Segment {
     /// its virtual range, its pages are mapped as blocks need them, and it
     /// is never idle (it never changes hands whole).
     pub virt: bool,
+    /// Never handed out since the driver gave it (a warm-up reservation,
+    /// `reserve.rs`): no stream ever used it, so it has no free to prove
+    /// and any stream may adopt it at once.
+    pub fresh: bool,
 }
 
 /// A segment detached from an arena, in transit to another arena or the driver.
@@ -326,6 +330,7 @@ impl ArenaInner {
     fn seg_used_inc(&mut self, s: u32, dev: &DeviceCore) {
         let seg = self.seg_mut(s);
         seg.used += 1;
+        seg.fresh = false;
         if seg.used == 1 && seg.idle_pos != NIL {
             let pos = seg.idle_pos;
             let ev = seg.event.take();
@@ -389,10 +394,19 @@ impl ArenaInner {
             idle_epoch: 0,
             counted: 0,
             virt: false,
+            fresh: false,
         });
         self.index[d.pool as usize].insert(&mut self.blocks, b);
         self.make_idle(s);
         self.debug_check();
+        s
+    }
+
+    /// [`ArenaInner::attach`] a segment the driver just gave and nobody
+    /// used yet: marked fresh (see [`Segment::fresh`]).
+    pub fn attach_fresh(&mut self, d: Detached) -> u32 {
+        let s = self.attach(d);
+        self.seg_mut(s).fresh = true;
         s
     }
 

@@ -120,7 +120,9 @@ impl ArenaInner {
     }
 
     /// Whether the free of idle segment `s` is proven complete, so that the
-    /// segment may change hands or go back to the driver. Asked in order:
+    /// segment may change hands or go back to the driver. A fresh segment
+    /// (never handed out: a warm-up reservation) needs no proof. Otherwise,
+    /// asked in order:
     /// 1. `stream` itself (`cuStreamIsCapturing`, then `cuStreamQuery`): a
     ///    capturing stream proves nothing and is never queried or recorded
     ///    on (that would invalidate the capture, and an event recorded into
@@ -141,6 +143,10 @@ impl ArenaInner {
         dev: &DeviceCore,
         pass: &mut ProofPass,
     ) -> bool {
+        if self.seg(s).fresh {
+            // Never handed out: no work of any stream touched it.
+            return true;
+        }
         match stream_state(stream, dev, pass) {
             StreamState::Idle => return true,
             StreamState::Capturing => return false,

@@ -115,6 +115,7 @@ impl ArenaInner {
             idle_epoch: 0,
             counted: 0,
             virt: true,
+            fresh: false,
         });
         self.vsegs.insert(
             s,
@@ -449,6 +450,16 @@ impl ArenaInner {
             .iter()
             .map(|(&s, v)| (v.mapped, self.seg(s).size))
             .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    }
+
+    /// Bytes of free blocks in virtual segments (mapped, not live).
+    pub fn vm_free_bytes(&self) -> u64 {
+        self.blocks
+            .slots
+            .iter()
+            .filter(|b| b.state == BlockState::Free && self.seg(b.seg).virt)
+            .map(|b| b.size)
+            .sum()
     }
 
     /// Every mapping of this arena, as `(va, mapping)`.
