@@ -33,6 +33,12 @@ const CONFIGS: &[(&str, bool)] = &[
         "sim_devices:2,sim_memory:128MiB,max_memory:96MiB,small_max:512,small_segment:256KiB,large_segment:4MiB,huge_threshold:2MiB,huge_round:512KiB,huge_split:off",
         true,
     ),
+    // Expandable segments: pages move between streams only once proven free.
+    ("sim_devices:2,sim_memory:256MiB,expandable_segments:on", true),
+    (
+        "sim_devices:2,sim_memory:128MiB,max_memory:96MiB,small_max:64KiB,expandable_segments:on",
+        false,
+    ),
 ];
 
 fn env_u64(key: &str, default: u64) -> u64 {
@@ -47,6 +53,7 @@ fn run_ops(conf: &str, manual: bool, words: &[[u64; 3]]) -> Result<(), String> {
     for &w in words {
         let op = Op::decode(w, h.ndev());
         h.step(op).map_err(|e| format!("{op:?}: {e}"))?;
+        h.check_unmaps();
         h.check(true).map_err(|e| format!("after {op:?}: {e}"))?;
         if let Some(v) = h.violations.first() {
             return Err(format!("stream safety: {v}"));
@@ -98,6 +105,16 @@ fn model_tiny_segments_with_limit() {
 #[test]
 fn model_one_pool_whole_huge_segments() {
     model_property(3);
+}
+
+#[test]
+fn model_expandable_segments_manual_events() {
+    model_property(4);
+}
+
+#[test]
+fn model_expandable_segments_with_limit() {
+    model_property(5);
 }
 
 #[test]
@@ -194,6 +211,7 @@ fn soak() {
             if let Err(e) = h.step(op).and_then(|_| h.check(full)) {
                 panic!("soak run {runs} op {i} ({op:?}), seed {seed}: {e}");
             }
+            h.check_unmaps();
             if i % 10_000 == 0 {
                 h.prune();
             }

@@ -32,9 +32,20 @@
 //! - **Graph capture.** `cuMemAlloc` is illegal while any stream of the
 //!   thread is capturing in global mode. [`Driver::mem_alloc`] switches the
 //!   thread to relaxed capture mode around the call
-//!   (`cuThreadExchangeStreamCaptureMode`), as native torch does.
+//!   (`cuThreadExchangeStreamCaptureMode`), as native torch does; so do
+//!   `cuMemCreate`, `cuMemMap` and `cuMemSetAccess` (the engine never
+//!   unmaps or releases during a capture).
+//! - **Virtual memory** (`expandable_segments:on`): `cuMemAddressReserve`,
+//!   `cuMemCreate` (pinned device memory on the device), `cuMemMap`,
+//!   `cuMemSetAccess` (read-write for the device itself; peers are not
+//!   granted access), `cuMemUnmap`, `cuMemRelease`, `cuMemAddressFree`.
+//!   They are optional entry points ([`VMM_ENTRY_POINTS`]): a driver that
+//!   lacks one, or a device whose
+//!   `CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED` is 0, answers
+//!   "not supported" to [`Driver::vmm_granularity`], and the engine keeps
+//!   classic segments.
 
-use super::{Driver, DriverError, DriverResult, Event, Stream};
+use super::{Driver, DriverError, DriverResult, Event, PhysHandle, Stream};
 use cudarc::driver::sys as cu;
 use libc::c_void;
 use once_cell::sync::OnceCell;
@@ -63,6 +74,19 @@ pub const ENTRY_POINTS: &[&str] = &[
     "cuStreamDestroy_v2",
     "cuThreadExchangeStreamCaptureMode",
     "cuGetErrorString",
+];
+
+/// The virtual-memory entry points: optional (see the module docs).
+pub const VMM_ENTRY_POINTS: &[&str] = &[
+    "cuDeviceGetAttribute",
+    "cuMemGetAllocationGranularity",
+    "cuMemAddressReserve",
+    "cuMemAddressFree",
+    "cuMemCreate",
+    "cuMemRelease",
+    "cuMemMap",
+    "cuMemUnmap",
+    "cuMemSetAccess",
 ];
 
 /// The message for a machine without the NVIDIA driver.
@@ -95,6 +119,86 @@ const NOT_READY: Raw = cu::CUresult::CUDA_ERROR_NOT_READY as Raw;
 const CAPTURE_IMPLICIT: Raw = cu::CUresult::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT as Raw;
 const CAPTURE_STATUS_NONE: u32 = cu::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE as u32;
 const CAPTURE_MODE_RELAXED: u32 = cu::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED as u32;
+
+/// `CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED`.
+const ATTR_VMM_SUPPORTED: i32 = 102;
+/// `CU_MEM_ALLOCATION_TYPE_PINNED`, `CU_MEM_LOCATION_TYPE_DEVICE`,
+/// `CU_MEM_ACCESS_FLAGS_PROT_READWRITE`, `CU_MEM_ALLOC_GRANULARITY_MINIMUM`.
+const ALLOCATION_PINNED: u32 = 1;
+const LOCATION_DEVICE: u32 = 1;
+const ACCESS_READWRITE: u32 = 3;
+const GRANULARITY_MINIMUM: u32 = 0;
+
+/// `CUmemLocation`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct MemLocation {
+    kind: u32,
+    id: libc::c_int,
+}
+
+/// `CUmemAllocationProp` (CUDA 11.0 to 12.x: 32 bytes).
+#[repr(C)]
+struct AllocationProp {
+    kind: u32,
+    requested_handle_types: u32,
+    location: MemLocation,
+    win32_handle_meta_data: *mut c_void,
+    compression_type: u8,
+    gpu_direct_rdma_capable: u8,
+    usage: u16,
+    reserved: [u8; 4],
+}
+
+/// `CUmemAccessDesc`.
+#[repr(C)]
+struct AccessDesc {
+    location: MemLocation,
+    flags: u32,
+}
+
+/// The virtual-memory entry points, when the driver has them all.
+struct VmmApi {
+    device_get_attribute: unsafe extern "C" fn(*mut libc::c_int, i32, cu::CUdevice) -> Raw,
+    get_granularity: unsafe extern "C" fn(*mut usize, *const AllocationProp, u32) -> Raw,
+    address_reserve:
+        unsafe extern "C" fn(*mut cu::CUdeviceptr, usize, usize, cu::CUdeviceptr, u64) -> Raw,
+    address_free: unsafe extern "C" fn(cu::CUdeviceptr, usize) -> Raw,
+    create: unsafe extern "C" fn(*mut u64, usize, *const AllocationProp, u64) -> Raw,
+    release: unsafe extern "C" fn(u64) -> Raw,
+    map: unsafe extern "C" fn(cu::CUdeviceptr, usize, usize, u64, u64) -> Raw,
+    unmap: unsafe extern "C" fn(cu::CUdeviceptr, usize) -> Raw,
+    set_access: unsafe extern "C" fn(cu::CUdeviceptr, usize, *const AccessDesc, usize) -> Raw,
+}
+
+impl VmmApi {
+    /// Resolve every VMM entry point, or `None` when one is missing.
+    // Each transmute's target is the `VmmApi` field it fills.
+    #[allow(clippy::missing_transmute_annotations)]
+    fn load() -> Option<VmmApi> {
+        macro_rules! sym {
+            ($name:literal) => {{
+                let p = CStr::from_bytes_with_nul(concat!($name, "\0").as_bytes())
+                    .ok()
+                    .and_then(driver_symbol)?;
+                // SAFETY: the field's type is the entry point's C prototype
+                // (see `VmmApi`), and a function pointer has a data pointer's size.
+                unsafe { std::mem::transmute::<*mut c_void, _>(p) }
+            }};
+        }
+        Some(VmmApi {
+            device_get_attribute: sym!("cuDeviceGetAttribute"),
+            get_granularity: sym!("cuMemGetAllocationGranularity"),
+            address_reserve: sym!("cuMemAddressReserve"),
+            address_free: sym!("cuMemAddressFree"),
+            create: sym!("cuMemCreate"),
+            release: sym!("cuMemRelease"),
+            map: sym!("cuMemMap"),
+            unmap: sym!("cuMemUnmap"),
+            set_access: sym!("cuMemSetAccess"),
+        })
+    }
+}
 
 /// The entry points, resolved once from the loaded library. Each type is the
 /// driver API's C prototype with `CUresult` and enum out-parameters as `u32`.
@@ -247,6 +351,8 @@ impl Drop for CtxGuard<'_> {
 /// The CUDA driver backend.
 pub struct CudaDriver {
     api: Api,
+    /// The virtual-memory entry points, when the driver has them.
+    vmm: Option<VmmApi>,
     devices: Vec<Device>,
 }
 
@@ -288,7 +394,11 @@ impl CudaDriver {
                 ctx: OnceCell::new(),
             });
         }
-        Ok(CudaDriver { api, devices })
+        Ok(CudaDriver {
+            api,
+            vmm: VmmApi::load(),
+            devices,
+        })
     }
 
     /// Run the driver call `f` with this thread in relaxed capture mode,
@@ -337,6 +447,36 @@ impl CudaDriver {
         Ok(CtxGuard {
             api: Some(&self.api),
             prev,
+        })
+    }
+}
+
+impl CudaDriver {
+    /// The VMM entry points, or "not supported".
+    fn vmm_api(&self) -> DriverResult<&VmmApi> {
+        self.vmm
+            .as_ref()
+            .ok_or_else(|| DriverError::not_supported("virtual memory management (cuMemMap)"))
+    }
+
+    /// Pinned device memory on `device` (a `cuMemCreate` property).
+    fn allocation_prop(&self, device: usize) -> DriverResult<AllocationProp> {
+        let d = self
+            .devices
+            .get(device)
+            .ok_or(DriverError::InvalidDevice(device))?;
+        Ok(AllocationProp {
+            kind: ALLOCATION_PINNED,
+            requested_handle_types: 0,
+            location: MemLocation {
+                kind: LOCATION_DEVICE,
+                id: d.dev,
+            },
+            win32_handle_meta_data: std::ptr::null_mut(),
+            compression_type: 0,
+            gpu_direct_rdma_capable: 0,
+            usage: 0,
+            reserved: [0; 4],
         })
     }
 }
@@ -468,6 +608,101 @@ impl Driver for CudaDriver {
         // SAFETY: `s` came from stream_create and is not used after this.
         self.api
             .check(unsafe { (self.api.stream_destroy)(stream(s)) })
+    }
+
+    fn vmm_granularity(&self, device: usize) -> DriverResult<u64> {
+        let vmm = self.vmm_api()?;
+        let prop = self.allocation_prop(device)?;
+        let _ctx = self.enter(device)?;
+        let mut supported: libc::c_int = 0;
+        // SAFETY: `supported` is a valid out-pointer; the device came from cuDeviceGet.
+        self.api.check(unsafe {
+            (vmm.device_get_attribute)(&mut supported, ATTR_VMM_SUPPORTED, prop.location.id)
+        })?;
+        if supported == 0 {
+            return Err(DriverError::not_supported(
+                "virtual memory management on this device",
+            ));
+        }
+        let mut g: usize = 0;
+        // SAFETY: `g` is a valid out-pointer and `prop` a valid property.
+        self.api
+            .check(unsafe { (vmm.get_granularity)(&mut g, &prop, GRANULARITY_MINIMUM) })?;
+        Ok(g as u64)
+    }
+
+    fn va_reserve(&self, device: usize, size: u64) -> DriverResult<u64> {
+        let vmm = self.vmm_api()?;
+        let _ctx = self.enter(device)?;
+        let mut ptr: cu::CUdeviceptr = 0;
+        // SAFETY: `ptr` is a valid out-pointer; alignment 0 and address 0
+        // let the driver choose; flags must be 0.
+        self.api
+            .check(unsafe { (vmm.address_reserve)(&mut ptr, size as usize, 0, 0, 0) })?;
+        Ok(ptr)
+    }
+
+    fn va_free(&self, device: usize, base: u64, size: u64) -> DriverResult<()> {
+        let vmm = self.vmm_api()?;
+        let _ctx = self.enter(device)?;
+        // SAFETY: a range from va_reserve with nothing mapped in it (the
+        // engine's contract, 9).
+        self.api
+            .check(unsafe { (vmm.address_free)(base, size as usize) })
+    }
+
+    fn phys_create(&self, device: usize, size: u64) -> DriverResult<PhysHandle> {
+        let vmm = self.vmm_api()?;
+        let prop = self.allocation_prop(device)?;
+        let _ctx = self.enter(device)?;
+        let mut h: u64 = 0;
+        // SAFETY: `h` is a valid out-pointer and `prop` a valid property;
+        // flags must be 0.
+        self.relaxed(|| unsafe { (vmm.create)(&mut h, size as usize, &prop, 0) })?;
+        Ok(h)
+    }
+
+    fn phys_release(&self, device: usize, handle: PhysHandle) -> DriverResult<()> {
+        let vmm = self.vmm_api()?;
+        let _ctx = self.enter(device)?;
+        // SAFETY: a handle from phys_create, mapped nowhere (contract, 9).
+        self.api.check(unsafe { (vmm.release)(handle) })
+    }
+
+    fn map(
+        &self,
+        device: usize,
+        va: u64,
+        size: u64,
+        handle: PhysHandle,
+        offset: u64,
+    ) -> DriverResult<()> {
+        let vmm = self.vmm_api()?;
+        let _ctx = self.enter(device)?;
+        // SAFETY: `va..va+size` lies in a reserved range with nothing mapped
+        // there, and `offset..offset+size` in the handle (contract, 9);
+        // flags must be 0.
+        self.relaxed(|| unsafe { (vmm.map)(va, size as usize, offset as usize, handle, 0) })
+    }
+
+    fn unmap(&self, device: usize, va: u64, size: u64) -> DriverResult<()> {
+        let vmm = self.vmm_api()?;
+        let _ctx = self.enter(device)?;
+        // SAFETY: exactly one earlier mapping, whose frees are proven
+        // complete (contract, 9).
+        self.api.check(unsafe { (vmm.unmap)(va, size as usize) })
+    }
+
+    fn set_access(&self, device: usize, va: u64, size: u64) -> DriverResult<()> {
+        let vmm = self.vmm_api()?;
+        let location = self.allocation_prop(device)?.location;
+        let _ctx = self.enter(device)?;
+        let desc = AccessDesc {
+            location,
+            flags: ACCESS_READWRITE,
+        };
+        // SAFETY: a mapped range of whole mappings; one valid descriptor.
+        self.relaxed(|| unsafe { (vmm.set_access)(va, size as usize, &desc, 1) })
     }
 }
 

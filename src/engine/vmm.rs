@@ -52,8 +52,6 @@ use rustc_hash::FxHashMap;
 /// classic segments; a quarter of the request keeps both near their best.
 const MAP_PARTS: u64 = 4;
 
-type DriverResultBytes = crate::driver::DriverResult<u64>;
-
 /// Part of a handle mapped nowhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Piece {
@@ -209,7 +207,11 @@ impl Device {
     /// The warm-up reservation (`reserve:`) with virtual segments: `size`
     /// bytes of physical memory, cached unmapped for any stream and either
     /// pool. Returns the bytes taken. Call with `slow` held.
-    pub(super) fn vmm_reserve(&self, vmm: &Mutex<Vmm>, size: u64) -> DriverResultBytes {
+    pub(super) fn vmm_reserve(
+        &self,
+        vmm: &Mutex<Vmm>,
+        size: u64,
+    ) -> crate::driver::DriverResult<u64> {
         let page = vmm.lock().page;
         let size = size / page * page;
         if size == 0 {
@@ -634,5 +636,244 @@ impl Engine {
         dev.note_alloc(arena, block);
         self.journal_allocated(dev, p, size, arena);
         Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::engine::testing::*;
+
+    const M: u64 = 1 << 20;
+
+    /// Every live block lies on mapped pages with access granted, and the
+    /// driver saw no broken rule.
+    fn all_live_accessible(a: &Engine, d: &SimDriver) {
+        for l in a.live_allocations(None) {
+            assert!(
+                d.accessible(l.device, l.ptr, l.size),
+                "live block {:#x} of {} bytes is not accessible",
+                l.ptr,
+                l.size
+            );
+        }
+        assert_eq!(d.counters().vmm_violations, 0, "a VMM rule was broken");
+        a.check_invariants().unwrap();
+    }
+
+    /// Growth maps only the pages requests need, in one virtual range per
+    /// stream and pool, with one create, a few maps and one access grant
+    /// per growth; no classic segment is made.
+    #[test]
+    fn growth_maps_only_the_pages_requests_need() {
+        let (a, d) = sim("sim_memory:1GiB,expandable_segments:on");
+        let p = a.malloc(3 * M, 0, 0).unwrap();
+        let q = a.malloc(5 * M + 1000, 0, 0).unwrap();
+        let r = a.malloc(4096, 0, 0).unwrap();
+        all_live_accessible(&a, &d);
+        assert_eq!(q, p + 3 * M, "placed back to back, as on one heap");
+        let st = a.stats(0).unwrap();
+        // 3 MiB -> 2 pages; 5 MiB + 1000 from 3 MiB on -> pages up to 10 MiB; the small pool: one page.
+        assert_eq!(st.mapped_bytes, 10 * M + 2 * M);
+        assert_eq!(st.reserved_bytes, st.mapped_bytes);
+        assert_eq!(d.counters().mem_allocs, 0, "no classic segment");
+        assert_eq!(d.counters().va_reserves, 2, "one range per pool");
+        assert_eq!(st.num_vmm_creates, 3);
+        assert_eq!(st.num_vmm_set_access, 3);
+        for x in [p, q, r] {
+            a.free(x, Some(0), 0).unwrap();
+        }
+        // Freed memory stays mapped and is reused with no driver call.
+        let c = d.counters();
+        let s = a.malloc(8 * M, 0, 0).unwrap();
+        assert_eq!(s, p);
+        assert_eq!(d.counters().maps, c.maps);
+        a.free(s, Some(0), 0).unwrap();
+        all_live_accessible(&a, &d);
+    }
+
+    /// A request that fits no free stretch takes the pages of a free
+    /// mapping elsewhere (proven free: the stream is idle) instead of new
+    /// memory: reserved stays at the high-water mark of live pages.
+    #[test]
+    fn free_pages_move_where_a_request_needs_them() {
+        let (a, d) = sim("sim_memory:1GiB,expandable_segments:on");
+        let x = a.malloc(10 * M, 0, 0).unwrap();
+        let y = a.malloc(10 * M, 0, 0).unwrap();
+        a.free(x, Some(0), 0).unwrap();
+        let creates = a.stats(0).unwrap().num_vmm_creates;
+        // 12 MiB fits not x's 10 MiB hole: it goes above y, on x's pages.
+        let z = a.malloc(12 * M, 0, 0).unwrap();
+        assert_eq!(z, y + 10 * M);
+        let st = a.stats(0).unwrap();
+        assert!(st.num_vmm_unmaps > 0, "x's pages moved");
+        assert_eq!(
+            st.num_vmm_creates,
+            creates + 1,
+            "only the 2 MiB x's 10 did not cover"
+        );
+        assert_eq!(st.reserved_bytes, 22 * M);
+        all_live_accessible(&a, &d);
+        for p in [y, z] {
+            a.free(p, Some(0), 0).unwrap();
+        }
+        all_live_accessible(&a, &d);
+    }
+
+    /// Pages move to another stream only once the frees on them are proven
+    /// complete: not while the stream's work may still use them, and then
+    /// once an epoch event recorded after the frees has completed.
+    #[test]
+    fn pages_move_to_another_stream_only_once_proven_free() {
+        let (a, d) = sim("sim_memory:1GiB,expandable_segments:on");
+        d.set_manual_events(true);
+        // Stream 1 frees EPOCH_SPACING distinct mappings: an epoch event is due
+        // and recorded at the last free.
+        let ps: Vec<u64> = (0..EPOCH_SPACING)
+            .map(|_| a.malloc(4 * M, 0, 1).unwrap())
+            .collect();
+        free_all(&a, 1, &ps);
+        let before = a.stats(0).unwrap();
+        // Stream 2 wants 8 MiB: stream 1's pages are not proven free yet.
+        let q = a.malloc(8 * M, 0, 2).unwrap();
+        let st = a.stats(0).unwrap();
+        assert_eq!(st.num_vmm_unmaps, before.num_vmm_unmaps, "nothing moved");
+        assert_eq!(
+            st.reserved_bytes,
+            before.reserved_bytes + 8 * M,
+            "new memory"
+        );
+        // Stream 1's work completes: its epoch event proves its frees.
+        d.complete_stream(0, 1);
+        let r = a.malloc(16 * M, 0, 2).unwrap();
+        let st2 = a.stats(0).unwrap();
+        assert!(st2.num_vmm_unmaps > st.num_vmm_unmaps, "moved once proven");
+        assert_eq!(st2.reserved_bytes, st.reserved_bytes, "no new memory");
+        all_live_accessible(&a, &d);
+        free_all(&a, 2, &[q, r]);
+        all_live_accessible(&a, &d);
+    }
+
+    /// During a capture nothing is unmapped or released (either would
+    /// invalidate it); new pages are still created and mapped (relaxed
+    /// mode). `empty_cache` waits for the capture to end.
+    #[test]
+    fn nothing_is_unmapped_or_released_during_a_capture() {
+        let (a, d) = sim("sim_memory:1GiB,expandable_segments:on");
+        let x = a.malloc(20 * M, 0, 1).unwrap();
+        a.free(x, Some(0), 1).unwrap();
+        d.set_capturing(2, true);
+        let c = d.counters();
+        let y = a.malloc(20 * M, 0, 2).unwrap();
+        assert_eq!(a.empty_cache(), 0, "nothing released during a capture");
+        let c2 = d.counters();
+        assert_eq!((c2.unmaps, c2.phys_releases, c2.va_frees), (c.unmaps, 0, 0));
+        assert!(c2.phys_creates > c.phys_creates && c2.maps > c.maps);
+        assert_eq!(c2.capture_violations, 0);
+        d.set_capturing(2, false);
+        a.free(y, Some(0), 2).unwrap();
+        assert_eq!(a.empty_cache(), 40 * M);
+        all_live_accessible(&a, &d);
+    }
+
+    /// `empty_cache` unmaps every free page, releases the memory and gives
+    /// the virtual ranges back; the OOM ladder synchronises and moves pages
+    /// that were not proven free.
+    #[test]
+    fn empty_cache_and_the_oom_ladder_give_memory_back() {
+        let (a, d) = sim("sim_memory:64MiB,expandable_segments:on");
+        d.set_manual_events(true);
+        let x = a.malloc(40 * M, 0, 1).unwrap();
+        a.free(x, Some(0), 1).unwrap();
+        // Not proven free, and no room for 40 MiB more: the ladder's second
+        // step synchronises stream 1 and moves its pages.
+        let y = a.malloc(40 * M, 0, 2).unwrap();
+        let st = a.stats(0).unwrap();
+        assert_eq!(st.reserved_bytes, 40 * M);
+        assert!(st.num_alloc_retries >= 1 && st.num_ooms == 0);
+        all_live_accessible(&a, &d);
+        a.free(y, Some(0), 2).unwrap();
+        assert_eq!(a.empty_cache(), 40 * M);
+        let st = a.stats(0).unwrap();
+        assert_eq!(
+            (st.reserved_bytes, st.mapped_bytes, st.virtual_bytes),
+            (0, 0, 0)
+        );
+        assert_eq!(d.vmm_bytes(0), (0, 0));
+        let c = d.counters();
+        assert_eq!(c.va_frees, c.va_reserves, "every range given back");
+        // A request past the device fails cleanly, with the diagnosis.
+        let e = a.malloc(80 * M, 0, 0).unwrap_err();
+        assert_eq!(e.code, ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY);
+        all_live_accessible(&a, &d);
+    }
+
+    /// The OOM diagnosis says what virtual segments hold.
+    #[test]
+    fn the_diagnosis_reports_mapped_physical_and_virtual_bytes() {
+        let (a, _) = sim("sim_memory:64MiB,expandable_segments:on");
+        let x = a.malloc(30 * M, 0, 0).unwrap();
+        let e = a.malloc(40 * M, 0, 0).unwrap_err();
+        assert!(
+            e.message
+                .contains("expandable segments: mapped 30MiB, physical 30MiB (0B cached unmapped), virtual range"),
+            "{}",
+            e.message
+        );
+        a.free(x, Some(0), 0).unwrap();
+    }
+
+    /// Without virtual memory (an old driver or GPU) classic segments serve.
+    #[test]
+    fn without_virtual_memory_classic_segments_serve() {
+        let (a, d) = sim("sim_memory:1GiB,expandable_segments:on");
+        d.set_vmm_supported(false);
+        let (p, logs) = crate::global::capture_logs(|| a.malloc(3 * M, 0, 0).unwrap());
+        assert!(logs.contains("virtual memory is not available"), "{logs}");
+        let (q, logs) = crate::global::capture_logs(|| a.malloc(3 * M, 0, 0).unwrap());
+        assert!(logs.is_empty(), "one warning: {logs}");
+        assert_eq!(d.counters().mem_allocs, 1);
+        assert_eq!(a.stats(0).unwrap().virtual_bytes, 0);
+        free_all(&a, 0, &[p, q]);
+        a.check_invariants().unwrap();
+    }
+
+    /// Sizes that waste a tenth of the device in classic segments (3 and
+    /// 9 MiB do not divide 20 MiB; 11 MiB is not a multiple of 2 MiB) fill
+    /// at least 0.99 of it with virtual segments.
+    #[test]
+    fn single_sizes_fill_the_device() {
+        for size in [3 * M, 9 * M, 11 * M] {
+            let (a, d) = sim("sim_memory:1GiB,expandable_segments:on");
+            let mut held = Vec::new();
+            while let Ok(p) = a.malloc(size, 0, 0) {
+                held.push(p);
+            }
+            let used = held.len() as u64 * size;
+            assert!(
+                used as f64 >= 0.99 * (1u64 << 30) as f64,
+                "{size}: {used} bytes of 1 GiB"
+            );
+            all_live_accessible(&a, &d);
+            free_all(&a, 0, &held);
+        }
+    }
+
+    /// The warm-up reservation is physical memory cached unmapped: any
+    /// stream and both pools are served from it with no new memory.
+    #[test]
+    fn the_reservation_serves_any_stream_and_both_pools() {
+        let (a, d) = sim("sim_memory:1GiB,expandable_segments:on,reserve:64MiB");
+        let p = a.malloc(30 * M, 0, 1).unwrap();
+        let q = a.malloc(20 * M, 0, 2).unwrap();
+        let r = a.malloc(1000, 0, 3).unwrap();
+        let st = a.stats(0).unwrap();
+        assert_eq!((st.num_vmm_creates, st.reserved_bytes), (1, 64 * M));
+        all_live_accessible(&a, &d);
+        free_all(&a, 1, &[p]);
+        free_all(&a, 2, &[q]);
+        free_all(&a, 3, &[r]);
+        assert_eq!(a.trim(0, u64::MAX), 0, "trim keeps the reservation");
+        assert_eq!(a.empty_cache(), 64 * M);
+        a.check_invariants().unwrap();
     }
 }

@@ -12,7 +12,7 @@
 //! covers. The reference model (`super::model`) and `tests/stress.rs` both
 //! keep one.
 
-use super::spy::Spy;
+use super::spy::{Spy, Unmap};
 use cudalloc::driver::Stream;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -133,6 +133,34 @@ impl Ledger {
             }
         }
         unproven
+    }
+
+    /// `unmap` took memory out of its range: every free still held in the
+    /// range must have been proven complete on all its streams by then (the
+    /// memory may be mapped for any stream next). The overlapped frees not
+    /// proven, reported as handed to stream `u64::MAX`.
+    pub fn unmapped(&self, unmap: &Unmap) -> Vec<Unproven> {
+        let end = unmap.va + unmap.len;
+        let mut out = Vec::new();
+        for (_, f) in self.freed[unmap.device]
+            .range(..end)
+            .rev()
+            .take_while(|(_, f)| f.end > unmap.va)
+        {
+            for &w in &f.streams {
+                if !unmap.proven(w, f.tick) {
+                    out.push(Unproven {
+                        dev: unmap.device,
+                        p: unmap.va,
+                        size: unmap.len,
+                        stream: u64::MAX,
+                        waited: w,
+                        tick: f.tick,
+                    });
+                }
+            }
+        }
+        out
     }
 
     /// Forget freed ranges whose streams are all proven complete (keeps a

@@ -272,6 +272,17 @@ impl Harness {
         }
     }
 
+    /// Stream safety of moved pages: memory unmapped (to be mapped for any
+    /// stream) must hold no free not yet proven complete.
+    pub fn check_unmaps(&mut self) {
+        for u in self.spy.take_unmaps() {
+            for v in self.ledger.unmapped(&u) {
+                self.violations
+                    .push(format!("op {}: unmapped while {v}", self.ops));
+            }
+        }
+    }
+
     /// Forget freed ranges whose streams are all proven complete (keeps the
     /// soak's memory bounded).
     pub fn prune(&mut self) {

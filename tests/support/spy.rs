@@ -17,7 +17,7 @@
 //! method the engine starts calling cannot bypass the spy.
 
 use cudalloc::driver::sim::SimDriver;
-use cudalloc::driver::{Driver, DriverResult, Event, Stream};
+use cudalloc::driver::{Driver, DriverResult, Event, PhysHandle, Stream};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 
@@ -43,6 +43,30 @@ struct SpyState {
     devices: Vec<SpyDevice>,
     /// Event -> (device, stream, tick of its last record).
     recorded: HashMap<Event, (usize, Stream, u64)>,
+    /// Physical handles (virtual memory): handle -> (device, size).
+    handles: HashMap<PhysHandle, (usize, u64)>,
+    /// Unmaps not yet checked by the ledger.
+    unmaps: Vec<Unmap>,
+}
+
+/// A `cuMemUnmap`, with what the device had proven when it was made: the
+/// memory may be mapped anywhere from then on, so every free in the range
+/// must have been proven complete by that moment.
+#[derive(Debug, Clone)]
+pub struct Unmap {
+    pub device: usize,
+    pub va: u64,
+    pub len: u64,
+    /// `SpyDevice::device_done` and `done` at the unmap.
+    pub device_done: u64,
+    pub done: HashMap<Stream, u64>,
+}
+
+impl Unmap {
+    /// Whether `stream`'s work was proven complete past tick `t` at the unmap.
+    pub fn proven(&self, stream: Stream, t: u64) -> bool {
+        self.device_done > t || self.done.get(&stream).is_some_and(|&x| x > t)
+    }
 }
 
 impl SpyState {
@@ -75,6 +99,8 @@ impl Spy {
                 tick: 1,
                 devices: vec![SpyDevice::default(); devices],
                 recorded: HashMap::new(),
+                handles: HashMap::new(),
+                unmaps: Vec::new(),
             }),
             lie_events: Default::default(),
         }
@@ -107,6 +133,11 @@ impl Spy {
         for d in &mut st.devices {
             d.device_done = now;
         }
+    }
+
+    /// The unmaps since the last call.
+    pub fn take_unmaps(&self) -> Vec<Unmap> {
+        std::mem::take(&mut self.state.lock().unmaps)
     }
 
     pub fn device(&self, device: usize) -> SpyDevice {
@@ -226,5 +257,65 @@ impl Driver for Spy {
     }
     fn stream_destroy(&self, device: usize, stream: Stream) -> DriverResult<()> {
         self.sim.stream_destroy(device, stream)
+    }
+    // Virtual memory: a reserved range counts as a segment (the engine's
+    // `segments`), physical memory as bytes in use.
+    fn vmm_granularity(&self, device: usize) -> DriverResult<u64> {
+        self.sim.vmm_granularity(device)
+    }
+    fn va_reserve(&self, device: usize, size: u64) -> DriverResult<u64> {
+        let mut st = self.state.lock();
+        let p = self.sim.va_reserve(device, size)?;
+        assert!(st.devices[device].segments.insert(p, size).is_none());
+        Ok(p)
+    }
+    fn va_free(&self, device: usize, base: u64, size: u64) -> DriverResult<()> {
+        let mut st = self.state.lock();
+        self.sim.va_free(device, base, size)?;
+        assert_eq!(st.devices[device].segments.remove(&base), Some(size));
+        Ok(())
+    }
+    fn phys_create(&self, device: usize, size: u64) -> DriverResult<PhysHandle> {
+        let mut st = self.state.lock();
+        let h = self.sim.phys_create(device, size)?;
+        let d = &mut st.devices[device];
+        d.used += size;
+        d.used_peak = d.used_peak.max(d.used);
+        st.handles.insert(h, (device, size));
+        Ok(h)
+    }
+    fn phys_release(&self, device: usize, handle: PhysHandle) -> DriverResult<()> {
+        let mut st = self.state.lock();
+        self.sim.phys_release(device, handle)?;
+        let (d, size) = st.handles.remove(&handle).expect("a known handle");
+        st.devices[d].used -= size;
+        Ok(())
+    }
+    fn map(
+        &self,
+        device: usize,
+        va: u64,
+        size: u64,
+        handle: PhysHandle,
+        offset: u64,
+    ) -> DriverResult<()> {
+        self.sim.map(device, va, size, handle, offset)
+    }
+    fn unmap(&self, device: usize, va: u64, size: u64) -> DriverResult<()> {
+        let mut st = self.state.lock();
+        self.sim.unmap(device, va, size)?;
+        let d = &st.devices[device];
+        let u = Unmap {
+            device,
+            va,
+            len: size,
+            device_done: d.device_done,
+            done: d.done.clone(),
+        };
+        st.unmaps.push(u);
+        Ok(())
+    }
+    fn set_access(&self, device: usize, va: u64, size: u64) -> DriverResult<()> {
+        self.sim.set_access(device, va, size)
     }
 }
