@@ -626,8 +626,8 @@ impl Driver for CudaDriver {
         }
         let mut g: usize = 0;
         // SAFETY: `g` is a valid out-pointer and `prop` a valid property.
-        self.api
-            .check(unsafe { (vmm.get_granularity)(&mut g, &prop, GRANULARITY_MINIMUM) })?;
+        let r = unsafe { (vmm.get_granularity)(&mut g, &prop, GRANULARITY_MINIMUM) };
+        self.api.check(r)?;
         Ok(g as u64)
     }
 
@@ -637,8 +637,8 @@ impl Driver for CudaDriver {
         let mut ptr: cu::CUdeviceptr = 0;
         // SAFETY: `ptr` is a valid out-pointer; alignment 0 and address 0
         // let the driver choose; flags must be 0.
-        self.api
-            .check(unsafe { (vmm.address_reserve)(&mut ptr, size as usize, 0, 0, 0) })?;
+        let r = unsafe { (vmm.address_reserve)(&mut ptr, size as usize, 0, 0, 0) };
+        self.api.check(r)?;
         Ok(ptr)
     }
 
