@@ -549,3 +549,81 @@ fn libcuda_so_1_is_preferred_to_a_stub_libcuda_so() {
     r.assert_ok();
     assert!(r.stdout().contains("backend cuda"), "{}", r.stdout());
 }
+
+/// `expandable_segments:on` runs the behaviour suite through the driver's
+/// virtual-memory calls, breaking none of the stand-in's rules.
+#[test]
+fn expandable_segments_run_on_backend_cuda() {
+    let conf = (
+        "CUDALLOC_CONF",
+        "backend:cuda,expandable_segments:on".to_string(),
+    );
+    let r = run(
+        "selftest_vmm",
+        cli(),
+        &["selftest"],
+        std::slice::from_ref(&conf),
+    );
+    r.assert_ok();
+    assert!(r.stdout().contains("10 passed, 0 failed"), "{}", r.stdout());
+    for call in [
+        "cuMemAddressReserve",
+        "cuMemCreate",
+        "cuMemMap",
+        "cuMemSetAccess",
+        "cuMemUnmap",
+        "cuMemRelease",
+    ] {
+        assert!(r.log.contains(call), "no {call}:\n{}", tail(&r.log));
+    }
+    assert!(!r.log.contains("VMM_VIOLATION"), "{}", tail(&r.log));
+    assert!(!r.log.contains("cuMemAlloc_v2 ctx"), "no classic segment");
+    // The C client too (two devices, each under its own context).
+    let r = run("abi_vmm", &standin().join("abi_test"), &[], &[conf]);
+    r.assert_ok();
+    assert!(!r.log.contains("VMM_VIOLATION"), "{}", tail(&r.log));
+    assert!(r.log.contains("cuMemCreate dev=1"), "{}", tail(&r.log));
+}
+
+/// A GPU without virtual memory management: classic segments serve.
+#[test]
+fn without_virtual_memory_the_cuda_backend_keeps_classic_segments() {
+    let r = run(
+        "selftest_novmm",
+        cli(),
+        &["selftest"],
+        &[
+            (
+                "CUDALLOC_CONF",
+                "backend:cuda,expandable_segments:on".into(),
+            ),
+            ("FAKE_CUDA_VMM", "0".into()),
+        ],
+    );
+    r.assert_ok();
+    assert!(r.stdout().contains("10 passed, 0 failed"), "{}", r.stdout());
+    assert!(r.log.contains("cuMemAlloc_v2 ctx=0"), "{}", tail(&r.log));
+    assert!(!r.log.contains("cuMemMap"), "{}", tail(&r.log));
+}
+
+/// During a capture, expandable segments map new memory in relaxed mode and
+/// never unmap or release.
+#[test]
+fn expandable_segments_in_a_capture_map_in_relaxed_mode() {
+    let r = scenario(
+        "capture",
+        &[
+            (
+                "CUDALLOC_CONF",
+                "backend:cuda,expandable_segments:on".into(),
+            ),
+            ("FAKE_CUDA_CAPTURING", "0x7777".into()),
+            ("FAKE_CUDA_HOST_STREAMS", "0x7777".into()),
+        ],
+    );
+    assert!(r.stdout().contains("ok capture"), "{}", r.stdout());
+    assert!(r.log.contains("cuMemMap"), "{}", tail(&r.log));
+    assert!(!r.log.contains("CAPTURE_UNSUPPORTED"), "{}", tail(&r.log));
+    assert!(!r.log.contains("CAPTURE_VIOLATION"), "{}", tail(&r.log));
+    assert!(!r.log.contains("VMM_VIOLATION"), "{}", tail(&r.log));
+}

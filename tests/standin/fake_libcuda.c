@@ -22,6 +22,17 @@
  *                                record (a GPU's event recorded a moment ago); default 0
  *   FAKE_CUDA_STREAM_BUSY=1      cuStreamQuery answers NOT_READY (work pending); by default
  *                                every stream is idle (the stand-in runs no work)
+ *   FAKE_CUDA_VMM=0              the devices report no virtual memory management
+ *                                (CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED 0)
+ * Virtual memory (cuMemAddressReserve, cuMemCreate, cuMemMap, cuMemSetAccess, cuMemUnmap,
+ * cuMemRelease, cuMemAddressFree) works in 2 MiB pages; physical handles count against
+ * capacity. A broken rule is logged as VMM_VIOLATION and fails with INVALID_VALUE: a
+ * size or address not a multiple of the page, a map outside a reserved range, over a
+ * mapping or past its handle's end, an unmap of anything but one whole mapping, access
+ * asked for a range that is not whole mappings or for no device, a release of a handle
+ * still mapped, a reserved range freed with mappings in it, an unknown handle.
+ * cuMemUnmap, cuMemRelease and cuMemAddressFree while a stream captures are logged as
+ * CAPTURE_VIOLATION; cuMemCreate, cuMemMap and cuMemSetAccess then need relaxed mode.
  * cuStreamQuery or cuStreamSynchronize on a capturing stream, cuMemFree while any
  * stream captures (it synchronises the context), cuMemGetInfo then outside relaxed
  * mode, and cuStreamQuery, cuStreamSynchronize or cuEventRecord on the legacy stream
@@ -434,4 +445,205 @@ CUresult cuGetErrorString(CUresult r, const char **s) {
     snprintf(buf, sizeof buf, "fake libcuda error %d", r);
     *s = buf;
     return OK;
+}
+
+/* ---- Virtual memory ---- */
+
+#define PAGE (2ull << 20)
+#define MAX_VMM 4096
+static struct { CUdeviceptr p; unsigned long long n; int dev; } ranges[MAX_VMM];
+static int nranges = 0;
+static struct { unsigned long long h, n, mapped; int dev; } handles[MAX_VMM];
+static int nhandles = 0;
+static struct { CUdeviceptr p; unsigned long long n; unsigned long long h; int access; } maps[MAX_VMM];
+static int nmaps = 0;
+static unsigned long long next_phys = 0x5000;
+
+typedef struct { int type; int id; } MemLocation;
+typedef struct {
+    int type;
+    int requestedHandleTypes;
+    MemLocation location;
+    void *win32HandleMetaData;
+    unsigned char allocFlags[8];
+} AllocationProp;
+typedef struct { MemLocation location; int flags; } AccessDesc;
+
+#define VMM_FAIL(...)                     \
+    do {                                  \
+        logf_("VMM_VIOLATION " __VA_ARGS__); \
+        LEAVE(INVALID_VALUE);             \
+    } while (0)
+
+static int vmm_on(void) {
+    const char *v = getenv("FAKE_CUDA_VMM");
+    return !v || atoi(v) != 0;
+}
+
+/* A capture is under way: the calls that would invalidate it fail. */
+#define NO_CAPTURE(name)                                 \
+    if (getenv("FAKE_CUDA_CAPTURING")) {                 \
+        logf_("CAPTURE_VIOLATION %s", name);             \
+        LEAVE(CAPTURE_UNSUPPORTED);                      \
+    }
+#define RELAXED_IN_CAPTURE(name)                                      \
+    if (getenv("FAKE_CUDA_CAPTURING") && capture_mode != 2) {         \
+        logf_("%s CAPTURE_UNSUPPORTED mode=%d", name, capture_mode);   \
+        LEAVE(CAPTURE_UNSUPPORTED);                                    \
+    }
+
+static int mapped_overlap(CUdeviceptr p, unsigned long long n) {
+    for (int i = 0; i < nmaps; i++)
+        if (maps[i].p < p + n && p < maps[i].p + maps[i].n) return 1;
+    return 0;
+}
+
+CUresult cuDeviceGetAttribute(int *v, int attr, CUdevice dev) {
+    ENTER("cuDeviceGetAttribute");
+    if (!v || dev < 0 || dev >= ndev) LEAVE(INVALID_VALUE);
+    *v = attr == 102 ? vmm_on() : 0;
+    LEAVE(OK);
+}
+
+CUresult cuMemGetAllocationGranularity(size_t *g, const AllocationProp *prop, int option) {
+    ENTER("cuMemGetAllocationGranularity");
+    if (!g || !prop || prop->type != 1 || prop->location.type != 1 || prop->location.id < 0 ||
+        prop->location.id >= ndev || option != 0)
+        VMM_FAIL("cuMemGetAllocationGranularity: bad property");
+    *g = PAGE;
+    LEAVE(OK);
+}
+
+CUresult cuMemAddressReserve(CUdeviceptr *p, size_t n, size_t align, CUdeviceptr addr, unsigned long long flags) {
+    ENTER("cuMemAddressReserve");
+    if (cur_dev < 0) LEAVE(INVALID_CONTEXT);
+    if (!p || n == 0 || n % PAGE || align || addr || flags || nranges == MAX_VMM)
+        VMM_FAIL("cuMemAddressReserve size=%zu", n);
+    CUdeviceptr a = next_addr[cur_dev];
+    next_addr[cur_dev] += n + PAGE; /* a guard page: ranges are never adjacent */
+    ranges[nranges].p = a;
+    ranges[nranges].n = n;
+    ranges[nranges].dev = cur_dev;
+    nranges++;
+    *p = a;
+    logf_("cuMemAddressReserve ctx=%d size=%zu ptr=0x%llx", cur_dev, n, a);
+    LEAVE(OK);
+}
+
+CUresult cuMemAddressFree(CUdeviceptr p, size_t n) {
+    ENTER("cuMemAddressFree");
+    NO_CAPTURE("cuMemAddressFree");
+    for (int i = 0; i < nranges; i++) {
+        if (ranges[i].p == p && ranges[i].n == n) {
+            if (mapped_overlap(p, n)) VMM_FAIL("cuMemAddressFree 0x%llx with memory mapped in it", p);
+            ranges[i] = ranges[--nranges];
+            logf_("cuMemAddressFree ptr=0x%llx size=%zu", p, n);
+            LEAVE(OK);
+        }
+    }
+    VMM_FAIL("cuMemAddressFree 0x%llx+%zu: not a reserved range", p, n);
+}
+
+CUresult cuMemCreate(unsigned long long *h, size_t n, const AllocationProp *prop, unsigned long long flags) {
+    ENTER("cuMemCreate");
+    RELAXED_IN_CAPTURE("cuMemCreate");
+    if (!h || !prop || prop->type != 1 || prop->location.type != 1 || prop->location.id < 0 ||
+        prop->location.id >= ndev || n == 0 || n % PAGE || flags || nhandles == MAX_VMM)
+        VMM_FAIL("cuMemCreate size=%zu", n);
+    int dev = prop->location.id;
+    if (used[dev] + n > capacity) {
+        logf_("cuMemCreate dev=%d size=%zu OOM", dev, n);
+        LEAVE(OUT_OF_MEMORY);
+    }
+    used[dev] += n;
+    handles[nhandles].h = ++next_phys;
+    handles[nhandles].n = n;
+    handles[nhandles].mapped = 0;
+    handles[nhandles].dev = dev;
+    nhandles++;
+    *h = next_phys;
+    logf_("cuMemCreate dev=%d size=%zu handle=%llu mode=%d", dev, n, next_phys, capture_mode);
+    LEAVE(OK);
+}
+
+CUresult cuMemRelease(unsigned long long h) {
+    ENTER("cuMemRelease");
+    NO_CAPTURE("cuMemRelease");
+    for (int i = 0; i < nhandles; i++) {
+        if (handles[i].h == h) {
+            if (handles[i].mapped) VMM_FAIL("cuMemRelease %llu still mapped", h);
+            used[handles[i].dev] -= handles[i].n;
+            handles[i] = handles[--nhandles];
+            logf_("cuMemRelease handle=%llu", h);
+            LEAVE(OK);
+        }
+    }
+    VMM_FAIL("cuMemRelease %llu: unknown handle", h);
+}
+
+CUresult cuMemMap(CUdeviceptr p, size_t n, size_t off, unsigned long long h, unsigned long long flags) {
+    ENTER("cuMemMap");
+    RELAXED_IN_CAPTURE("cuMemMap");
+    if (n == 0 || n % PAGE || p % PAGE || off % PAGE || flags || nmaps == MAX_VMM)
+        VMM_FAIL("cuMemMap 0x%llx+%zu: misaligned", p, n);
+    int in_range = 0;
+    for (int i = 0; i < nranges; i++)
+        if (p >= ranges[i].p && p + n <= ranges[i].p + ranges[i].n) in_range = 1;
+    if (!in_range) VMM_FAIL("cuMemMap 0x%llx+%zu outside every reserved range", p, n);
+    if (mapped_overlap(p, n)) VMM_FAIL("cuMemMap 0x%llx+%zu over a mapping", p, n);
+    for (int i = 0; i < nhandles; i++) {
+        if (handles[i].h == h) {
+            if (off + n > handles[i].n) VMM_FAIL("cuMemMap past the end of handle %llu", h);
+            handles[i].mapped += n;
+            maps[nmaps].p = p;
+            maps[nmaps].n = n;
+            maps[nmaps].h = h;
+            maps[nmaps].access = 0;
+            nmaps++;
+            logf_("cuMemMap ptr=0x%llx size=%zu handle=%llu offset=%zu mode=%d", p, n, h, off, capture_mode);
+            LEAVE(OK);
+        }
+    }
+    VMM_FAIL("cuMemMap: unknown handle %llu", h);
+}
+
+CUresult cuMemUnmap(CUdeviceptr p, size_t n) {
+    ENTER("cuMemUnmap");
+    NO_CAPTURE("cuMemUnmap");
+    for (int i = 0; i < nmaps; i++) {
+        if (maps[i].p == p && maps[i].n == n) {
+            for (int j = 0; j < nhandles; j++)
+                if (handles[j].h == maps[i].h) handles[j].mapped -= n;
+            maps[i] = maps[--nmaps];
+            logf_("cuMemUnmap ptr=0x%llx size=%zu", p, n);
+            LEAVE(OK);
+        }
+    }
+    VMM_FAIL("cuMemUnmap 0x%llx+%zu: not one whole mapping", p, n);
+}
+
+CUresult cuMemSetAccess(CUdeviceptr p, size_t n, const AccessDesc *desc, size_t count) {
+    ENTER("cuMemSetAccess");
+    RELAXED_IN_CAPTURE("cuMemSetAccess");
+    if (!desc || count == 0) VMM_FAIL("cuMemSetAccess: no descriptor");
+    for (size_t k = 0; k < count; k++)
+        if (desc[k].location.type != 1 || desc[k].location.id < 0 || desc[k].location.id >= ndev || desc[k].flags != 3)
+            VMM_FAIL("cuMemSetAccess: bad descriptor");
+    /* Whole mappings, back to back, covering the range exactly. */
+    CUdeviceptr at = p;
+    int progress = 1;
+    while (at < p + n && progress) {
+        progress = 0;
+        for (int i = 0; i < nmaps; i++) {
+            if (maps[i].p == at) {
+                maps[i].access = 1;
+                at += maps[i].n;
+                progress = 1;
+                break;
+            }
+        }
+    }
+    if (at != p + n) VMM_FAIL("cuMemSetAccess 0x%llx+%zu: not whole mappings", p, n);
+    logf_("cuMemSetAccess ptr=0x%llx size=%zu mode=%d", p, n, capture_mode);
+    LEAVE(OK);
 }
