@@ -23,6 +23,10 @@ pub const PROFILES: &[(&str, &str)] = &[
         "small_max:512",
         "one pool for every size (many mixed sizes); about 2x the cached-pair instructions",
     ),
+    (
+        "expandable_segments:on",
+        "pages mapped where blocks need them and moved once free (any workload that fragments); map/unmap driver calls on growth",
+    ),
 ];
 
 /// The configuration needing the least, as an index into `least` (each
@@ -349,9 +353,14 @@ fn replay_cmd(m: &ArgMatches) -> Result<(), String> {
         // whole device, and cuMemAlloc is slow. The sim does not time them.
         if let Some(best) = recommend(&least).filter(|&b| b != 0 && calls[b] > 2 * calls[0].max(1))
         {
+            let why = if vmm[best].iter().any(|&n| n > 0) {
+                "each cuMemMap, cuMemUnmap or cuMemSetAccess takes tens of microseconds"
+            } else {
+                "each cuMemFree waits for the whole device"
+            };
             println!(
-                "but {} makes {} driver calls against {} for {}: on a GPU each cuMemFree waits \
-                 for the whole device, so time a few steps with it before adopting it",
+                "but {} makes {} driver calls against {} for {}: on a GPU {why}, so time a few \
+                 steps with it before adopting it",
                 head[best], calls[best], calls[0], head[0]
             );
         }
