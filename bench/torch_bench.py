@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 DOC = os.path.join(REPO, "docs", "BENCHMARKS.md")
 HEADING = "## PyTorch (GPU)"
-MODES = ("native", "cudaMallocAsync", "cudalloc", "rmm")
+MODES = ("native", "native-expandable", "cudaMallocAsync", "cudalloc", "cudalloc-expandable", "rmm")
 MiB = 1 << 20
 
 
@@ -43,8 +43,9 @@ def setup_allocator(mode):
     function giving (peak reserved, peak allocated) in bytes, or None each."""
     import torch
 
-    if mode in ("native", "cudaMallocAsync"):
-        # cudaMallocAsync comes from PYTORCH_CUDA_ALLOC_CONF, set by the parent.
+    if mode in ("native", "native-expandable", "cudaMallocAsync"):
+        # cudaMallocAsync and expandable_segments come from
+        # PYTORCH_CUDA_ALLOC_CONF, set by the parent.
         def peaks():
             try:
                 return torch.cuda.max_memory_reserved(), torch.cuda.max_memory_allocated()
@@ -58,10 +59,13 @@ def setup_allocator(mode):
                 pass
 
         return peaks, reset
-    if mode == "cudalloc":
+    if mode in ("cudalloc", "cudalloc-expandable"):
         import cudalloc
 
-        cudalloc.enable(os.environ.get("CUDALLOC_BENCH_CONF") or None)
+        conf = os.environ.get("CUDALLOC_BENCH_CONF") or ""
+        if mode == "cudalloc-expandable":
+            conf = ",".join(c for c in (conf, "expandable_segments:on") if c)
+        cudalloc.enable(conf or None)
         return (
             lambda: (cudalloc.max_memory_reserved(), cudalloc.max_memory_allocated()),
             cudalloc.reset_peak_memory_stats,
@@ -227,7 +231,9 @@ def mode_env(mode):
     env.pop("PYTORCH_ALLOC_CONF", None)  # the newer name, read too
     if mode == "cudaMallocAsync":
         env["PYTORCH_CUDA_ALLOC_CONF"] = "backend:cudaMallocAsync"
-    if mode == "cudalloc" and "CUDALLOC_LIBRARY" in env:
+    if mode == "native-expandable":
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    if mode.startswith("cudalloc") and "CUDALLOC_LIBRARY" in env:
         env["PYTHONPATH"] = os.pathsep.join([os.path.join(REPO, "python"), env.get("PYTHONPATH", "")])
     return env
 

@@ -134,6 +134,9 @@ pub struct Engine {
     stray_invalid_frees: AtomicU64,
     /// Told of every allocation and free, when set.
     journal: Option<Arc<dyn Journal>>,
+    /// Whether anyone is told of allocations and frees: a journal, or a
+    /// device's history switched on. One check on the hot path for both.
+    observed: std::sync::atomic::AtomicBool,
 }
 
 impl Engine {
@@ -159,6 +162,7 @@ impl Engine {
             devices,
             oom_callbacks: RwLock::new(Vec::new()),
             stray_invalid_frees: AtomicU64::new(0),
+            observed: std::sync::atomic::AtomicBool::new(journal.is_some()),
             journal,
         }
     }
@@ -257,6 +261,13 @@ impl Engine {
     /// allocation from `arena`. Call under the arena's lock (see [`Journal`]).
     #[inline(always)]
     fn journal_allocated(&self, dev: &Device, ptr: u64, requested: u64, arena: &Arena) {
+        if self.observed.load(Ordering::Relaxed) {
+            self.tell_allocated(dev, ptr, requested, arena);
+        }
+    }
+
+    #[inline(never)]
+    fn tell_allocated(&self, dev: &Device, ptr: u64, requested: u64, arena: &Arena) {
         if let Some(j) = &self.journal {
             j.allocated(ptr, requested, arena.stream);
         }
@@ -295,13 +306,20 @@ impl Engine {
             !a.pooled && dev.core.captures_now(a.stream)
         })?;
         dev.note_free(a, inner, f.size);
+        if self.observed.load(Ordering::Relaxed) {
+            self.tell_freed(dev, a, ptr, f);
+        }
+        Some(())
+    }
+
+    #[inline(never)]
+    fn tell_freed(&self, dev: &Device, a: &Arena, ptr: u64, f: arena::Freed) {
         if let Some(j) = &self.journal {
             j.freed(ptr, f.requested, a.stream);
         }
         if dev.core.history.on() {
             dev.core.history.freed(ptr, f.requested, a.stream, f.waits);
         }
-        Some(())
     }
 
     /// Release every idle cached segment on every device to the driver.

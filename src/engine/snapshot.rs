@@ -382,6 +382,8 @@ impl Engine {
         for dev in &self.devices {
             dev.core.history.set(on, max_entries, clear);
         }
+        self.observed
+            .store(self.journal.is_some() || on, Ordering::Relaxed);
     }
 
     /// Record the `oom` of a request of `size` bytes on `stream`, where

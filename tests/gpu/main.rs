@@ -10,7 +10,9 @@
 //!   is busy again (a training step's growth, with the GPU behind);
 //! - `record_stream` delays reuse until the other stream's work is done;
 //! - a global-mode graph capture survives growth, OOM and `empty_cache`;
-//! - OOM at the real capacity, with the diagnosis, then recovery.
+//! - OOM at the real capacity, with the diagnosis, then recovery;
+//! - expandable segments: data intact across remaps of the neighbours'
+//!   pages, a page moved between streams, growth and trim, a capture.
 
 use cudalloc::conformance::{run_all, STREAMS};
 use cudalloc::driver::cuda::driver_symbol;
@@ -24,11 +26,25 @@ use std::mem::size_of;
 use std::sync::Arc;
 
 fn gpu() -> (Allocator, Arc<CudaDriver>) {
+    gpu_with("backend:cuda")
+}
+
+fn gpu_with(conf: &str) -> (Allocator, Arc<CudaDriver>) {
     let d = Arc::new(CudaDriver::new().expect("a CUDA driver and device (run on a GPU machine)"));
     assert!(d.device_count() > 0, "no CUDA device");
     bind_device_0();
-    let c = Config::parse("backend:cuda").unwrap();
+    let c = Config::parse(conf).unwrap();
     (Allocator::new(c, d.clone()), d)
+}
+
+/// An allocator with expandable segments, which the device must support.
+fn gpu_expandable() -> (Allocator, Arc<CudaDriver>) {
+    let (a, d) = gpu_with("backend:cuda,expandable_segments:on");
+    assert!(
+        d.vmm_granularity(0).is_ok(),
+        "the GPU has no virtual memory management"
+    );
+    (a, d)
 }
 
 /// Make device 0's primary context current on this thread, as the CUDA
@@ -338,4 +354,143 @@ fn oom_at_real_capacity_then_recovery() {
     a.free(p, Some(0), 0).unwrap();
     a.empty_cache();
     assert_eq!(a.stats(0).unwrap().reserved_bytes, 0);
+}
+
+const MIB: u64 = 1 << 20;
+
+/// Expandable segments: blocks keep their data while the pages of the free
+/// blocks around them are unmapped and mapped again elsewhere.
+#[test]
+#[ignore = "needs a GPU: scripts/gpu-check.sh"]
+fn expandable_data_survives_remaps() {
+    let (a, d) = gpu_expandable();
+    let s = d.stream_create(0).unwrap();
+    let ps: Vec<u64> = (0..3).map(|_| a.malloc(10 * MIB, 0, s).unwrap()).collect();
+    for (i, &p) in ps.iter().enumerate() {
+        memset(p, 0x11 * (i as u8 + 1), (10 * MIB) as usize, s);
+    }
+    a.free(ps[0], Some(0), s).unwrap();
+    a.free(ps[2], Some(0), s).unwrap();
+    d.stream_synchronize(0, s).unwrap(); // the frees are proven complete
+    let before = a.stats(0).unwrap();
+    // 24 MiB fits neither hole: it takes their pages.
+    let q = a.malloc(24 * MIB, 0, s).unwrap();
+    let after = a.stats(0).unwrap();
+    assert!(after.num_vmm_unmaps > before.num_vmm_unmaps, "{after:?}");
+    memset(q, 0x44, (24 * MIB) as usize, s);
+    d.stream_synchronize(0, s).unwrap();
+    expect(ps[1], 0x22, (10 * MIB) as usize);
+    expect(q, 0x44, (24 * MIB) as usize);
+    a.free(ps[1], Some(0), s).unwrap();
+    a.free(q, Some(0), s).unwrap();
+    a.empty_cache();
+    assert_eq!(a.stats(0).unwrap().reserved_bytes, 0);
+    a.check_invariants().unwrap();
+}
+
+/// A page freed on one stream serves another once the free is proven
+/// complete, with no new memory, and holds the new stream's data.
+#[test]
+#[ignore = "needs a GPU: scripts/gpu-check.sh"]
+fn expandable_pages_move_between_streams() {
+    let (a, d) = gpu_expandable();
+    let (s1, s2) = (d.stream_create(0).unwrap(), d.stream_create(0).unwrap());
+    let p = a.malloc(40 * MIB, 0, s1).unwrap();
+    memset(p, 0x55, (40 * MIB) as usize, s1);
+    a.free(p, Some(0), s1).unwrap();
+    d.stream_synchronize(0, s1).unwrap();
+    let before = a.stats(0).unwrap();
+    let q = a.malloc(40 * MIB, 0, s2).unwrap();
+    let after = a.stats(0).unwrap();
+    assert_eq!(after.num_vmm_creates, before.num_vmm_creates, "no new memory");
+    assert!(after.num_vmm_unmaps > before.num_vmm_unmaps, "pages moved");
+    memset(q, 0x66, (40 * MIB) as usize, s2);
+    d.stream_synchronize(0, s2).unwrap();
+    expect(q, 0x66, (40 * MIB) as usize);
+    a.free(q, Some(0), s2).unwrap();
+    a.empty_cache();
+    a.check_invariants().unwrap();
+}
+
+/// Growth maps pages as requests need them; trim gives back what is proven
+/// free without waiting; empty_cache the rest.
+#[test]
+#[ignore = "needs a GPU: scripts/gpu-check.sh"]
+fn expandable_growth_and_trim() {
+    let (a, d) = gpu_expandable();
+    let s = d.stream_create(0).unwrap();
+    let ps: Vec<u64> = (1..=16).map(|i| a.malloc(i * 3 * MIB, 0, s).unwrap()).collect();
+    for &p in &ps {
+        memset(p, 0x77, (3 * MIB) as usize, s);
+    }
+    let st = a.stats(0).unwrap();
+    assert!(st.mapped_bytes >= 408 * MIB && st.mapped_bytes <= 440 * MIB, "{st:?}");
+    for &p in &ps {
+        a.free(p, Some(0), s).unwrap();
+    }
+    d.stream_synchronize(0, s).unwrap();
+    let released = a.trim(0, u64::MAX);
+    assert!(released > 0, "trim released nothing");
+    a.empty_cache();
+    assert_eq!(a.stats(0).unwrap().reserved_bytes, 0);
+    a.check_invariants().unwrap();
+}
+
+/// A global-mode capture with expandable segments: growth creates and maps
+/// pages in relaxed mode, `empty_cache` unmaps nothing, and the graph then
+/// replays into the memory it got.
+#[test]
+#[ignore = "needs a GPU: scripts/gpu-check.sh"]
+fn expandable_capture_survives_growth_and_empty_cache() {
+    let (a, d) = gpu_expandable();
+    let (s, c) = (d.stream_create(0).unwrap(), d.stream_create(0).unwrap());
+    let p = a.malloc(30 * MIB, 0, s).unwrap();
+    a.free(p, Some(0), s).unwrap();
+    d.stream_synchronize(0, s).unwrap();
+    let begin: unsafe extern "C" fn(cu::CUstream, c_int) -> cu::CUresult =
+        entry(c"cuStreamBeginCapture_v2");
+    let status: unsafe extern "C" fn(cu::CUstream, *mut c_int) -> cu::CUresult =
+        entry(c"cuStreamIsCapturing");
+    let end: unsafe extern "C" fn(cu::CUstream, *mut cu::CUgraph) -> cu::CUresult =
+        entry(c"cuStreamEndCapture");
+    let instantiate: unsafe extern "C" fn(*mut cu::CUgraphExec, cu::CUgraph, u64) -> cu::CUresult =
+        entry(c"cuGraphInstantiateWithFlags");
+    let launch: unsafe extern "C" fn(cu::CUgraphExec, cu::CUstream) -> cu::CUresult =
+        entry(c"cuGraphLaunch");
+    let cs = c as usize as cu::CUstream;
+    let active = |after: &str| {
+        let mut st: c_int = -1;
+        // SAFETY: `cs` is a live stream; `st` is a valid out-pointer.
+        check(unsafe { status(cs, &mut st) });
+        assert_eq!(st, 1, "the capture is not active after {after}");
+    };
+    // SAFETY: `cs` is a live stream, not capturing; 0 is the global mode.
+    check(unsafe { begin(cs, 0) });
+    let q = a.malloc(100 * MIB, 0, c).unwrap();
+    active("a growth (create and map)");
+    memset(q, 0x22, (100 * MIB) as usize, c);
+    a.empty_cache();
+    active("empty_cache");
+    let mut graph: cu::CUgraph = std::ptr::null_mut();
+    let mut exec: cu::CUgraphExec = std::ptr::null_mut();
+    // SAFETY: valid out-pointers; `cs` is capturing.
+    unsafe {
+        check(end(cs, &mut graph));
+        check(instantiate(&mut exec, graph, 0));
+        check(launch(exec, cs));
+    }
+    d.stream_synchronize(0, c).unwrap();
+    expect(q, 0x22, (100 * MIB) as usize);
+    let exec_destroy: unsafe extern "C" fn(cu::CUgraphExec) -> cu::CUresult =
+        entry(c"cuGraphExecDestroy");
+    let graph_destroy: unsafe extern "C" fn(cu::CUgraph) -> cu::CUresult = entry(c"cuGraphDestroy");
+    // SAFETY: both were made above and are not used again.
+    unsafe {
+        check(exec_destroy(exec));
+        check(graph_destroy(graph));
+    }
+    a.free(q, Some(0), c).unwrap();
+    a.empty_cache();
+    assert_eq!(a.stats(0).unwrap().reserved_bytes, 0);
+    a.check_invariants().unwrap();
 }
