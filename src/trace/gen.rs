@@ -296,7 +296,7 @@ pub fn kv_cache(seed: u64, requests: u64, m: Model) -> Vec<Event> {
 }
 
 /// `cycles` sawtooth cycles: 32 requests of 1 to 9.5 MiB, every other one
-/// freed, then 12 requests of 12 to 17 MiB (none fits a hole left by the
+/// freed, then 24 requests of 12 to 17 MiB (none fits a hole left by the
 /// first phase), then everything freed. On one contiguous heap the holes
 /// are lost to the big requests; with pages unmapped under the holes they
 /// are not (`scripts/frag_bounds.py`).
@@ -316,7 +316,7 @@ pub fn sawtooth(seed: u64, cycles: u64) -> Vec<Event> {
                 kept.push(x);
             }
         }
-        let big: Vec<(u64, u64)> = (0..12)
+        let big: Vec<(u64, u64)> = (0..24)
             .map(|_| b.alloc(rng.random_range(12 * MIB..=17 * MIB)))
             .collect();
         for x in kept.into_iter().chain(big) {

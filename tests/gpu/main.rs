@@ -402,7 +402,10 @@ fn expandable_pages_move_between_streams() {
     let before = a.stats(0).unwrap();
     let q = a.malloc(40 * MIB, 0, s2).unwrap();
     let after = a.stats(0).unwrap();
-    assert_eq!(after.num_vmm_creates, before.num_vmm_creates, "no new memory");
+    assert_eq!(
+        after.num_vmm_creates, before.num_vmm_creates,
+        "no new memory"
+    );
     assert!(after.num_vmm_unmaps > before.num_vmm_unmaps, "pages moved");
     memset(q, 0x66, (40 * MIB) as usize, s2);
     d.stream_synchronize(0, s2).unwrap();
@@ -419,12 +422,17 @@ fn expandable_pages_move_between_streams() {
 fn expandable_growth_and_trim() {
     let (a, d) = gpu_expandable();
     let s = d.stream_create(0).unwrap();
-    let ps: Vec<u64> = (1..=16).map(|i| a.malloc(i * 3 * MIB, 0, s).unwrap()).collect();
+    let ps: Vec<u64> = (1..=16)
+        .map(|i| a.malloc(i * 3 * MIB, 0, s).unwrap())
+        .collect();
     for &p in &ps {
         memset(p, 0x77, (3 * MIB) as usize, s);
     }
     let st = a.stats(0).unwrap();
-    assert!(st.mapped_bytes >= 408 * MIB && st.mapped_bytes <= 440 * MIB, "{st:?}");
+    assert!(
+        st.mapped_bytes >= 408 * MIB && st.mapped_bytes <= 440 * MIB,
+        "{st:?}"
+    );
     for &p in &ps {
         a.free(p, Some(0), s).unwrap();
     }
