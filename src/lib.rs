@@ -23,18 +23,22 @@
 //!            free (epoch events, stream queries, per-segment events); the
 //!            OOM ladder; limits; graph captures; private pools; reclaim;
 //!            the warm-up reservation; can_allocate; diagnosis; snapshots
-//!            and their history; check_invariants (engine/mod.rs maps its
-//!            files)
+//!            and their history; expandable segments (virtual ranges,
+//!            pages mapped on demand and moved once proven free);
+//!            check_invariants (engine/mod.rs maps its files)
 //!   size_class  pure size -> granule, pool, segment, bin functions          size_class.rs
 //! live       live-allocation records and their stamps (time, thread)       live.rs
 //! stats      cudalloc_stats snapshot; device gauges and counters             stats.rs
 //! driver     trait Driver, the one narrow interface to a device, with its   driver/
-//!            contract (which calls are legal during a graph capture)
+//!            contract (which calls are legal during a graph capture; the
+//!            virtual-memory calls and their rules)
 //!              cuda: CUDA driver API via cudarc (run-time loaded libcuda,
 //!                    raw result codes, primary context per device with
-//!                    the caller's restored, relaxed capture mode)
+//!                    the caller's restored, relaxed capture mode,
+//!                    optional cuMemMap family)
 //!              sim: simulated device (capacity, fake addresses, manual
-//!                   or lagging events, fault injection)
+//!                   or lagging events, fault injection, virtual memory
+//!                   with every rule checked)
 //!              exit_guard: refuses device calls once the process exits
 //! error      Error and the C result codes (base 42000)                       error.rs
 //! conformance the shared behaviour suite (tests and `cudalloc selftest`)     conformance.rs

@@ -175,7 +175,7 @@ impl VmmApi {
     /// Resolve every VMM entry point, or `None` when one is missing.
     // Each transmute's target is the `VmmApi` field it fills.
     #[allow(clippy::missing_transmute_annotations)]
-    fn load() -> Option<VmmApi> {
+    fn resolve() -> Option<VmmApi> {
         macro_rules! sym {
             ($name:literal) => {{
                 let p = CStr::from_bytes_with_nul(concat!($name, "\0").as_bytes())
@@ -396,7 +396,7 @@ impl CudaDriver {
         }
         Ok(CudaDriver {
             api,
-            vmm: VmmApi::load(),
+            vmm: VmmApi::resolve(),
             devices,
         })
     }
@@ -708,7 +708,7 @@ impl Driver for CudaDriver {
 
 #[cfg(test)]
 mod tests {
-    use super::ENTRY_POINTS;
+    use super::{ENTRY_POINTS, VMM_ENTRY_POINTS};
 
     /// `Api::load` resolves exactly [`ENTRY_POINTS`] (the list the stand-in
     /// and the docs go by).
@@ -722,5 +722,13 @@ mod tests {
             .map(|s| &s[..s.find('"').unwrap()])
             .collect();
         assert_eq!(names, ENTRY_POINTS);
+        let body = &src[src.find("fn resolve()").unwrap()
+            ..src.find("/// The entry points, resolved").unwrap()];
+        let names: Vec<&str> = body
+            .split("sym!(\"")
+            .skip(1)
+            .map(|s| &s[..s.find('"').unwrap()])
+            .collect();
+        assert_eq!(names, VMM_ENTRY_POINTS);
     }
 }
