@@ -15,7 +15,9 @@
 //!   allocation, against the same loop with them off, in the same run.
 //! - **mixed**: a window of live blocks over 16 sizes up to 1 MiB.
 //! - **random_allocations** (RMM's benchmark): 73% allocate / 27% free,
-//!   uniform sizes up to a maximum, at 1k, 10k and 100k operations.
+//!   uniform sizes up to a maximum, at 1k, 10k and 100k operations, and the
+//!   largest again with `expandable_segments:on` (its slow path: placement
+//!   over the virtual range, pages mapped and moved).
 
 use crate::config::{format_size, Config};
 use crate::driver::Stream;
@@ -358,7 +360,13 @@ fn random_run(config: &Config, ops: u64, max: u64, seed: u64) -> crate::Result<S
         format!(
             "hit rate {:.3}; driver calls {}; peak reserved {} / peak live {} = {:.3}; failures {failures}",
             hit_rate(&a),
-            st.num_driver_allocs + st.num_driver_frees,
+            st.num_driver_allocs
+                + st.num_driver_frees
+                + st.num_vmm_creates
+                + st.num_vmm_releases
+                + st.num_vmm_maps
+                + st.num_vmm_unmaps
+                + st.num_vmm_set_access,
             format_size(st.reserved_bytes_peak),
             format_size(st.allocated_bytes_peak),
             st.reserved_bytes_peak as f64 / st.allocated_bytes_peak.max(1) as f64,
@@ -431,6 +439,16 @@ pub fn run(config: &Config, o: &BenchOptions) -> crate::Result<()> {
     names.extend(tracking_cfg.iter().map(|t| t.0.to_string()));
     names.push("mixed sizes, 8 live of 16 sizes <= 1 MiB (free+alloc)".into());
     names.extend(o.random_ops.iter().map(|&n| random_name(n, o.random_max)));
+    // The largest random run again with expandable segments (a driver
+    // without virtual memory serves it with classic segments).
+    let expandable = o.random_ops.last().map(|&n| {
+        let mut c = config.clone();
+        c.expandable_segments = true;
+        (n, c)
+    });
+    if let Some((n, _)) = &expandable {
+        names.push(format!("{}, expandable segments", random_name(*n, o.random_max)));
+    }
     let mut samples: Vec<Vec<Sample>> = (0..names.len()).map(|_| Vec::new()).collect();
     for _ in 0..o.rounds.max(1) {
         let mut k = 0;
@@ -456,6 +474,9 @@ pub fn run(config: &Config, o: &BenchOptions) -> crate::Result<()> {
         put(mixed(config, o)?);
         for &n in &o.random_ops {
             put(random_run(config, n, o.random_max, 42)?);
+        }
+        if let Some((n, c)) = &expandable {
+            put(random_run(c, *n, o.random_max, 42)?);
         }
     }
     let after = load();

@@ -100,16 +100,24 @@ impl Vmm {
 
     /// Add `p` to the idle pieces, merged with its neighbours of the same handle.
     fn give(&mut self, p: Piece) {
-        self.idle.push(p);
-        self.idle.sort_unstable_by_key(|p| (p.handle, p.offset));
-        let mut merged: Vec<Piece> = Vec::with_capacity(self.idle.len());
-        for p in self.idle.drain(..) {
-            match merged.last_mut() {
-                Some(l) if l.handle == p.handle && l.offset + l.len == p.offset => l.len += p.len,
-                _ => merged.push(p),
+        let key = |x: &Piece| (x.handle, x.offset);
+        let mut at = self.idle.partition_point(|x| key(x) < key(&p));
+        self.idle.insert(at, p);
+        if at > 0 {
+            let (l, r) = (self.idle[at - 1], self.idle[at]);
+            if l.handle == r.handle && l.offset + l.len == r.offset {
+                self.idle[at - 1].len += r.len;
+                self.idle.remove(at);
+                at -= 1;
             }
         }
-        self.idle = merged;
+        if at + 1 < self.idle.len() {
+            let (l, r) = (self.idle[at], self.idle[at + 1]);
+            if l.handle == r.handle && l.offset + l.len == r.offset {
+                self.idle[at].len += r.len;
+                self.idle.remove(at + 1);
+            }
+        }
     }
 
     /// Take idle pieces worth up to `want` bytes (the last one cut to fit).
@@ -124,8 +132,7 @@ impl Vmm {
                     offset: p.offset + (want - got),
                     len: p.len - (want - got),
                 };
-                self.idle.push(rest);
-                self.idle.sort_unstable_by_key(|p| (p.handle, p.offset));
+                self.give(rest);
                 p.len = want - got;
             }
             got += p.len;
@@ -312,11 +319,11 @@ impl Device {
         all_proven: bool,
     ) -> u64 {
         let mut done = 0;
-        for (s, va, len) in a.vm_movable(stream, &self.core, exclude, want, all_proven) {
+        for (s, va, len, hint) in a.vm_movable(stream, &self.core, exclude, want, all_proven) {
             match self.core.driver.unmap(self.core.index, va, len) {
                 Ok(()) => {
                     self.core.counters.vmm_unmaps.inc();
-                    let m = a.vm_unmapped(s, va);
+                    let m = a.vm_unmapped(s, va, hint);
                     vmm.lock().put(Piece {
                         handle: m.handle,
                         offset: m.offset,
@@ -534,7 +541,7 @@ impl Device {
         let unit = ((plan.span.1 - plan.span.0) / MAP_PARTS)
             .max(page)
             .next_multiple_of(page);
-        for &(va, len) in &plan.holes {
+        for (&(va, len), &hint) in plan.holes.iter().zip(&plan.hole_blocks) {
             let mut maps: Vec<(u64, Mapping)> = Vec::new();
             let mut at = va;
             let mut failed = None;
@@ -583,7 +590,7 @@ impl Device {
                 }
                 return Err(e.into());
             }
-            a.vm_fill(plan.seg, va, len, maps);
+            a.vm_fill(plan.seg, va, len, hint, maps);
         }
         debug_assert!(pieces.is_empty());
         Ok(())
@@ -632,7 +639,15 @@ impl Engine {
             a.counters.cache_hits += 1;
         }
         let (p, block) =
-            a.vm_alloc_at(plan.seg, plan.start, rounded, size, &self.policy, &dev.core);
+            a.vm_alloc_at(
+            plan.seg,
+            plan.start,
+            plan.first_block,
+            rounded,
+            size,
+            &self.policy,
+            &dev.core,
+        );
         dev.note_alloc(arena, block);
         self.journal_allocated(dev, p, size, arena);
         Ok(p)

@@ -71,6 +71,10 @@ pub(crate) struct Plan {
     pub start: u64,
     /// Page-aligned hole ranges `(va, len)` to map, in address order.
     pub holes: Vec<(u64, u64)>,
+    /// The hole block holding each (a hint for [`ArenaInner::vm_fill`]).
+    pub hole_blocks: Vec<u32>,
+    /// The run's first block (a hint for [`ArenaInner::vm_alloc_at`]).
+    pub first_block: u32,
     /// The virtual range the request and its mapping cover (kept out of
     /// the search for memory to move).
     pub span: (u64, u64),
@@ -147,21 +151,22 @@ impl ArenaInner {
     /// more on every committed trace, and saved few calls). `None` when no
     /// run holds it.
     pub fn vm_plan(&self, pool: Pool, rounded: u64) -> Option<Plan> {
-        let mut best: Option<(u64, u64, u32)> = None; // (run length, start, seg)
+        // (run length, start, seg, first block)
+        let mut best: Option<(u64, u64, u32, u32)> = None;
         for s in self.vsegs_of(pool) {
             let mut i = self.seg(s).first;
-            let mut run: Option<(u64, u64)> = None;
-            let mut consider = |run: (u64, u64)| {
+            let mut run: Option<(u64, u64, u32)> = None;
+            let mut consider = |run: (u64, u64, u32)| {
                 if run.1 >= rounded && best.is_none_or(|b| (run.1, run.0) < (b.0, b.1)) {
-                    best = Some((run.1, run.0, s));
+                    best = Some((run.1, run.0, s, run.2));
                 }
             };
             while i != NIL {
                 let b = self.blocks.get(i);
                 if matches!(b.state, BlockState::Free | BlockState::Hole) {
                     run = Some(match run {
-                        Some((st, len)) => (st, len + b.size),
-                        None => (b.addr, b.size),
+                        Some((st, len, f)) => (st, len + b.size, f),
+                        None => (b.addr, b.size, i),
                     });
                 } else if let Some(r) = run.take() {
                     consider(r);
@@ -172,12 +177,13 @@ impl ArenaInner {
                 consider(r);
             }
         }
-        let (_, start, seg) = best?;
+        let (_, start, seg, first_block) = best?;
         let page = self.vsegs[&seg].page;
         let end = start + rounded;
         let mut holes = Vec::new();
+        let mut hole_blocks = Vec::new();
         let mut span_end = end;
-        let mut i = self.seg(seg).first;
+        let mut i = first_block;
         while i != NIL {
             let b = *self.blocks.get(i);
             if b.addr >= end {
@@ -187,6 +193,7 @@ impl ArenaInner {
                 let lo = b.addr.max(start);
                 let hi = (b.addr + b.size).min(end.next_multiple_of(page));
                 holes.push((lo, hi - lo));
+                hole_blocks.push(i);
                 span_end = span_end.max(hi);
             }
             i = b.next;
@@ -195,12 +202,21 @@ impl ArenaInner {
             seg,
             start,
             holes,
+            hole_blocks,
+            first_block,
             span: (start, span_end),
         })
     }
 
-    /// The block of virtual segment `s` holding `addr`.
-    fn vm_block_at(&self, s: u32, addr: u64) -> u32 {
+    /// The block of virtual segment `s` holding `addr`: `hint` when it
+    /// does (a block index the caller remembered, which later surgery may
+    /// have changed), else found by a walk.
+    fn vm_block_at(&self, s: u32, addr: u64, hint: u32) -> u32 {
+        if let Some(b) = self.blocks.slots.get(hint as usize) {
+            if b.state != BlockState::Vacant && b.seg == s && addr >= b.addr && addr < b.addr + b.size {
+                return hint;
+            }
+        }
         let mut i = self.seg(s).first;
         while i != NIL {
             let b = self.blocks.get(i);
@@ -303,8 +319,8 @@ impl ArenaInner {
     /// Hole range `(va, len)` of segment `s` is now mapped by `maps`
     /// (address order, covering it exactly, access granted): it becomes
     /// free memory.
-    pub fn vm_fill(&mut self, s: u32, va: u64, len: u64, maps: Vec<(u64, Mapping)>) {
-        let i = self.vm_block_at(s, va);
+    pub fn vm_fill(&mut self, s: u32, va: u64, len: u64, hint: u32, maps: Vec<(u64, Mapping)>) {
+        let i = self.vm_block_at(s, va, hint);
         debug_assert_eq!(self.blocks.get(i).state, BlockState::Hole);
         self.vm_recarve(i, va, va + len, BlockState::Free);
         let v = self.vsegs.get_mut(&s).expect("a virtual segment");
@@ -317,16 +333,18 @@ impl ArenaInner {
 
     /// Serve a request at `start` of virtual segment `s`, where a free
     /// block of at least `rounded` bytes starts now (after [`Self::vm_fill`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn vm_alloc_at(
         &mut self,
         s: u32,
         start: u64,
+        hint: u32,
         rounded: u64,
         requested: u64,
         policy: &Policy,
         dev: &DeviceCore,
     ) -> (u64, u64) {
-        let i = self.vm_block_at(s, start);
+        let i = self.vm_block_at(s, start, hint);
         let b = *self.blocks.get(i);
         assert!(
             b.state == BlockState::Free && b.addr == start && b.size >= rounded,
@@ -372,9 +390,13 @@ impl ArenaInner {
         exclude: Option<(u32, u64, u64)>,
         want: u64,
         all_proven: bool,
-    ) -> Vec<(u32, u64, u64)> {
+    ) -> Vec<(u32, u64, u64, u32)> {
+        // In address order: segments by base, blocks along each chain.
+        let mut segs: Vec<u32> = self.vsegs.keys().copied().collect();
+        segs.sort_unstable_by_key(|&s| self.seg(s).base);
         let mut cands = Vec::new();
-        for (&s, v) in &self.vsegs {
+        for s in segs {
+            let v = &self.vsegs[&s];
             let mut i = self.seg(s).first;
             while i != NIL {
                 let b = self.blocks.get(i);
@@ -387,7 +409,7 @@ impl ArenaInner {
                         let excluded = exclude
                             .is_some_and(|(xs, xl, xh)| xs == s && at < xh && at + m.len > xl);
                         if !excluded {
-                            cands.push((s, at, m.len, m.freed_epoch));
+                            cands.push((s, at, m.len, m.freed_epoch, i));
                         }
                     }
                 }
@@ -399,17 +421,18 @@ impl ArenaInner {
         // from the top leaves the busy low part mapped and makes holes
         // where requests go last. On the sawtooth trace this moved 4.8x
         // fewer pages than oldest-freed-first, for 1.071 against 1.067
-        // reserved/requested (docs/BENCHMARKS.md).
-        cands.sort_unstable_by_key(|c| std::cmp::Reverse(c.1));
+        // reserved/requested (docs/BENCHMARKS.md). Taken in this order, a
+        // block's lower mappings keep their block's index valid (the
+        // surgery keeps the left part's index), so each is a good hint.
         let mut pass = ProofPass::default();
         let mut out = Vec::new();
         let mut found = 0;
-        for (s, at, len, epoch) in cands {
+        for (s, at, len, epoch, block) in cands.into_iter().rev() {
             if found >= want {
                 break;
             }
             if all_proven || self.mapping_free_complete(epoch, stream, dev, &mut pass) {
-                out.push((s, at, len));
+                out.push((s, at, len, block));
                 found += len;
             }
         }
@@ -418,11 +441,11 @@ impl ArenaInner {
 
     /// Mapping `va` of segment `s` was unmapped: its range becomes a hole.
     /// Returns the mapping.
-    pub fn vm_unmapped(&mut self, s: u32, va: u64) -> Mapping {
+    pub fn vm_unmapped(&mut self, s: u32, va: u64, hint: u32) -> Mapping {
         let v = self.vsegs.get_mut(&s).expect("a virtual segment");
         let m = v.maps.remove(&va).expect("a mapping");
         v.mapped -= m.len;
-        let i = self.vm_block_at(s, va);
+        let i = self.vm_block_at(s, va, hint);
         debug_assert_eq!(self.blocks.get(i).state, BlockState::Free);
         self.vm_recarve(i, va, va + m.len, BlockState::Hole);
         self.debug_check();
