@@ -161,6 +161,11 @@ pub(crate) struct ArenaInner {
     epoch_open: u32,
     /// The mappings of each virtual segment, by segment slot (`vseg.rs`).
     vsegs: FxHashMap<u32, VSeg>,
+    /// The runs of free and unmapped space in virtual segments, per pool:
+    /// `(length, start, segment)` to the run's first block (`vseg.rs`).
+    runs: [std::collections::BTreeMap<(u64, u64, u32), u32>; 2],
+    /// The same runs by start address: `(length, segment, first block)`.
+    runs_at: std::collections::BTreeMap<u64, (u64, u32, u32)>,
     /// The arena's large pool lives in virtual segments: the hot path
     /// serves only near-exact fits (the request's own bin), and the slow
     /// path places the rest by best fit (`vseg.rs`).
@@ -268,6 +273,10 @@ impl ArenaInner {
         policy: &Policy,
         dev: &DeviceCore,
     ) -> (u64, u64) {
+        let virt = self.best_fit && self.seg(self.blocks.get(i).seg).virt;
+        if virt {
+            self.vm_run_forget(i);
+        }
         self.index[pool as usize].remove(&mut self.blocks, i);
         let b = *self.blocks.get(i);
         let whole = !policy.huge_split && {
@@ -302,7 +311,11 @@ impl ArenaInner {
         }
         let seg = self.blocks.get(i).seg;
         self.seg_used_inc(seg, dev);
-        self.hand_out(i, requested)
+        let out = self.hand_out(i, requested);
+        if virt {
+            self.vm_runs_beside(i);
+        }
+        out
     }
 
     /// Make block `i` (already counted as used in its segment) live.
@@ -522,8 +535,10 @@ impl ArenaInner {
         let b = *self.blocks.get(i);
         let seg = self.seg(b.seg);
         let pool = seg.pool as usize;
-        if seg.virt {
+        let virt = seg.virt;
+        if virt {
             self.vm_note_free(b.seg, b.addr, b.size);
+            self.vm_runs_forget_beside(i);
         }
         let prev = b.prev;
         if prev != NIL && self.blocks.get(prev).state == BlockState::Free {
@@ -551,6 +566,9 @@ impl ArenaInner {
             self.blocks.remove(next);
         }
         self.index[pool].insert(&mut self.blocks, i);
+        if virt {
+            self.vm_run_note(i);
+        }
         let s = b.seg;
         let seg = self.seg_mut(s);
         seg.used -= 1;
@@ -806,6 +824,9 @@ impl ArenaInner {
             if seg.idle_pos != NIL && self.idle.get(seg.idle_pos as usize) != Some(&(s as u32)) {
                 return Err(format!("segment {:#x}: idle list position wrong", seg.base));
             }
+        }
+        if !self.vsegs.is_empty() || self.runs.iter().any(|r| !r.is_empty()) {
+            self.vm_check_runs()?;
         }
         if self.stash.bytes != self.stash.entries.iter().map(|e| e.0).sum::<u64>() {
             return Err("stash byte count drifted".into());

@@ -19,6 +19,15 @@
 //! Each free in a virtual segment stamps the mappings it touches with the
 //! arena's idle epoch and counts towards the next epoch event, so a
 //! mapping is proven free the way an idle classic segment is.
+//!
+//! **The run index.** The runs (maximal stretches of free blocks and holes)
+//! are indexed by size and by address, updated where blocks are taken and
+//! freed in a virtual segment (mapping and unmapping change no run): the
+//! plan is a `BTreeMap` lookup, and the search for memory to move visits
+//! runs from the top down only until it has enough. That search still
+//! walks every run when little is movable (a random workload's slow path:
+//! docs/BENCHMARKS.md); capping it cost up to 0.02 reserved/requested on
+//! the random traces.
 
 use super::{ArenaInner, ProofPass, Segment};
 use crate::driver::{PhysHandle, Stream};
@@ -128,7 +137,79 @@ impl ArenaInner {
                 ..VSeg::default()
             },
         );
+        self.run_insert(pool as usize, (size, base, s), b);
         s
+    }
+
+    /// Index a run (by size for placement, by address for moving pages).
+    fn run_insert(&mut self, pool: usize, key: (u64, u64, u32), first: u32) {
+        self.runs[pool].insert(key, first);
+        self.runs_at.insert(key.1, (key.0, key.2, first));
+    }
+
+    /// Forget a run.
+    fn run_remove(&mut self, pool: usize, key: (u64, u64, u32)) {
+        self.runs[pool].remove(&key);
+        self.runs_at.remove(&key.1);
+    }
+
+    /// Whether block `i` is free or unmapped space (part of a run).
+    fn in_run(&self, i: u32) -> bool {
+        i != NIL && matches!(self.blocks.get(i).state, BlockState::Free | BlockState::Hole)
+    }
+
+    /// The run holding block `i` (free or a hole): its key and first block.
+    fn run_around(&self, i: u32) -> ((u64, u64, u32), u32) {
+        let (mut first, mut last) = (i, i);
+        while self.in_run(self.blocks.get(first).prev) {
+            first = self.blocks.get(first).prev;
+        }
+        while self.in_run(self.blocks.get(last).next) {
+            last = self.blocks.get(last).next;
+        }
+        let (f, l) = (self.blocks.get(first), self.blocks.get(last));
+        ((l.addr + l.size - f.addr, f.addr, f.seg), first)
+    }
+
+    fn run_pool(&self, i: u32) -> usize {
+        self.seg(self.blocks.get(i).seg).pool as usize
+    }
+
+    /// Block `i`, free, is about to be taken: its run leaves the index.
+    pub(super) fn vm_run_forget(&mut self, i: u32) {
+        let (key, _) = self.run_around(i);
+        let pool = self.run_pool(i);
+        self.run_remove(pool, key);
+    }
+
+    /// Block `i` was just taken: the runs on either side enter the index.
+    pub(super) fn vm_runs_beside(&mut self, i: u32) {
+        let b = *self.blocks.get(i);
+        for n in [b.prev, b.next] {
+            if self.in_run(n) {
+                self.vm_run_note(n);
+            }
+        }
+    }
+
+    /// Block `i` is about to be freed: the runs on either side leave the
+    /// index (they merge with it).
+    pub(super) fn vm_runs_forget_beside(&mut self, i: u32) {
+        let b = *self.blocks.get(i);
+        let pool = self.run_pool(i);
+        for n in [b.prev, b.next] {
+            if self.in_run(n) {
+                let (key, _) = self.run_around(n);
+                self.run_remove(pool, key);
+            }
+        }
+    }
+
+    /// The run holding block `i` enters the index.
+    pub(super) fn vm_run_note(&mut self, i: u32) {
+        let (key, first) = self.run_around(i);
+        let pool = self.run_pool(i);
+        self.run_insert(pool, key, first);
     }
 
     /// The virtual segments of `pool`.
@@ -145,39 +226,16 @@ impl ArenaInner {
 
     /// Where a request of `rounded` bytes of `pool` goes: best fit over the
     /// runs of free and unmapped blocks of the pool's virtual segments (the
-    /// smallest run that holds it, then the lowest address), at the run's
-    /// start, as on one contiguous heap; only the pages under the request
-    /// are mapped (growing by bigger chunks at the top of the heap reserved
-    /// more on every committed trace, and saved few calls). `None` when no
-    /// run holds it.
+    /// smallest run that holds it, then the lowest address; from the run
+    /// index), at the run's start, as on one contiguous heap; only the pages
+    /// under the request are mapped (growing by bigger chunks at the top of
+    /// the heap reserved more on three of four committed traces and saved
+    /// no call in a training step). `None` when no run holds it.
     pub fn vm_plan(&self, pool: Pool, rounded: u64) -> Option<Plan> {
-        // (run length, start, seg, first block)
-        let mut best: Option<(u64, u64, u32, u32)> = None;
-        for s in self.vsegs_of(pool) {
-            let mut i = self.seg(s).first;
-            let mut run: Option<(u64, u64, u32)> = None;
-            let mut consider = |run: (u64, u64, u32)| {
-                if run.1 >= rounded && best.is_none_or(|b| (run.1, run.0) < (b.0, b.1)) {
-                    best = Some((run.1, run.0, s, run.2));
-                }
-            };
-            while i != NIL {
-                let b = self.blocks.get(i);
-                if matches!(b.state, BlockState::Free | BlockState::Hole) {
-                    run = Some(match run {
-                        Some((st, len, f)) => (st, len + b.size, f),
-                        None => (b.addr, b.size, i),
-                    });
-                } else if let Some(r) = run.take() {
-                    consider(r);
-                }
-                i = b.next;
-            }
-            if let Some(r) = run {
-                consider(r);
-            }
-        }
-        let (_, start, seg, first_block) = best?;
+        // The smallest run that holds it, the lowest address among equals.
+        let (&(_, start, seg), &first_block) = self.runs[pool as usize]
+            .range((rounded, 0, 0)..)
+            .next()?;
         let page = self.vsegs[&seg].page;
         let end = start + rounded;
         let mut holes = Vec::new();
@@ -391,31 +449,6 @@ impl ArenaInner {
         want: u64,
         all_proven: bool,
     ) -> Vec<(u32, u64, u64, u32)> {
-        // In address order: segments by base, blocks along each chain.
-        let mut segs: Vec<u32> = self.vsegs.keys().copied().collect();
-        segs.sort_unstable_by_key(|&s| self.seg(s).base);
-        let mut cands = Vec::new();
-        for s in segs {
-            let v = &self.vsegs[&s];
-            let mut i = self.seg(s).first;
-            while i != NIL {
-                let b = self.blocks.get(i);
-                if b.state == BlockState::Free && b.size >= v.page {
-                    let (lo, hi) = (b.addr, b.addr + b.size);
-                    for (&at, m) in v.maps.range(lo..hi) {
-                        if at + m.len > hi {
-                            break;
-                        }
-                        let excluded = exclude
-                            .is_some_and(|(xs, xl, xh)| xs == s && at < xh && at + m.len > xl);
-                        if !excluded {
-                            cands.push((s, at, m.len, m.freed_epoch, i));
-                        }
-                    }
-                }
-                i = b.next;
-            }
-        }
         // The highest addresses first: placement fills each range from the
         // bottom (best fit, lowest address among equals), so memory taken
         // from the top leaves the busy low part mapped and makes holes
@@ -424,16 +457,45 @@ impl ArenaInner {
         // reserved/requested (docs/BENCHMARKS.md). Taken in this order, a
         // block's lower mappings keep their block's index valid (the
         // surgery keeps the left part's index), so each is a good hint.
+        // Runs are visited from the top down, and only until enough
+        // candidates are found.
         let mut pass = ProofPass::default();
         let mut out = Vec::new();
         let mut found = 0;
-        for (s, at, len, epoch, block) in cands.into_iter().rev() {
-            if found >= want {
+        let mut below = u64::MAX;
+        while found < want {
+            let Some((&start, &(_, s, first))) = self.runs_at.range(..below).next_back() else {
                 break;
+            };
+            below = start;
+            let page = self.vsegs[&s].page;
+            let mut cands = Vec::new();
+            let mut i = first;
+            while self.in_run(i) {
+                let b = self.blocks.get(i);
+                if b.state == BlockState::Free && b.size >= page {
+                    let (lo, hi) = (b.addr, b.addr + b.size);
+                    for (&at, m) in self.vsegs[&s].maps.range(lo..hi) {
+                        if at + m.len > hi {
+                            break;
+                        }
+                        let excluded = exclude
+                            .is_some_and(|(xs, xl, xh)| xs == s && at < xh && at + m.len > xl);
+                        if !excluded {
+                            cands.push((at, m.len, m.freed_epoch, i));
+                        }
+                    }
+                }
+                i = b.next;
             }
-            if all_proven || self.mapping_free_complete(epoch, stream, dev, &mut pass) {
-                out.push((s, at, len, block));
-                found += len;
+            for (at, len, epoch, block) in cands.into_iter().rev() {
+                if found >= want {
+                    break;
+                }
+                if all_proven || self.mapping_free_complete(epoch, stream, dev, &mut pass) {
+                    out.push((s, at, len, block));
+                    found += len;
+                }
             }
         }
         out
@@ -466,6 +528,7 @@ impl ArenaInner {
         let seg = *self.seg(s);
         debug_assert_eq!(self.blocks.get(seg.first).state, BlockState::Hole);
         debug_assert_eq!(self.blocks.get(seg.first).next, NIL);
+        self.run_remove(seg.pool as usize, (seg.size, seg.base, s));
         self.blocks.remove(seg.first);
         self.segs[s as usize] = None;
         self.seg_vacant.push(s);
@@ -496,6 +559,38 @@ impl ArenaInner {
             .values()
             .flat_map(|v| v.maps.iter().map(|(&a, &m)| (a, m)))
             .collect()
+    }
+
+    /// Check the run index against a scan of every virtual segment.
+    pub(super) fn vm_check_runs(&self) -> Result<(), String> {
+        for pool in [Pool::Small, Pool::Large] {
+            let mut scan = std::collections::BTreeMap::new();
+            for s in self.vsegs_of(pool) {
+                let mut i = self.seg(s).first;
+                while i != NIL {
+                    if self.in_run(i) && !self.in_run(self.blocks.get(i).prev) {
+                        let (key, first) = self.run_around(i);
+                        scan.insert(key, first);
+                    }
+                    i = self.blocks.get(i).next;
+                }
+            }
+            for (&(len, start, seg), &first) in &scan {
+                if self.runs_at.get(&start) != Some(&(len, seg, first)) {
+                    return Err(format!("run {start:#x} missing from the address index"));
+                }
+            }
+            if scan != self.runs[pool as usize] {
+                return Err(format!(
+                    "{pool:?} pool: the run index {:?} is not the runs {:?}",
+                    self.runs[pool as usize], scan
+                ));
+            }
+        }
+        if self.runs_at.len() != self.runs[0].len() + self.runs[1].len() {
+            return Err("the address index of runs holds stale runs".into());
+        }
+        Ok(())
     }
 
     /// Check virtual segment `s`: holes page-aligned, coalesced and
