@@ -447,7 +447,10 @@ pub fn run(config: &Config, o: &BenchOptions) -> crate::Result<()> {
         (n, c)
     });
     if let Some((n, _)) = &expandable {
-        names.push(format!("{}, expandable segments", random_name(*n, o.random_max)));
+        names.push(format!(
+            "{}, expandable segments",
+            random_name(*n, o.random_max)
+        ));
     }
     let mut samples: Vec<Vec<Sample>> = (0..names.len()).map(|_| Vec::new()).collect();
     for _ in 0..o.rounds.max(1) {

@@ -638,8 +638,7 @@ impl Engine {
         } else {
             a.counters.cache_hits += 1;
         }
-        let (p, block) =
-            a.vm_alloc_at(
+        let (p, block) = a.vm_alloc_at(
             plan.seg,
             plan.start,
             plan.first_block,

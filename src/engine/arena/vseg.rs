@@ -155,7 +155,11 @@ impl ArenaInner {
 
     /// Whether block `i` is free or unmapped space (part of a run).
     fn in_run(&self, i: u32) -> bool {
-        i != NIL && matches!(self.blocks.get(i).state, BlockState::Free | BlockState::Hole)
+        i != NIL
+            && matches!(
+                self.blocks.get(i).state,
+                BlockState::Free | BlockState::Hole
+            )
     }
 
     /// The run holding block `i` (free or a hole): its key and first block.
@@ -233,9 +237,8 @@ impl ArenaInner {
     /// no call in a training step). `None` when no run holds it.
     pub fn vm_plan(&self, pool: Pool, rounded: u64) -> Option<Plan> {
         // The smallest run that holds it, the lowest address among equals.
-        let (&(_, start, seg), &first_block) = self.runs[pool as usize]
-            .range((rounded, 0, 0)..)
-            .next()?;
+        let (&(_, start, seg), &first_block) =
+            self.runs[pool as usize].range((rounded, 0, 0)..).next()?;
         let page = self.vsegs[&seg].page;
         let end = start + rounded;
         let mut holes = Vec::new();
@@ -271,7 +274,11 @@ impl ArenaInner {
     /// have changed), else found by a walk.
     fn vm_block_at(&self, s: u32, addr: u64, hint: u32) -> u32 {
         if let Some(b) = self.blocks.slots.get(hint as usize) {
-            if b.state != BlockState::Vacant && b.seg == s && addr >= b.addr && addr < b.addr + b.size {
+            if b.state != BlockState::Vacant
+                && b.seg == s
+                && addr >= b.addr
+                && addr < b.addr + b.size
+            {
                 return hint;
             }
         }
