@@ -392,7 +392,26 @@ impl SimDriver {
         DriverError::Other { code: 1, message }
     }
 
-    /// Count a call that would invalidate a capture under way on `device`.
+    /// The locked device when `size` more bytes of memory fit its capacity
+    /// (`mem_alloc`, `phys_create`): each such request counts towards
+    /// [`SimDriver::fail_alloc_at`], and a refusal is an OOM.
+    fn room_for(
+        &self,
+        device: usize,
+        size: u64,
+    ) -> DriverResult<parking_lot::MutexGuard<'_, SimDevice>> {
+        let ordinal = self.alloc_ordinal.fetch_add(1, Ordering::SeqCst) + 1;
+        let fail = self.fail_alloc_at.load(Ordering::SeqCst) == ordinal;
+        let d = self.devices[device].lock();
+        if fail || size == 0 || d.used.checked_add(size).is_none_or(|u| u > d.capacity) {
+            self.counters.lock().mem_alloc_failures += 1;
+            return Err(DriverError::OutOfMemory);
+        }
+        Ok(d)
+    }
+
+    /// Count a call that would invalidate a capture under way on `device`
+    /// (`mem_free` synchronises the context; unmap and release are not legal).
     fn note_if_any_capturing(&self, device: usize) {
         if self
             .capturing
@@ -445,13 +464,7 @@ impl Driver for SimDriver {
 
     fn mem_alloc(&self, device: usize, size: u64) -> DriverResult<u64> {
         self.check(device)?;
-        let ordinal = self.alloc_ordinal.fetch_add(1, Ordering::SeqCst) + 1;
-        let fail = self.fail_alloc_at.load(Ordering::SeqCst) == ordinal;
-        let mut d = self.devices[device].lock();
-        if fail || size == 0 || d.used.checked_add(size).is_none_or(|u| u > d.capacity) {
-            self.counters.lock().mem_alloc_failures += 1;
-            return Err(DriverError::OutOfMemory);
-        }
+        let mut d = self.room_for(device, size)?;
         let Some((start, take)) = d.take_range(size) else {
             self.counters.lock().mem_alloc_failures += 1;
             return Err(DriverError::OutOfMemory);
@@ -464,14 +477,7 @@ impl Driver for SimDriver {
 
     fn mem_free(&self, device: usize, ptr: u64, size: u64) -> DriverResult<()> {
         self.check(device)?;
-        if self
-            .capturing
-            .lock()
-            .iter()
-            .any(|&(d, _)| d.is_none_or(|d| d == device))
-        {
-            self.counters.lock().capture_violations += 1;
-        }
+        self.note_if_any_capturing(device);
         if self.fail_frees.load(Ordering::Relaxed) {
             return Err(DriverError::Other {
                 code: 999,
@@ -647,13 +653,7 @@ impl Driver for SimDriver {
 
     fn phys_create(&self, device: usize, size: u64) -> DriverResult<PhysHandle> {
         self.check_vmm(device, &[size])?;
-        let ordinal = self.alloc_ordinal.fetch_add(1, Ordering::SeqCst) + 1;
-        let fail = self.fail_alloc_at.load(Ordering::SeqCst) == ordinal;
-        let mut d = self.devices[device].lock();
-        if fail || size == 0 || d.used.checked_add(size).is_none_or(|u| u > d.capacity) {
-            self.counters.lock().mem_alloc_failures += 1;
-            return Err(DriverError::OutOfMemory);
-        }
+        let mut d = self.room_for(device, size)?;
         d.used += size;
         let h = self.next_handle.fetch_add(1, Ordering::Relaxed);
         d.handles.insert(h, (size, 0));

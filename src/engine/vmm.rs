@@ -60,6 +60,17 @@ pub(super) struct Piece {
     len: u64,
 }
 
+impl Piece {
+    /// The memory a mapping held, once it is unmapped.
+    fn of(m: &Mapping) -> Piece {
+        Piece {
+            handle: m.handle,
+            offset: m.offset,
+            len: m.len,
+        }
+    }
+}
+
 /// A device's physical memory for virtual segments.
 #[derive(Debug)]
 pub(super) struct Vmm {
@@ -224,17 +235,23 @@ impl Device {
         if size == 0 {
             return Ok(0);
         }
+        let p = self.vmm_create(vmm, size)?;
+        vmm.lock().give(p);
+        Ok(size)
+    }
+
+    /// A new handle of `size` bytes from the driver, counted as reserved:
+    /// the whole of it, as a piece mapped nowhere yet.
+    fn vmm_create(&self, vmm: &Mutex<Vmm>, size: u64) -> crate::driver::DriverResult<Piece> {
         let h = self.core.driver.phys_create(self.core.index, size)?;
         self.core.counters.reserved.add(size);
         self.core.counters.vmm_creates.inc();
-        let mut v = vmm.lock();
-        v.handles.insert(h, (size, 0));
-        v.give(Piece {
+        vmm.lock().handles.insert(h, (size, 0));
+        Ok(Piece {
             handle: h,
             offset: 0,
             len: size,
-        });
-        Ok(size)
+        })
     }
 
     /// Check the physical memory against the mappings: each handle's mapped
@@ -324,11 +341,7 @@ impl Device {
                 Ok(()) => {
                     self.core.counters.vmm_unmaps.inc();
                     let m = a.vm_unmapped(s, va, hint);
-                    vmm.lock().put(Piece {
-                        handle: m.handle,
-                        offset: m.offset,
-                        len: m.len,
-                    });
+                    vmm.lock().put(Piece::of(&m));
                     done += len;
                 }
                 Err(e) => {
@@ -499,17 +512,8 @@ impl Device {
                     pieces,
                 ));
             }
-            match self.core.driver.phys_create(self.core.index, n) {
-                Ok(h) => {
-                    self.core.counters.reserved.add(n);
-                    self.core.counters.vmm_creates.inc();
-                    vmm.lock().handles.insert(h, (n, 0));
-                    pieces.push(Piece {
-                        handle: h,
-                        offset: 0,
-                        len: n,
-                    });
-                }
+            match self.vmm_create(vmm, n) {
+                Ok(p) => pieces.push(p),
                 Err(DriverError::OutOfMemory) => {
                     return Err(fail(
                         format!("the driver has no {} of physical memory to give", fs(n)),
@@ -576,11 +580,7 @@ impl Device {
                 for (m_at, m) in maps {
                     if driver.unmap(dev, m_at, m.len).is_ok() {
                         self.core.counters.vmm_unmaps.inc();
-                        v.put(Piece {
-                            handle: m.handle,
-                            offset: m.offset,
-                            len: m.len,
-                        });
+                        v.put(Piece::of(&m));
                     } else {
                         tracing::warn!(device = dev, "undoing a mapping at {m_at:#x} failed");
                     }

@@ -376,8 +376,10 @@ impl ArenaInner {
         seg.idle_epoch = epoch;
     }
 
-    /// Add a segment as one free block; it is idle until something is taken from it.
-    pub fn attach(&mut self, d: Detached) -> u32 {
+    /// A new segment slot over `[base, base + size)` of `pool`, holding one
+    /// block: free in a classic segment, a hole in a virtual one (`virt`).
+    /// Returns the slot and the block; the caller indexes the block.
+    fn new_segment(&mut self, base: u64, size: u64, pool: Pool, virt: bool) -> (u32, u32) {
         let s = match self.seg_vacant.pop() {
             Some(s) => s,
             None => {
@@ -386,19 +388,23 @@ impl ArenaInner {
             }
         };
         let b = self.blocks.insert(Block {
-            addr: d.base,
-            size: d.size,
+            addr: base,
+            size,
             seg: s,
             prev: NIL,
             next: NIL,
             free_prev: NIL,
             free_next: NIL,
-            state: BlockState::Free,
+            state: if virt {
+                BlockState::Hole
+            } else {
+                BlockState::Free
+            },
         });
         self.segs[s as usize] = Some(Segment {
-            base: d.base,
-            size: d.size,
-            pool: d.pool,
+            base,
+            size,
+            pool,
             first: b,
             used: 0,
             idle_pos: NIL,
@@ -406,9 +412,15 @@ impl ArenaInner {
             idle_since_ms: 0,
             idle_epoch: 0,
             counted: 0,
-            virt: false,
+            virt,
             fresh: false,
         });
+        (s, b)
+    }
+
+    /// Add a segment as one free block; it is idle until something is taken from it.
+    pub fn attach(&mut self, d: Detached) -> u32 {
+        let (s, b) = self.new_segment(d.base, d.size, d.pool, false);
         self.index[d.pool as usize].insert(&mut self.blocks, b);
         self.make_idle(s);
         self.debug_check();

@@ -29,7 +29,7 @@
 //! docs/BENCHMARKS.md); capping it cost up to 0.02 reserved/requested on
 //! the random traces.
 
-use super::{ArenaInner, ProofPass, Segment};
+use super::{ArenaInner, ProofPass};
 use crate::driver::{PhysHandle, Stream};
 use crate::engine::core::DeviceCore;
 use crate::engine::tlsf::{Block, BlockState, NIL};
@@ -99,37 +99,7 @@ impl Plan {
 impl ArenaInner {
     /// Add a reserved virtual range as a virtual segment: one hole.
     pub fn attach_virtual(&mut self, base: u64, size: u64, pool: Pool, page: u64) -> u32 {
-        let s = match self.seg_vacant.pop() {
-            Some(s) => s,
-            None => {
-                self.segs.push(None);
-                (self.segs.len() - 1) as u32
-            }
-        };
-        let b = self.blocks.insert(Block {
-            addr: base,
-            size,
-            seg: s,
-            prev: NIL,
-            next: NIL,
-            free_prev: NIL,
-            free_next: NIL,
-            state: BlockState::Hole,
-        });
-        self.segs[s as usize] = Some(Segment {
-            base,
-            size,
-            pool,
-            first: b,
-            used: 0,
-            idle_pos: NIL,
-            event: None,
-            idle_since_ms: 0,
-            idle_epoch: 0,
-            counted: 0,
-            virt: true,
-            fresh: false,
-        });
+        let (s, b) = self.new_segment(base, size, pool, true);
         self.vsegs.insert(
             s,
             VSeg {
