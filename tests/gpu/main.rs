@@ -104,6 +104,78 @@ fn expect(p: u64, v: u8, n: usize) {
     assert!(host.iter().all(|&b| b == v), "device data is not {v:#x}");
 }
 
+/// A global-mode graph capture on a stream: begun, checked still active
+/// (a call that invalidates it ends it: status 2), then ended, instantiated
+/// and launched once.
+struct Capture {
+    s: cu::CUstream,
+}
+
+/// A captured graph and its launched instance, destroyed on drop.
+struct Launched {
+    graph: cu::CUgraph,
+    exec: cu::CUgraphExec,
+}
+
+impl Capture {
+    fn begin(stream: u64) -> Capture {
+        let begin: unsafe extern "C" fn(cu::CUstream, c_int) -> cu::CUresult =
+            entry(c"cuStreamBeginCapture_v2");
+        let s = stream as usize as cu::CUstream;
+        // SAFETY: `s` is a live stream, not capturing; 0 is the global mode.
+        check(unsafe { begin(s, 0) });
+        Capture { s }
+    }
+
+    fn active(&self, after: &str) {
+        let status: unsafe extern "C" fn(cu::CUstream, *mut c_int) -> cu::CUresult =
+            entry(c"cuStreamIsCapturing");
+        let mut st: c_int = -1;
+        // SAFETY: `s` is a live stream; `st` is a valid out-pointer.
+        check(unsafe { status(self.s, &mut st) });
+        assert_eq!(
+            st, 1,
+            "the capture is not active after {after} (2: invalidated)"
+        );
+    }
+
+    fn end_and_launch(self) -> Launched {
+        let end: unsafe extern "C" fn(cu::CUstream, *mut cu::CUgraph) -> cu::CUresult =
+            entry(c"cuStreamEndCapture");
+        let instantiate: unsafe extern "C" fn(
+            *mut cu::CUgraphExec,
+            cu::CUgraph,
+            u64,
+        ) -> cu::CUresult = entry(c"cuGraphInstantiateWithFlags");
+        let launch: unsafe extern "C" fn(cu::CUgraphExec, cu::CUstream) -> cu::CUresult =
+            entry(c"cuGraphLaunch");
+        let mut graph: cu::CUgraph = std::ptr::null_mut();
+        let mut exec: cu::CUgraphExec = std::ptr::null_mut();
+        // SAFETY: valid out-pointers; `s` is capturing; the graph is live
+        // until `Launched` drops.
+        unsafe {
+            check(end(self.s, &mut graph));
+            check(instantiate(&mut exec, graph, 0));
+            check(launch(exec, self.s));
+        }
+        Launched { graph, exec }
+    }
+}
+
+impl Drop for Launched {
+    fn drop(&mut self) {
+        let exec_destroy: unsafe extern "C" fn(cu::CUgraphExec) -> cu::CUresult =
+            entry(c"cuGraphExecDestroy");
+        let graph_destroy: unsafe extern "C" fn(cu::CUgraph) -> cu::CUresult =
+            entry(c"cuGraphDestroy");
+        // SAFETY: both were made by `end_and_launch` and are not used again.
+        unsafe {
+            check(exec_destroy(self.exec));
+            check(graph_destroy(self.graph));
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs a GPU: scripts/gpu-check.sh"]
 fn behaviour_suite_on_cuda() {
@@ -265,55 +337,20 @@ fn a_global_capture_survives_growth_oom_and_empty_cache() {
     memset(p, 0x11, 30 << 20, s);
     a.free(p, Some(0), s).unwrap();
     d.stream_synchronize(0, s).unwrap(); // s's segment is proven idle
-    let begin: unsafe extern "C" fn(cu::CUstream, c_int) -> cu::CUresult =
-        entry(c"cuStreamBeginCapture_v2");
-    let status: unsafe extern "C" fn(cu::CUstream, *mut c_int) -> cu::CUresult =
-        entry(c"cuStreamIsCapturing");
-    let end: unsafe extern "C" fn(cu::CUstream, *mut cu::CUgraph) -> cu::CUresult =
-        entry(c"cuStreamEndCapture");
-    let instantiate: unsafe extern "C" fn(*mut cu::CUgraphExec, cu::CUgraph, u64) -> cu::CUresult =
-        entry(c"cuGraphInstantiateWithFlags");
-    let launch: unsafe extern "C" fn(cu::CUgraphExec, cu::CUstream) -> cu::CUresult =
-        entry(c"cuGraphLaunch");
-    let exec_destroy: unsafe extern "C" fn(cu::CUgraphExec) -> cu::CUresult =
-        entry(c"cuGraphExecDestroy");
-    let graph_destroy: unsafe extern "C" fn(cu::CUgraph) -> cu::CUresult = entry(c"cuGraphDestroy");
-    let cs = c as usize as cu::CUstream;
-    let active = |after: &str| {
-        let mut st: c_int = -1;
-        // SAFETY: `cs` is a live stream; `st` is a valid out-pointer.
-        check(unsafe { status(cs, &mut st) });
-        assert_eq!(
-            st, 1,
-            "the capture is not active after {after} (2: invalidated)"
-        );
-    };
-    // SAFETY: `cs` is a live stream, not capturing; 0 is the global mode.
-    check(unsafe { begin(cs, 0) });
+    let cap = Capture::begin(c);
     let q = a.malloc(100 << 20, 0, c).unwrap();
-    active("a growth past an idle segment too small for it");
+    cap.active("a growth past an idle segment too small for it");
     memset(q, 0x22, 100 << 20, c);
     let e = a.malloc(total - (256 << 20), 0, c).unwrap_err();
     assert_eq!(e.code, ErrorCode::CUDALLOC_ERR_OUT_OF_MEMORY);
-    active("an OOM");
+    cap.active("an OOM");
     a.empty_cache();
-    active("empty_cache");
+    cap.active("empty_cache");
     assert_eq!(a.stats(0).unwrap().reserved_bytes, 130 << 20);
-    let mut graph: cu::CUgraph = std::ptr::null_mut();
-    let mut exec: cu::CUgraphExec = std::ptr::null_mut();
-    // SAFETY: valid out-pointers; `cs` is capturing; the graph is live until destroyed.
-    unsafe {
-        check(end(cs, &mut graph));
-        check(instantiate(&mut exec, graph, 0));
-        check(launch(exec, cs));
-    }
+    let graph = cap.end_and_launch();
     d.stream_synchronize(0, c).unwrap();
     expect(q, 0x22, 100 << 20);
-    // SAFETY: both were made above and are not used again.
-    unsafe {
-        check(exec_destroy(exec));
-        check(graph_destroy(graph));
-    }
+    drop(graph);
     a.free(q, Some(0), c).unwrap();
     a.empty_cache();
     assert_eq!(a.stats(0).unwrap().reserved_bytes, 0);
@@ -455,48 +492,16 @@ fn expandable_capture_survives_growth_and_empty_cache() {
     let p = a.malloc(30 * MIB, 0, s).unwrap();
     a.free(p, Some(0), s).unwrap();
     d.stream_synchronize(0, s).unwrap();
-    let begin: unsafe extern "C" fn(cu::CUstream, c_int) -> cu::CUresult =
-        entry(c"cuStreamBeginCapture_v2");
-    let status: unsafe extern "C" fn(cu::CUstream, *mut c_int) -> cu::CUresult =
-        entry(c"cuStreamIsCapturing");
-    let end: unsafe extern "C" fn(cu::CUstream, *mut cu::CUgraph) -> cu::CUresult =
-        entry(c"cuStreamEndCapture");
-    let instantiate: unsafe extern "C" fn(*mut cu::CUgraphExec, cu::CUgraph, u64) -> cu::CUresult =
-        entry(c"cuGraphInstantiateWithFlags");
-    let launch: unsafe extern "C" fn(cu::CUgraphExec, cu::CUstream) -> cu::CUresult =
-        entry(c"cuGraphLaunch");
-    let cs = c as usize as cu::CUstream;
-    let active = |after: &str| {
-        let mut st: c_int = -1;
-        // SAFETY: `cs` is a live stream; `st` is a valid out-pointer.
-        check(unsafe { status(cs, &mut st) });
-        assert_eq!(st, 1, "the capture is not active after {after}");
-    };
-    // SAFETY: `cs` is a live stream, not capturing; 0 is the global mode.
-    check(unsafe { begin(cs, 0) });
+    let cap = Capture::begin(c);
     let q = a.malloc(100 * MIB, 0, c).unwrap();
-    active("a growth (create and map)");
+    cap.active("a growth (create and map)");
     memset(q, 0x22, (100 * MIB) as usize, c);
     a.empty_cache();
-    active("empty_cache");
-    let mut graph: cu::CUgraph = std::ptr::null_mut();
-    let mut exec: cu::CUgraphExec = std::ptr::null_mut();
-    // SAFETY: valid out-pointers; `cs` is capturing.
-    unsafe {
-        check(end(cs, &mut graph));
-        check(instantiate(&mut exec, graph, 0));
-        check(launch(exec, cs));
-    }
+    cap.active("empty_cache");
+    let graph = cap.end_and_launch();
     d.stream_synchronize(0, c).unwrap();
     expect(q, 0x22, (100 * MIB) as usize);
-    let exec_destroy: unsafe extern "C" fn(cu::CUgraphExec) -> cu::CUresult =
-        entry(c"cuGraphExecDestroy");
-    let graph_destroy: unsafe extern "C" fn(cu::CUgraph) -> cu::CUresult = entry(c"cuGraphDestroy");
-    // SAFETY: both were made above and are not used again.
-    unsafe {
-        check(exec_destroy(exec));
-        check(graph_destroy(graph));
-    }
+    drop(graph);
     a.free(q, Some(0), c).unwrap();
     a.empty_cache();
     assert_eq!(a.stats(0).unwrap().reserved_bytes, 0);
