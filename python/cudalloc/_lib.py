@@ -214,6 +214,27 @@ def error_string(code):
     return s.decode("utf-8", "replace") if s else ""
 
 
+def malloc_or_collect(size, device, stream):
+    """``cudalloc_malloc(size, device, stream)`` for the array libraries'
+    plugins. On out-of-memory (after cudalloc has flushed its cache) it runs
+    ``gc.collect()`` and, if that found garbage (arrays in reference cycles
+    give their blocks back then), tries once more, as CuPy's own pool does.
+    Returns ``(ptr, code, message)``: the pointer and ``OK`` (NULL for size
+    0), or NULL with the last failure's code and message."""
+    import gc
+
+    ptr = lib().cudalloc_malloc(size, device, stream)
+    code = lib().cudalloc_last_error()
+    if ptr or code == OK:
+        return ptr, OK, None
+    if code == ERR_OUT_OF_MEMORY and gc.collect():
+        ptr = lib().cudalloc_malloc(size, device, stream)
+        if ptr:
+            return ptr, OK, None
+        code = lib().cudalloc_last_error()
+    return 0, code, last_message() or error_string(code)
+
+
 def error_for(code, message=None):
     """The exception for a cudalloc result code (with the thread's last message)."""
     if message is None:

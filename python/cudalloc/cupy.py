@@ -17,7 +17,6 @@ Importing this module does not import CuPy: without CuPy, :func:`enable`
 and :func:`allocator` raise ImportError saying what to install.
 """
 
-import gc
 import operator
 import os
 import threading
@@ -101,25 +100,14 @@ def allocator(size):
         raise ValueError(f"cudalloc.cupy.allocator: size must be >= 0, not {size}")
     device = int(cupy.cuda.runtime.getDevice())
     stream = int(cupy.cuda.get_current_stream().ptr)
-    lib = _lib.lib()
-    ptr = lib.cudalloc_malloc(size, device, stream)
+    ptr, code, message = _lib.malloc_or_collect(size, device, stream)
     if not ptr and size > 0:
-        code = lib.cudalloc_last_error()
-        message = _lib.last_message() or _lib.error_string(code)
-        # Arrays in reference cycles give their blocks back in gc.collect();
-        # try again only if it found any garbage.
-        if code == _lib.ERR_OUT_OF_MEMORY and gc.collect():
-            ptr = lib.cudalloc_malloc(size, device, stream)
-            if not ptr:
-                code = lib.cudalloc_last_error()
-                message = _lib.last_message() or _lib.error_string(code)
-        if not ptr:
-            raise _error(cupy, code, message, size, device)
+        raise _error(cupy, code, message, size, device)
     if not ptr:
         # size 0: CuPy's own allocators give a null pointer too. UnownedMemory
         # needs the device named, since a null pointer cannot be looked up.
         return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(0, 0, None, device), 0)
-    owner = _Block(ptr, size, device, stream, lib.cudalloc_free)
+    owner = _Block(ptr, size, device, stream, _lib.lib().cudalloc_free)
     mem = cupy.cuda.UnownedMemory(ptr, size, owner, device)
     return cupy.cuda.MemoryPointer(mem, 0)
 

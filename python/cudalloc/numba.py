@@ -29,7 +29,6 @@ This module imports Numba; ``import cudalloc`` does not import it.
 """
 
 import contextlib
-import gc
 import threading
 import weakref
 
@@ -133,21 +132,10 @@ class CudallocNumbaManager(_driver.HostOnlyCUDAMemoryManager):
             self.initialize()  # Numba pushes the context (and calls it) first
         size = int(size)
         device = self._device()
-        lib = _lib.lib()
-        ptr = lib.cudalloc_malloc(size, device, None)
-        code = lib.cudalloc_last_error()
+        ptr, code, message = _lib.malloc_or_collect(size, device, None)
         ctx = weakref.proxy(self.context)
-        if not ptr:
-            if size == 0 and code == _lib.OK:
-                return _driver.MemoryPointer(ctx, _device_pointer(0), 0)
-            message = _lib.last_message() or _lib.error_string(code)
-            # Arrays in reference cycles give their blocks back in
-            # gc.collect(); try again only if it found any garbage.
-            if code == _lib.ERR_OUT_OF_MEMORY and gc.collect():
-                ptr = lib.cudalloc_malloc(size, device, None)
-                if not ptr:
-                    code = lib.cudalloc_last_error()
-                    message = _lib.last_message() or _lib.error_string(code)
+        if not ptr and size == 0 and code == _lib.OK:
+            return _driver.MemoryPointer(ctx, _device_pointer(0), 0)
         if not ptr:
             if code == _lib.ERR_OUT_OF_MEMORY:
                 # What Numba's own manager raises on OOM (cuMemAlloc's error).
@@ -155,7 +143,7 @@ class CudallocNumbaManager(_driver.HostOnlyCUDAMemoryManager):
             raise _lib.error_for(code, message)
         with self._live_lock:
             self._live[ptr] = (size, device)
-        finalizer = _finalizer(weakref.ref(self), ptr, size, device, lib.cudalloc_free)
+        finalizer = _finalizer(weakref.ref(self), ptr, size, device, _lib.lib().cudalloc_free)
         return _driver.MemoryPointer(ctx, _device_pointer(ptr), size, finalizer=finalizer)
 
     def get_memory_info(self):
