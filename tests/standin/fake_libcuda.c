@@ -629,21 +629,24 @@ CUresult cuMemSetAccess(CUdeviceptr p, size_t n, const AccessDesc *desc, size_t 
     for (size_t k = 0; k < count; k++)
         if (desc[k].location.type != 1 || desc[k].location.id < 0 || desc[k].location.id >= ndev || desc[k].flags != 3)
             VMM_FAIL("cuMemSetAccess: bad descriptor");
-    /* Whole mappings, back to back, covering the range exactly. */
-    CUdeviceptr at = p;
-    int progress = 1;
-    while (at < p + n && progress) {
-        progress = 0;
-        for (int i = 0; i < nmaps; i++) {
-            if (maps[i].p == at) {
-                maps[i].access = 1;
-                at += maps[i].n;
-                progress = 1;
-                break;
+    /* Whole mappings, back to back, covering the range exactly: checked
+     * first, so that a refused call grants nothing. */
+    for (int mark = 0; mark < 2; mark++) {
+        CUdeviceptr at = p;
+        int progress = 1;
+        while (at < p + n && progress) {
+            progress = 0;
+            for (int i = 0; i < nmaps; i++) {
+                if (maps[i].p == at) {
+                    if (mark) maps[i].access = 1;
+                    at += maps[i].n;
+                    progress = 1;
+                    break;
+                }
             }
         }
+        if (at != p + n) VMM_FAIL("cuMemSetAccess 0x%llx+%zu: not whole mappings", p, n);
     }
-    if (at != p + n) VMM_FAIL("cuMemSetAccess 0x%llx+%zu: not whole mappings", p, n);
     logf_("cuMemSetAccess ptr=0x%llx size=%zu mode=%d", p, n, capture_mode);
     LEAVE(OK);
 }
